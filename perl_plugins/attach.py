@@ -1,0 +1,238 @@
+"""Attaching plugins to an already-built stock trainer, by wrapping a few of its bound methods.
+
+Only the methods some enabled plugin needs are wrapped, on the instance (never the class), so
+``attach(trainer, plugins=[])`` leaves the trainer untouched and other trainers are unaffected.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from transformers import Trainer, TrainerCallback
+
+from .errors import PluginIncompatibleError
+from .loss_terms import LossTermRecorder, LossTerms
+from .manager import PluginSet
+
+# Name of the stock loss term per trainer family (first match in the MRO wins).
+_BASE_LOSS_NAMES = {
+    "RewardTrainer": "reward_loss",
+    "DPOTrainer": "dpo_loss",
+    "KTOTrainer": "kto_loss",
+    "SFTTrainer": "sft_loss",
+    "GRPOTrainer": "policy_loss",
+    "RLOOTrainer": "policy_loss",
+}
+# Trainers whose compute_loss refuses return_outputs=True: their plugins see outputs=None.
+_NO_OUTPUTS = {"GRPOTrainer", "RLOOTrainer"}
+
+
+def trainer_family(trainer: Any) -> str:
+    """The stock trl/transformers class a trainer is (or derives from), e.g. ``"DPOTrainer"``."""
+    for cls in type(trainer).__mro__:
+        if cls.__name__ in _BASE_LOSS_NAMES:
+            return cls.__name__
+    return "Trainer"
+
+
+def base_loss_name(trainer: Any) -> str:
+    """The name the stock loss is logged under; a plain Trainer on a one-label classifier trains a
+    (pointwise) reward model."""
+    family = trainer_family(trainer)
+    if family in _BASE_LOSS_NAMES:
+        return _BASE_LOSS_NAMES[family]
+    config = getattr(trainer.model, "config", None)
+    return "reward_loss" if getattr(config, "num_labels", None) == 1 else "base_loss"
+
+
+class AttachedPlugins:
+    """What :func:`attach` leaves on ``trainer.perl_plugins``: the plugin set and its options."""
+
+    def __init__(self, plugin_set: PluginSet) -> None:
+        self.plugin_set = plugin_set
+        self.recorder = LossTermRecorder()
+        # Batch keys a plugin's collator adds for its own loss term; the stock loss never sees them.
+        self.private_inputs: set[str] = set()
+
+    @property
+    def names(self) -> list[str]:
+        return self.plugin_set.names
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return self.plugin_set.options
+
+
+def attach(trainer: Trainer, plugins: str | Sequence[Any] | None = None, **options: Any) -> Trainer:
+    """Attach plugins to a built stock trainer and return it (for chaining).
+
+    ``plugins`` is ``"grm,fp8"``, a list of names / local file paths / plugin modules, or
+    ``None`` for the ``$PERL_PLUGINS`` default. ``options`` are the enabled plugins' options by
+    field name (``grm_alpha=0.01``). Every check runs before the trainer is changed.
+    """
+    if not isinstance(trainer, Trainer):
+        raise PluginIncompatibleError(f"attach() needs a transformers.Trainer instance, got {type(trainer).__name__}.")
+    if hasattr(trainer, "perl_plugins"):
+        raise PluginIncompatibleError("Plugins are already attached to this trainer; attach once with every plugin.")
+    plugin_set = PluginSet.from_names(plugins)
+    plugin_set.configure_options(options)
+    if not plugin_set.plugins:
+        return trainer
+    plugin_set.call("perl_check_trainer", trainer=trainer)
+
+    snapshot = dict(vars(trainer))
+    try:
+        _install(trainer, plugin_set)
+    except BaseException:
+        # Nothing half-attached: restore the trainer's attributes (bound-method wrappers included).
+        vars(trainer).clear()
+        vars(trainer).update(snapshot)
+        raise
+    return trainer
+
+
+def _install(trainer: Trainer, plugin_set: PluginSet) -> None:
+    attached = AttachedPlugins(plugin_set)
+    trainer.perl_plugins = attached
+    plugin_set.call("perl_configure", trainer=trainer)
+    _prepare_models(trainer, plugin_set)
+    if plugin_set.implements("perl_compute_loss"):
+        _wrap_compute_loss(trainer, attached)
+    if plugin_set.implements("perl_create_optimizer"):
+        _wrap_create_optimizer(trainer, plugin_set)
+    if plugin_set.implements("perl_save_checkpoint"):
+        _wrap_save_checkpoint(trainer, plugin_set)
+    if plugin_set.implements("perl_load_checkpoint"):
+        _wrap_load_checkpoint(trainer, plugin_set)
+    if plugin_set.implements("perl_shape_rewards"):
+        _wrap_calculate_rewards(trainer, plugin_set)
+    if plugin_set.implements("perl_on_step_end") or plugin_set.implements("perl_on_log"):
+        # First in line, so reporting callbacks (tensorboard, wandb, printer) see keys added by perl_on_log.
+        trainer.callback_handler.callbacks.insert(0, _PluginCallback(trainer, plugin_set))
+
+
+def _prepare_models(trainer: Trainer, plugin_set: PluginSet) -> None:
+    if not plugin_set.implements("perl_prepare_model"):
+        return
+    model = plugin_set.chain("perl_prepare_model", "model", trainer.model, trainer=trainer, role="policy")
+    if model is not trainer.model:
+        trainer.model = trainer.model_wrapped = model
+    if getattr(trainer, "ref_model", None) is not None:
+        trainer.ref_model = plugin_set.chain(
+            "perl_prepare_model", "model", trainer.ref_model, trainer=trainer, role="reference"
+        )
+    funcs = getattr(trainer, "reward_funcs", None)
+    if funcs:
+        import torch.nn as nn
+
+        trainer.reward_funcs = [
+            plugin_set.chain("perl_prepare_model", "model", f, trainer=trainer, role="reward")
+            if isinstance(f, nn.Module)
+            else f
+            for f in funcs
+        ]
+
+
+def _wrap_compute_loss(trainer: Trainer, attached: AttachedPlugins) -> None:
+    stock = trainer.compute_loss
+    family = trainer_family(trainer)
+    base_name = base_loss_name(trainer)
+    plugin_set = attached.plugin_set
+
+    def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
+        private = attached.private_inputs
+        stock_inputs = {k: v for k, v in inputs.items() if k not in private} if private else inputs
+        if family in _NO_OUTPUTS:
+            loss, outputs = stock(model, stock_inputs, num_items_in_batch=num_items_in_batch), None
+        else:
+            loss, outputs = stock(model, stock_inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        terms = LossTerms(base_name, loss)
+        plugin_set.call("perl_compute_loss", trainer=trainer, model=model, inputs=inputs, outputs=outputs, terms=terms)
+        if len(terms.names()) > 1:
+            attached.recorder.record(terms, model.training)
+        total = terms.total()
+        return (total, outputs) if return_outputs else total
+
+    stock_log = trainer.log
+
+    def log(logs, *args, **kwargs):
+        attached.recorder.flush(logs)
+        return stock_log(logs, *args, **kwargs)
+
+    trainer.compute_loss = compute_loss
+    trainer.log = log
+
+
+def _wrap_create_optimizer(trainer: Trainer, plugin_set: PluginSet) -> None:
+    stock = trainer.create_optimizer
+
+    def create_optimizer(model=None):
+        if trainer.optimizer is None:
+            optimizer = plugin_set.call("perl_create_optimizer", trainer=trainer, model=model or trainer.model)
+            if optimizer is not None:
+                trainer.optimizer = optimizer
+        return stock(model) if model is not None else stock()
+
+    trainer.create_optimizer = create_optimizer
+
+
+def _wrap_save_checkpoint(trainer: Trainer, plugin_set: PluginSet) -> None:
+    stock = trainer._save_checkpoint
+
+    def _save_checkpoint(model, trial):
+        checkpoint_dir = os.path.join(trainer._get_output_dir(trial=trial), f"checkpoint-{trainer.state.global_step}")
+        handled = plugin_set.call("perl_save_checkpoint", trainer=trainer, model=model, checkpoint_dir=checkpoint_dir)
+        if not handled:
+            stock(model, trial)
+
+    trainer._save_checkpoint = _save_checkpoint
+
+
+def _wrap_load_checkpoint(trainer: Trainer, plugin_set: PluginSet) -> None:
+    stock = trainer._load_from_checkpoint
+
+    def _load_from_checkpoint(resume_from_checkpoint, model=None):
+        handled = plugin_set.call(
+            "perl_load_checkpoint", trainer=trainer, model=model or trainer.model, checkpoint_dir=resume_from_checkpoint
+        )
+        if not handled:
+            stock(resume_from_checkpoint, model)
+
+    trainer._load_from_checkpoint = _load_from_checkpoint
+
+
+def _wrap_calculate_rewards(trainer: Trainer, plugin_set: PluginSet) -> None:
+    stock = getattr(trainer, "_calculate_rewards", None)
+    if stock is None:
+        raise PluginIncompatibleError(
+            f"A plugin shapes RL rewards, but {type(trainer).__name__} computes no rewards (use GRPO or RLOO)."
+        )
+
+    def _calculate_rewards(inputs, prompts, completions, completion_ids_list):
+        rewards = stock(inputs, prompts, completions, completion_ids_list)
+        return plugin_set.chain(
+            "perl_shape_rewards", "rewards", rewards, trainer=trainer, prompts=prompts, completions=completions
+        )
+
+    trainer._calculate_rewards = _calculate_rewards
+
+
+class _PluginCallback(TrainerCallback):
+    """Forwards trainer events to the step/log hooks."""
+
+    def __init__(self, trainer: Trainer, plugin_set: PluginSet) -> None:
+        self.trainer = trainer
+        self.plugin_set = plugin_set
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.plugin_set.call("perl_on_step_end", trainer=self.trainer, state=state, control=control)
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = {} if logs is None else logs
+        self.plugin_set.call("perl_on_log", trainer=self.trainer, logs=logs, state=state, control=control)
+        if state.log_history:  # Trainer.log stored a copy of logs before calling back: keep it in sync
+            state.log_history[-1].update(logs)
+        return control

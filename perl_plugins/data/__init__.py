@@ -1,0 +1,29 @@
+"""Shipped data (Taskmaster coffee, CC BY 4.0: see ATTRIBUTION.md) and its loader."""
+
+from perl_plugins.data.taskmaster import (
+    DEFAULT_DIALOGS_FILE,
+    DEFAULT_REWARD_FILE,
+    DatasetFormatError,
+    FeedbackRow,
+    load_dialog_texts,
+    load_feedback,
+    load_splits,
+    pointwise,
+    preference_pairs,
+    render_turn,
+    split_ids,
+)
+
+__all__ = [
+    "DEFAULT_DIALOGS_FILE",
+    "DEFAULT_REWARD_FILE",
+    "DatasetFormatError",
+    "FeedbackRow",
+    "load_dialog_texts",
+    "load_feedback",
+    "load_splits",
+    "pointwise",
+    "preference_pairs",
+    "render_turn",
+    "split_ids",
+]

@@ -1,0 +1,303 @@
+"""Loader for the Taskmaster thumbs up/down feedback format.
+
+Reads any file of that format: the shipped Taskmaster Coffee set (TM-4-2024) or the Taskmaster
+Ticketing set (TM-3-2020/reward), gzip'd or not, as one JSON array or as JSON lines. Each row has
+``conversation_id``, ``context`` (a list of turns, possibly as a JSON string), ``generation`` (one
+agent turn, possibly as a JSON string) and ``reward`` (1 thumbs up, 0 thumbs down).
+
+Rendering: one turn per line, whitespace inside a text collapsed to single spaces::
+
+    Agent: Welcome to the Coffee Bar ... What can I get for you?
+    User: can i get an espresso please
+    Agent: API call: {"get_menu_items": {"query": "espresso"}}
+    API response: {"get_menu_items": {"items": [...]}}
+    Agent:
+
+The prompt is the rendered context plus a final ``Agent:`` line; the completion is the rest of the
+rendered generation line, leading space included (``" Sure, ..."`` or ``" API call: {...}"``), so
+prompt + completion is exactly the line the turn renders to and a byte-level BPE tokenizes both
+alike. Completions carry no EOS: trl appends it to prompt/completion data itself.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+_HERE = Path(__file__).resolve().parent
+DEFAULT_REWARD_FILE = _HERE / "taskmaster_coffee_reward.jsonl.gz"
+DEFAULT_DIALOGS_FILE = _HERE / "taskmaster_coffee_dialogs.jsonl.gz"
+
+AGENT_PREFIX = "Agent:"
+_DIALOG_ROLES = {"user": "user", "assistant": "agent", "agent": "agent"}
+
+
+class DatasetFormatError(ValueError):
+    """A data file that does not follow the Taskmaster format; the message names file and row."""
+
+
+@dataclass(frozen=True)
+class FeedbackRow:
+    """One rated agent turn: ``prompt`` ends with ``Agent:``, ``completion`` continues it."""
+
+    conversation_id: str
+    prompt: str
+    completion: str
+    label: int
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False)
+
+
+def render_turn(turn: Mapping[str, Any]) -> str:
+    """Render one Taskmaster turn as one line of text.
+
+    ``{"role": "user", "text": t}`` -> ``User: t``;
+    ``{"role": "agent", "text": t}`` -> ``Agent: t``;
+    ``{"role": "agent", "api": a}`` -> ``Agent: API call: <a as JSON>``;
+    ``{"role": "api", "response": r}`` -> ``API response: <r as JSON>``.
+    Raises ValueError for any other shape.
+    """
+    if not isinstance(turn, Mapping):
+        raise ValueError(f"a turn must be a JSON object, got {type(turn).__name__}")
+    role, text = turn.get("role"), turn.get("text")
+    if role in ("user", "agent") and isinstance(text, str):
+        # One line per turn keeps the "Speaker:" structure unambiguous for a small LM.
+        return f"{'User' if role == 'user' else 'Agent'}: {' '.join(text.split())}".rstrip()
+    if role == "agent" and "api" in turn:
+        return f"Agent: API call: {_json(turn['api'])}"
+    if role == "api" and "response" in turn:
+        return f"API response: {_json(turn['response'])}"
+    raise ValueError(
+        f"unsupported turn {_json(turn)[:100]}"
+        " (expected user text, agent text or api call, api response)"
+    )
+
+
+def _read_records(path: Path) -> list[tuple[int, Any]]:
+    """Parse a (gzip'd) JSON array or JSON lines file into (1-based row number, value) pairs.
+
+    For JSON lines the row number is the line number (blank lines are skipped but counted), so it
+    points at the line to open in an editor.
+    """
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":  # gzip magic: trust content, not the file name
+        raw = gzip.decompress(raw)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DatasetFormatError(f"{path}: not UTF-8 text ({e})") from None
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DatasetFormatError(
+                f"{path}: invalid JSON array at line {e.lineno}, column {e.colno}: {e.msg}"
+            ) from None
+        out = list(enumerate(records, 1))
+    else:
+        out = []
+        # split("\n"), not splitlines(): JSON strings may hold raw U+2028 and other line breaks.
+        for lineno, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                out.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise DatasetFormatError(
+                    f"{path}: row {lineno}: invalid JSON ({e.msg} at column {e.colno})"
+                ) from None
+    if not out:
+        raise DatasetFormatError(f"{path}: no rows")
+    return out
+
+
+def _embedded_json(value: Any, name: str, kind: type) -> Any:
+    """The Taskmaster files store context/generation as JSON strings; accept decoded values too."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{name} is not valid JSON ({e.msg})") from None
+    if not isinstance(value, kind):
+        want = "list" if kind is list else "object"
+        raise ValueError(f"{name} must be a JSON {want}, got {type(value).__name__}")
+    return value
+
+
+def _feedback_row(rec: Any) -> FeedbackRow:
+    if not isinstance(rec, dict):
+        raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
+    missing = [k for k in ("conversation_id", "context", "generation", "reward") if k not in rec]
+    if missing:
+        raise ValueError(f"missing key(s): {', '.join(missing)}")
+    cid = rec["conversation_id"]
+    if not isinstance(cid, str) or not cid:
+        raise ValueError(f"conversation_id must be a non-empty string, got {cid!r}")
+    reward = rec["reward"]
+    if isinstance(reward, bool) or not isinstance(reward, (int, float)) or reward not in (0, 1):
+        raise ValueError(f"reward must be 0 or 1, got {reward!r}")
+    lines = []
+    for i, turn in enumerate(_embedded_json(rec["context"], "context", list), 1):
+        try:
+            lines.append(render_turn(turn))
+        except ValueError as e:
+            raise ValueError(f"context turn {i}: {e}") from None
+    generation = _embedded_json(rec["generation"], "generation", dict)
+    if generation.get("role") != "agent":
+        raise ValueError(f"generation must be an agent turn, got role {generation.get('role')!r}")
+    completion = render_turn(generation)[len(AGENT_PREFIX):]
+    return FeedbackRow(cid, "\n".join([*lines, AGENT_PREFIX]), completion, int(reward))
+
+
+def load_feedback(path: str | Path | None = None) -> list[FeedbackRow]:
+    """Load a Taskmaster thumbs up/down file (default: the shipped coffee set, 3,228 rows).
+
+    Raises DatasetFormatError naming the file, the 1-based row and what is wrong.
+    """
+    path = Path(path) if path is not None else DEFAULT_REWARD_FILE
+    rows = []
+    for n, rec in _read_records(path):
+        try:
+            rows.append(_feedback_row(rec))
+        except ValueError as e:
+            raise DatasetFormatError(f"{path}: row {n}: {e}") from None
+    return rows
+
+
+def split_ids(
+    ids: Iterable[str], test_fraction: float = 0.1, seed: int = 0
+) -> tuple[list[str], list[str]]:
+    """Split unique ids into (train, test), deterministically and independently of their order.
+
+    An id goes to test when sha256(f"{seed}:{id}"), read as a fraction of 2**64, is below
+    ``test_fraction``: stable across Python runs (unlike ``hash``), so the test share is
+    ``test_fraction`` only on average. Both lists keep the first-seen order of ``ids``.
+    """
+    if not 0.0 <= test_fraction <= 1.0:
+        raise ValueError(f"test_fraction must be within [0, 1], got {test_fraction}")
+    train: list[str] = []
+    test: list[str] = []
+    for i in dict.fromkeys(ids):
+        digest = hashlib.sha256(f"{seed}:{i}".encode()).digest()
+        (test if int.from_bytes(digest[:8], "big") / 2**64 < test_fraction else train).append(i)
+    return train, test
+
+
+def _split_groups(rows: Iterable[FeedbackRow]) -> dict[str, str]:
+    """Map each conversation id to its split group, named by the group's smallest id.
+
+    Rows sharing a conversation id or a prompt are one group: in the coffee file every row has its
+    own conversation id and the same context recurs under several ids (once per rated generation),
+    so splitting by id alone would put the same prompt, and even identical rows, on both sides.
+    """
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    first_id_of_prompt: dict[str, str] = {}
+    for r in rows:
+        a = find(r.conversation_id)
+        b = find(first_id_of_prompt.setdefault(r.prompt, r.conversation_id))
+        if a != b:  # linking to the smaller root keeps every root the smallest id of its group
+            parent[max(a, b)] = min(a, b)
+    return {cid: find(cid) for cid in parent}
+
+
+def load_splits(
+    path: str | Path | None = None, test_fraction: float = 0.1, seed: int = 0
+) -> dict[str, list[FeedbackRow]]:
+    """Load a feedback file and split it into {"train": rows, "test": rows} by conversation.
+
+    No conversation id and no prompt is on both sides (see ``_split_groups``); groups are assigned
+    with ``split_ids``. Coffee file, defaults: 2,254 groups; 2,892 train and 336 test rows.
+    """
+    rows = load_feedback(path)
+    group = _split_groups(rows)
+    test_groups = set(split_ids(sorted(set(group.values())), test_fraction, seed)[1])
+    return {
+        "train": [r for r in rows if group[r.conversation_id] not in test_groups],
+        "test": [r for r in rows if group[r.conversation_id] in test_groups],
+    }
+
+
+def pointwise(rows: Iterable[FeedbackRow]) -> datasets.Dataset:
+    """Unpaired data (columns prompt, completion, label 0/1): reward classification, KTO-style."""
+    rows = list(rows)
+    return datasets.Dataset.from_dict(
+        {
+            "prompt": [r.prompt for r in rows],
+            "completion": [r.completion for r in rows],
+            "label": [r.label for r in rows],
+        },
+        features=datasets.Features(
+            prompt=datasets.Value("string"),
+            completion=datasets.Value("string"),
+            label=datasets.Value("int64"),
+        ),
+    )
+
+
+def preference_pairs(rows: Iterable[FeedbackRow]) -> datasets.Dataset:
+    """Pairs (columns prompt, chosen, rejected): every distinct (thumbs up, thumbs down)
+    completion combination rated under the same prompt.
+
+    Grouped by prompt, not conversation id: in the coffee file each rated generation has its own
+    conversation id. The whole coffee file gives 617 pairs from 220 prompts.
+    """
+    up: dict[str, dict[str, None]] = defaultdict(dict)  # prompt -> ordered set of completions
+    down: dict[str, dict[str, None]] = defaultdict(dict)
+    for r in rows:
+        (up if r.label else down)[r.prompt][r.completion] = None
+    pairs = [(p, c, x) for p in up if p in down for c in up[p] for x in down[p]]
+    return datasets.Dataset.from_dict(
+        {
+            "prompt": [p for p, _, _ in pairs],
+            "chosen": [c for _, c, _ in pairs],
+            "rejected": [x for _, _, x in pairs],
+        },
+        features=datasets.Features(
+            prompt=datasets.Value("string"),
+            chosen=datasets.Value("string"),
+            rejected=datasets.Value("string"),
+        ),
+    )
+
+
+def _dialog_text(rec: Any) -> str:
+    utterances = rec.get("utterances") if isinstance(rec, dict) else None
+    if not isinstance(utterances, list):
+        raise ValueError("expected a JSON object with an 'utterances' list")
+    lines = []
+    for i, u in enumerate(utterances, 1):
+        speaker = u.get("speaker") if isinstance(u, dict) else None
+        if speaker not in _DIALOG_ROLES or not isinstance(u.get("text"), str):
+            raise ValueError(f"utterance {i} must have speaker user/assistant and a text")
+        lines.append(render_turn({"role": _DIALOG_ROLES[speaker], "text": u["text"]}))
+    return "\n".join(lines)
+
+
+def load_dialog_texts(path: str | Path | None = None) -> list[str]:
+    """Whole dialogs as "User: ..." / "Agent: ..." text, one string per dialog (default: the
+    shipped coffee dialogs, 3,710): a corpus for tokenizer or base-model training."""
+    path = Path(path) if path is not None else DEFAULT_DIALOGS_FILE
+    texts = []
+    for n, rec in _read_records(path):
+        try:
+            texts.append(_dialog_text(rec))
+        except ValueError as e:
+            raise DatasetFormatError(f"{path}: row {n}: {e}") from None
+    return texts

@@ -1,0 +1,302 @@
+"""``grm``: GRM (arXiv 2406.10216) — the reward model keeps its LM head, and a text-generation
+regularizer on the same final hidden states makes it generalize.
+
+Works on stock ``RewardTrainer`` (pairs) and on a stock ``Trainer`` training a one-label
+classifier on thumbs up/down rows (pointwise; see :mod:`perl_plugins.pointwise`). The stock loss
+stays the reward loss; this plugin re-weights it by ``1 - alpha`` and adds ``alpha * L_reg``:
+
+- ``sft``:       L_reg = -mean log sigmoid(beta * logp(y_c))
+- ``dpo``:       L_reg = -mean log sigmoid(beta * ((logp_c - logp_r) - (ref_c - ref_r)))
+- ``dpo_noref``: the same with the reference terms 0
+
+logp is the SUM of the log-probabilities of the response tokens (prompt masked), read off the LM
+head on the hidden states of the reward forward pass (captured with a forward hook: no second
+pass). With LoRA the reference is the same model with adapters disabled; without, a frozen copy.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from perl_plugins import hookimpl
+from perl_plugins.attach import trainer_family
+from perl_plugins.errors import PluginIncompatibleError
+from perl_plugins.reward_model import HEAD_ATTR, HEAD_KINDS, decoder, set_reward_head, unwrap
+
+REGULARIZERS = ("sft", "dpo", "dpo_noref")
+
+
+@dataclass
+class GRMOptions:
+    grm_reg: str = field(default="sft", metadata={"help": f"Text-generation regularizer: one of {REGULARIZERS}."})
+    grm_alpha: float = field(
+        default=0.01, metadata={"help": "Weight of the regularizer: L = (1 - alpha) * L_reward + alpha * L_reg."}
+    )
+    grm_beta: float = field(default=0.1, metadata={"help": "Inverse temperature inside the regularizer's sigmoid."})
+    grm_head: str = field(
+        default="mlp",
+        metadata={
+            "help": "Reward head: 'mlp' (GRM's Dropout 0.1 -> Linear(hidden, 1024) -> ReLU -> Linear(1024, 1), "
+            "freshly initialised) or 'linear' (keeps the model's own linear score head)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.grm_reg not in REGULARIZERS:
+            raise ValueError(f"grm_reg must be one of {REGULARIZERS}, got {self.grm_reg!r}.")
+        if not 0.0 <= self.grm_alpha <= 1.0:
+            raise ValueError(f"grm_alpha must be in [0, 1], got {self.grm_alpha}.")
+        if self.grm_head not in HEAD_KINDS:
+            raise ValueError(f"grm_head must be one of {HEAD_KINDS}, got {self.grm_head!r}.")
+
+
+def grm_regularizer(
+    logp_chosen: torch.Tensor,
+    logp_rejected: torch.Tensor | None = None,
+    ref_chosen: torch.Tensor | None = None,
+    ref_rejected: torch.Tensor | None = None,
+    *,
+    reg: str = "sft",
+    beta: float = 0.1,
+) -> torch.Tensor:
+    """L_reg of GRM (scalar) from summed response log-probs."""
+    if reg == "sft":
+        return -F.logsigmoid(beta * logp_chosen).mean()
+    if logp_rejected is None:
+        raise ValueError(f"grm_reg={reg!r} needs rejected responses (preference pairs).")
+    margin = logp_chosen - logp_rejected
+    if reg == "dpo":
+        if ref_chosen is None or ref_rejected is None:
+            raise ValueError("grm_reg='dpo' needs reference log-probs (ref_chosen, ref_rejected).")
+        margin = margin - (ref_chosen - ref_rejected)
+    elif reg != "dpo_noref":
+        raise ValueError(f"Unknown GRM regularizer {reg!r}; choose one of {REGULARIZERS}.")
+    return -F.logsigmoid(beta * margin).mean()
+
+
+def grm_loss(
+    reward_chosen: torch.Tensor,
+    reward_rejected: torch.Tensor,
+    logp_chosen: torch.Tensor,
+    logp_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor | None = None,
+    ref_rejected: torch.Tensor | None = None,
+    *,
+    reg: str = "sft",
+    alpha: float = 0.01,
+    beta: float = 0.1,
+) -> torch.Tensor:
+    """GRM's total pairwise loss: ``(1 - alpha) * -mean log sigmoid(r_c - r_r) + alpha * L_reg``."""
+    reward_loss = -F.logsigmoid(reward_chosen - reward_rejected).mean()
+    regularizer = grm_regularizer(logp_chosen, logp_rejected, ref_chosen, ref_rejected, reg=reg, beta=beta)
+    return (1 - alpha) * reward_loss + alpha * regularizer
+
+
+def response_logps(lm_head: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over response tokens of log p(token | prefix), per row; only masked positions reach the
+    LM head, so the (tokens x vocab) logits are never built for prompt or padding."""
+    targets = mask[:, 1:].bool()
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(targets)[targets]
+    logits = lm_head(hidden[:, :-1][targets]).float()
+    token_logps = logits.log_softmax(-1).gather(-1, input_ids[:, 1:][targets][:, None]).squeeze(-1)
+    return torch.zeros(input_ids.shape[0], device=logits.device, dtype=logits.dtype).index_add(0, rows, token_logps)
+
+
+def find_lm_head(model: nn.Module) -> nn.Module:
+    """The LM head of a causal LM, or the one of the checkpoint a classification model came from."""
+    base = unwrap(model)
+    if hasattr(base, "lm_head"):
+        return base.lm_head
+    embeddings = base.get_input_embeddings()
+    config = base.config.get_text_config()
+    head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+    if getattr(base.config, "tie_word_embeddings", False):
+        head.weight = embeddings.weight
+        return head
+    weight = _checkpoint_tensor(getattr(base.config, "_name_or_path", ""), "lm_head.weight")
+    if weight is None:
+        raise PluginIncompatibleError(
+            f"grm: {type(base).__name__} has no LM head, its embeddings are not tied, and its checkpoint "
+            f"{getattr(base.config, '_name_or_path', '') or '(none: built in memory)'!r} holds no 'lm_head.weight'. "
+            "Load the reward model from a causal-LM checkpoint (AutoModelForSequenceClassification.from_pretrained "
+            "on it), or give the trainer a model that has an lm_head."
+        )
+    head.weight = nn.Parameter(weight.to(device=embeddings.weight.device, dtype=embeddings.weight.dtype))
+    return head
+
+
+def _checkpoint_tensor(name_or_path: str, tensor_name: str) -> torch.Tensor | None:
+    """Read one tensor from a local or hub checkpoint's safetensors without loading the rest."""
+    import json
+
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    if not name_or_path:
+        return None
+
+    def resolve(filename: str) -> str | None:
+        return cached_file(
+            name_or_path,
+            filename,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+        )
+
+    index = resolve("model.safetensors.index.json")
+    if index is not None:
+        shard = json.load(open(index))["weight_map"].get(tensor_name)
+        filename = resolve(shard) if shard else None
+    else:
+        filename = resolve("model.safetensors")
+    if filename is None:
+        return None
+    with safe_open(filename, framework="pt") as f:
+        return f.get_tensor(tensor_name) if tensor_name in f.keys() else None
+
+
+class _CompletionMaskCollator:
+    """Wraps the trainer's collator: turns each row's ``prompt_len`` into a ``completion_mask``
+    aligned with the batch (pairwise batches are chosen rows then rejected rows)."""
+
+    def __init__(self, inner: Any, pairwise: bool) -> None:
+        self.inner = inner
+        self.pairwise = pairwise
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        lengths = [example["prompt_len"] for example in examples]
+        batch = self.inner([{k: v for k, v in ex.items() if k != "prompt_len"} for ex in examples])
+        starts = torch.tensor(lengths * (2 if self.pairwise else 1))
+        positions = torch.arange(batch["input_ids"].shape[1])
+        batch["completion_mask"] = (positions[None, :] >= starts[:, None]) & batch["attention_mask"].bool()
+        return batch
+
+
+def _common_prefix_length(example: dict[str, Any]) -> dict[str, int]:
+    # The prompt of a pair is the tokens chosen and rejected share: exact at the token level.
+    n = 0
+    for a, b in zip(example["chosen_ids"], example["rejected_ids"]):
+        if a != b:
+            break
+        n += 1
+    return {"prompt_len": n}
+
+
+class _GRMState:
+    """Per-trainer state: the captured hidden states, the LM head, the frozen reference."""
+
+    def __init__(self) -> None:
+        self.hidden: torch.Tensor | None = None
+        self.lm_head: nn.Module | None = None
+        self.reference: nn.Module | None = None
+
+    def capture(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.hidden = output.last_hidden_state
+
+
+def _is_pairwise(trainer: Any) -> bool:
+    return trainer_family(trainer) == "RewardTrainer"
+
+
+@hookimpl
+def perl_plugin_options() -> type:
+    return GRMOptions
+
+
+@hookimpl
+def perl_check_trainer(trainer: Any, options: dict[str, Any]) -> None:
+    opts: GRMOptions = options["grm"]
+    family = trainer_family(trainer)
+    config = getattr(trainer.model, "config", None)
+    if family != "RewardTrainer" and not (family == "Trainer" and getattr(config, "num_labels", None) == 1):
+        raise PluginIncompatibleError(
+            f"grm trains reward models: attach it to RewardTrainer (pairs) or to a Trainer of a one-label "
+            f"classifier on thumbs up/down rows, not to {type(trainer).__name__}."
+        )
+    if not _is_pairwise(trainer) and opts.grm_reg != "sft":
+        raise PluginIncompatibleError(
+            f"grm_reg={opts.grm_reg!r} needs preference pairs (chosen/rejected), but this trainer has pointwise "
+            "thumbs up/down rows; use grm_reg='sft' (it regularizes on thumbs-up completions) or pair the data."
+        )
+    if not _is_pairwise(trainer) and "prompt_len" not in (trainer.train_dataset.column_names or []):
+        raise PluginIncompatibleError(
+            "grm: pointwise rows need a 'prompt_len' column to mask prompts (perl_plugins.pointwise.tokenize_pointwise adds it)."
+        )
+    find_lm_head(trainer.model)  # refuse a model without any LM head before training
+
+
+@hookimpl
+def perl_configure(trainer: Any, options: dict[str, Any]) -> None:
+    pairwise = _is_pairwise(trainer)
+    if pairwise:
+        trainer.train_dataset = trainer.train_dataset.map(_common_prefix_length, desc="GRM prompt lengths")
+        if trainer.eval_dataset is not None:
+            trainer.eval_dataset = trainer.eval_dataset.map(_common_prefix_length, desc="GRM prompt lengths")
+    trainer._set_signature_columns_if_needed()
+    trainer._signature_columns = [*trainer._signature_columns, "prompt_len"]
+    trainer.data_collator = _CompletionMaskCollator(trainer.data_collator, pairwise)
+    trainer.perl_plugins.private_inputs.add("completion_mask")
+
+
+@hookimpl(tryfirst=True)  # before lora wraps the model, so the head is saved with the adapter
+def perl_prepare_model(trainer: Any, model: Any, role: str, options: dict[str, Any]) -> Any:
+    if role != "policy":
+        return None
+    opts: GRMOptions = options["grm"]
+    state = _GRMState()
+    state.lm_head = find_lm_head(model)
+    base = unwrap(model)
+    if not hasattr(base, "lm_head"):
+        base.lm_head = state.lm_head  # a submodule, so it moves with the model and LoRA freezes it
+    if opts.grm_head == "mlp":
+        set_reward_head(base, "mlp")
+    elif not hasattr(base, HEAD_ATTR):
+        set_reward_head(base, "linear")
+    if opts.grm_reg == "dpo" and not hasattr(model, "peft_config") and "lora" not in trainer.perl_plugins.names:
+        state.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        decoder(state.reference).register_forward_hook(state.capture)
+    decoder(base).register_forward_hook(state.capture)
+    trainer.perl_grm = state
+    return None
+
+
+def _reference_logps(trainer: Any, inputs: dict[str, Any]) -> torch.Tensor:
+    state: _GRMState = trainer.perl_grm
+    model = trainer.model
+    with torch.no_grad():
+        if state.reference is not None:
+            state.reference(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        else:  # LoRA: the base with adapters disabled is the reference; the hook captures its states
+            with model.disable_adapter():
+                model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        lm_head = unwrap(state.reference).lm_head if state.reference is not None else state.lm_head
+        return response_logps(lm_head, state.hidden, inputs["input_ids"], inputs["completion_mask"])
+
+
+@hookimpl
+def perl_compute_loss(trainer: Any, inputs: dict[str, Any], outputs: Any, terms: Any, options: dict[str, Any]) -> None:
+    opts: GRMOptions = options["grm"]
+    state: _GRMState = trainer.perl_grm
+    logps = response_logps(state.lm_head, state.hidden, inputs["input_ids"], inputs["completion_mask"])
+    state.hidden = None  # do not keep the graph alive past this step
+    if _is_pairwise(trainer):
+        logp_chosen, logp_rejected = logps.chunk(2)
+        ref_chosen = ref_rejected = None
+        if opts.grm_reg == "dpo":
+            ref_chosen, ref_rejected = _reference_logps(trainer, inputs).chunk(2)
+        regularizer = grm_regularizer(
+            logp_chosen, logp_rejected, ref_chosen, ref_rejected, reg=opts.grm_reg, beta=opts.grm_beta
+        )
+    else:  # pointwise: sft on thumbs-up completions only
+        liked = inputs["labels"].view(-1) > 0.5
+        regularizer = (
+            grm_regularizer(logps[liked], reg="sft", beta=opts.grm_beta) if liked.any() else logps.sum() * 0.0
+        )
+    terms.reweight(terms.base_name, 1.0 - opts.grm_alpha)
+    terms.add("grm_reg_loss", regularizer, opts.grm_alpha)

@@ -1,0 +1,120 @@
+"""Pointwise (thumbs up/down) reward-model training on a *stock* ``transformers.Trainer``.
+
+PERL's Taskmaster feedback is pointwise. A one-label sequence-classification model configured
+with ``problem_type="multi_label_classification"`` already computes binary cross-entropy of
+sigmoid(r(x, y)) against the 0/1 label, so no custom loss is needed: this module only tokenizes,
+pads, and scores (accuracy, ROC AUC).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from transformers import AutoModelForSequenceClassification, PreTrainedModel, Trainer, TrainingArguments
+
+
+def reward_classifier(model_name_or_path: str, **kwargs: Any) -> PreTrainedModel:
+    """A one-label classifier whose stock loss is BCE on the reward logit (pointwise feedback)."""
+    return AutoModelForSequenceClassification.from_pretrained(
+        model_name_or_path, num_labels=1, problem_type="multi_label_classification", **kwargs
+    )
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def tokenize_pointwise(dataset: datasets.Dataset, tokenizer: Any, max_length: int | None = None) -> datasets.Dataset:
+    """``prompt``/``completion``/``label`` rows -> ``input_ids``, float ``labels`` and ``prompt_len``
+    (prompt tokens, for regularizers that score the completion only). EOS is appended as trl's
+    RewardTrainer does, so pointwise and pairwise reward models read the same final token."""
+    eos = tokenizer.eos_token or ""
+
+    def encode(row: dict[str, Any]) -> dict[str, Any]:
+        text = row["prompt"] + row["completion"]
+        ids = tokenizer(text if text.endswith(eos) else text + eos, add_special_tokens=False)["input_ids"]
+        prompt_ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        prompt_len = _common_prefix(prompt_ids, ids)
+        if max_length is not None and len(ids) > max_length:
+            # Cut the oldest context: the reward reads the last token, the completion must stay whole.
+            prompt_len = max(0, prompt_len - (len(ids) - max_length))
+            ids = ids[-max_length:]
+        return {"input_ids": ids, "labels": [float(row["label"])], "prompt_len": prompt_len}
+
+    return dataset.map(encode, remove_columns=dataset.column_names, desc="Tokenizing pointwise rows")
+
+
+class PointwiseCollator:
+    """Right-pads ``input_ids``; ``labels`` become a float ``(batch, 1)`` tensor."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(e["input_ids"]) for e in examples)
+        input_ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for i, example in enumerate(examples):
+            n = len(example["input_ids"])
+            input_ids[i, :n] = torch.tensor(example["input_ids"])
+            attention_mask[i, :n] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "labels" in examples[0]:
+            batch["labels"] = torch.tensor([e["labels"] for e in examples], dtype=torch.float32).view(-1, 1)
+        return batch
+
+
+def roc_auc(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray) -> float:
+    """Area under the ROC curve: P(score of a random positive > score of a random negative), ties 1/2
+    (the Mann-Whitney statistic, with average ranks for ties)."""
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    labels = np.asarray(labels).ravel() > 0.5
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = scores.argsort(kind="mergesort")
+    ranks = np.empty_like(scores)
+    sorted_scores = scores[order]
+    # average rank for ties
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    avg = first + (counts + 1) / 2.0
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def reward_metrics(eval_pred: Any) -> dict[str, float]:
+    """``compute_metrics`` for a pointwise reward trainer: accuracy (logit > 0 vs label) and ROC AUC."""
+    scores = np.asarray(eval_pred.predictions).reshape(-1)
+    labels = np.asarray(eval_pred.label_ids).reshape(-1)
+    return {"accuracy": float(((scores > 0) == (labels > 0.5)).mean()), "auc": roc_auc(scores, labels)}
+
+
+def pointwise_trainer(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    args: TrainingArguments,
+    train_dataset: datasets.Dataset,
+    eval_dataset: datasets.Dataset | None = None,
+    max_length: int | None = None,
+    **trainer_kwargs: Any,
+) -> Trainer:
+    """A stock ``Trainer`` for thumbs up/down rows (``prompt``, ``completion``, ``label``)."""
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=tokenize_pointwise(train_dataset, tokenizer, max_length),
+        eval_dataset=tokenize_pointwise(eval_dataset, tokenizer, max_length) if eval_dataset is not None else None,
+        data_collator=PointwiseCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        compute_metrics=reward_metrics,
+        **trainer_kwargs,
+    )

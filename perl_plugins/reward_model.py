@@ -1,0 +1,201 @@
+"""Reward models that keep their causal LM: a reward head named ``score`` on the final hidden state.
+
+The head is called ``score``, as in transformers' ``*ForSequenceClassification`` models, and the
+backbone keeps its name too, so a LoRA reward adapter trained on a stock sequence-classification
+model (its head saved through peft's ``modules_to_save``) loads unchanged onto the causal LM the
+policy uses: one base, several roles. Scoring pools the head output at the last non-padding
+token exactly as transformers does, so a reloaded reward adapter scores bit-identically.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+HEAD_ATTR = "score"
+HEAD_SPEC_FILE = "perl_reward_head.json"
+HEAD_KINDS = ("linear", "mlp")
+MLP_WIDTH = 1024  # GRM's reference MLP head: Dropout 0.1 -> Linear(hidden, 1024) -> ReLU -> Linear(1024, 1)
+
+
+class RewardAdapterError(ValueError):
+    """A reward adapter that does not fit the base model it is loaded onto."""
+
+
+def make_reward_head(hidden_size: int, kind: str = "linear") -> nn.Module:
+    """A fresh reward head: ``linear`` (hidden -> 1, no bias, as transformers) or GRM's ``mlp``."""
+    if kind == "linear":
+        return nn.Linear(hidden_size, 1, bias=False)
+    if kind == "mlp":
+        return nn.Sequential(nn.Dropout(0.1), nn.Linear(hidden_size, MLP_WIDTH), nn.ReLU(), nn.Linear(MLP_WIDTH, 1))
+    raise ValueError(f"Unknown reward head {kind!r}; choose one of {HEAD_KINDS}.")
+
+
+def head_kind(head: nn.Module) -> str:
+    """``"mlp"`` or ``"linear"`` for a head made by :func:`make_reward_head` (peft wrappers unwrapped)."""
+    head = getattr(head, "original_module", head)
+    return "mlp" if isinstance(head, nn.Sequential) else "linear"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (LoRA layers stay injected in it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def hidden_size(model: nn.Module) -> int:
+    return unwrap(model).config.get_text_config().hidden_size
+
+
+def set_reward_head(model: nn.Module, kind: str = "linear") -> nn.Module:
+    """Give ``model`` (a causal LM or a sequence-classification model) a fresh ``score`` head of
+    ``kind``, matching the base's dtype and device; returns the head."""
+    base = unwrap(model)
+    reference = base.get_input_embeddings().weight
+    head = make_reward_head(hidden_size(base), kind).to(device=reference.device, dtype=reference.dtype)
+    setattr(base, HEAD_ATTR, head)
+    return head
+
+
+def decoder(model: nn.Module) -> nn.Module:
+    """The transformer body (embeddings + blocks, no head) of a causal-LM or classification model."""
+    base = unwrap(model)
+    return getattr(base, base.base_model_prefix)
+
+
+def pool_last_token(values: torch.Tensor, input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """``values[b, t]`` at the rightmost non-padding token of each row (transformers' rule, so the
+    same ids give the same reward whether scored here or by a classification model)."""
+    batch = torch.arange(input_ids.shape[0], device=values.device)
+    if pad_token_id is None:
+        return values[batch, -1]
+    non_pad = (input_ids != pad_token_id).to(values.device, torch.int32)
+    positions = torch.arange(input_ids.shape[-1], device=values.device, dtype=torch.int32)
+    return values[batch, (positions * non_pad).argmax(-1)]
+
+
+def score(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Rewards, shape ``(batch,)``, from the active adapter's view of ``model`` and its ``score`` head."""
+    base = unwrap(model)
+    hidden = decoder(base)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    values = getattr(base, HEAD_ATTR)(hidden).squeeze(-1)
+    return pool_last_token(values, input_ids, base.config.get_text_config().pad_token_id)
+
+
+def base_description(model: nn.Module) -> dict[str, Any]:
+    """What a reward adapter records about its base, to refuse loading onto another one."""
+    from .fingerprint import base_fingerprint
+
+    base = unwrap(model)
+    config = base.config.get_text_config()
+    body = base.base_model_prefix + "."  # only the shared backbone: heads differ between roles
+    return {
+        "model_type": config.model_type,
+        "name_or_path": getattr(base.config, "_name_or_path", ""),
+        "hidden_size": config.hidden_size,
+        "fingerprint": base_fingerprint(model, exclude=lambda name: not name.startswith(body))["id"],
+    }
+
+
+def save_reward_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default") -> Path:
+    """Save one reward adapter (LoRA weights and ``score`` head via peft) plus a head spec
+    recording the head kind and the base it was trained on."""
+    path = Path(path)
+    model.save_pretrained(str(path), selected_adapters=[adapter_name])
+    # peft nests non-default adapters in a sub-folder; keep one flat directory per reward adapter.
+    nested = path / adapter_name
+    if adapter_name != "default" and nested.is_dir():
+        for item in nested.iterdir():
+            item.replace(path / item.name)
+        nested.rmdir()
+    spec = {"head": head_kind(getattr(unwrap(model), HEAD_ATTR)), "base": base_description(model)}
+    (path / HEAD_SPEC_FILE).write_text(json.dumps(spec, indent=2))
+    return path
+
+
+def _adapter_head_kind(path: Path) -> str:
+    with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as f:
+        keys = [k for k in f.keys() if f".{HEAD_ATTR}." in k]
+    if not keys:
+        raise RewardAdapterError(f"{path} holds no reward head ({HEAD_ATTR!r} weights): not a reward adapter.")
+    return "mlp" if any(f".{HEAD_ATTR}.3." in k for k in keys) else "linear"
+
+
+def check_reward_adapter(model: nn.Module, path: str | Path) -> dict[str, Any]:
+    """Refuse a reward adapter made on another base: fingerprint (when recorded) and tensor shapes."""
+    path = Path(path)
+    if not (path / "adapter_model.safetensors").is_file():
+        raise RewardAdapterError(f"{path} is not a reward adapter directory (no adapter_model.safetensors).")
+    spec_file = path / HEAD_SPEC_FILE
+    spec = json.loads(spec_file.read_text()) if spec_file.is_file() else {"head": _adapter_head_kind(path)}
+    expected = spec.get("base")
+    if expected is not None:
+        actual = base_description(model)
+        if expected["fingerprint"] != actual["fingerprint"]:
+            raise RewardAdapterError(
+                f"Reward adapter {path} was trained on base {expected['name_or_path'] or expected['model_type']!r} "
+                f"(hidden {expected['hidden_size']}, fingerprint {expected['fingerprint'][:12]}), but the model "
+                f"given is {actual['name_or_path'] or actual['model_type']!r} (hidden {actual['hidden_size']}, "
+                f"fingerprint {actual['fingerprint'][:12]})."
+            )
+    shapes = {name: param.shape for name, param in unwrap(model).named_parameters()}
+    with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as f:
+        for key in f.keys():
+            if "lora_A" not in key:
+                continue
+            module = key.removeprefix("base_model.model.").split(".lora_A")[0]
+            weight = shapes.get(f"{module}.weight", shapes.get(f"{module}.base_layer.weight"))
+            if weight is None or f.get_slice(key).get_shape()[1] != weight[1]:
+                raise RewardAdapterError(
+                    f"Reward adapter {path} does not fit this base: {module!r} "
+                    f"{'is missing' if weight is None else f'has input size {weight[1]}'} "
+                    f"but the adapter expects input size {f.get_slice(key).get_shape()[1]}."
+                )
+    return spec
+
+
+def load_reward_adapter(model: nn.Module, path: str | Path, adapter_name: str = "reward") -> nn.Module:
+    """Load a reward adapter (and its head) onto ``model`` under ``adapter_name``, frozen.
+
+    ``model`` may be a plain transformers model (it is wrapped in a ``PeftModel``) or a
+    ``PeftModel`` already holding other adapters (e.g. the RL policy). Returns the peft model.
+    """
+    from peft import PeftModel
+
+    spec = check_reward_adapter(model, path)
+    base = unwrap(model)
+    if not hasattr(base, HEAD_ATTR) or head_kind(getattr(base, HEAD_ATTR)) != spec["head"]:
+        set_reward_head(base, spec["head"])
+    getattr(base, HEAD_ATTR).requires_grad_(False)
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=False)
+        return model
+    return PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, is_trainable=False)
+
+
+def score_texts(
+    model: nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int = 16, max_length: int | None = None
+) -> torch.Tensor:
+    """Rewards of whole texts (prompt + completion, EOS appended as in reward training), no grad."""
+    device = unwrap(model).get_input_embeddings().weight.device
+    eos = tokenizer.eos_token or ""
+    rewards = []
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            chunk = [t if t.endswith(eos) else t + eos for t in texts[start : start + batch_size]]
+            batch = tokenizer(
+                chunk,
+                return_tensors="pt",
+                padding=True,
+                padding_side="right",
+                truncation=max_length is not None,
+                max_length=max_length,
+                add_special_tokens=False,
+            ).to(device)
+            rewards.append(score(model, batch["input_ids"], batch["attention_mask"]).float().cpu())
+    return torch.cat(rewards) if rewards else torch.empty(0)

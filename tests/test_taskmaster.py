@@ -1,0 +1,168 @@
+"""Taskmaster thumbs up/down loader: shipped coffee file, other layouts, malformed rows, splits."""
+
+import gzip
+import json
+
+import pytest
+
+from perl_plugins.data import taskmaster as tm
+from perl_plugins.data.taskmaster import DatasetFormatError
+
+
+@pytest.fixture(scope="module")
+def coffee() -> list[tm.FeedbackRow]:
+    return tm.load_feedback()
+
+
+GOOD = {
+    "conversation_id": "dlg-a",
+    "context": json.dumps(
+        [
+            {"role": "user", "text": "one latte\nplease "},
+            {"role": "agent", "api": {"get_menu_items": {"query": "latte"}}},
+            {"role": "api", "response": {"get_menu_items": {"items": []}}},
+        ]
+    ),
+    "generation": json.dumps({"role": "agent", "text": "Sorry, no latte."}),
+    "reward": 0.0,
+}
+GOOD_PROMPT = (
+    "User: one latte please\n"
+    'Agent: API call: {"get_menu_items": {"query": "latte"}}\n'
+    'API response: {"get_menu_items": {"items": []}}\n'
+    "Agent:"
+)
+
+
+def test_shipped_file(coffee):
+    assert len(coffee) == 3228
+    assert 0.85 < sum(r.label for r in coffee) / len(coffee) < 0.87
+    assert {r.label for r in coffee} == {0, 1}
+    assert all(r.prompt == "Agent:" or r.prompt.endswith("\nAgent:") for r in coffee)
+    assert all(r.completion.startswith(" ") for r in coffee)
+    api_call = coffee[1]
+    assert api_call.prompt.splitlines()[1] == "User: can i get an espresso please"
+    assert api_call.prompt.splitlines()[3].startswith('API response: {"get_menu_items": ')
+    assert api_call.completion == (
+        ' API call: {"add_order_item": {"menu_item_id": "espresso-0001", "quantity": "1"}}'
+    )
+
+
+def test_render_turn():
+    assert tm.render_turn({"role": "user", "text": " a\n b "}) == "User: a b"
+    assert tm.render_turn({"role": "agent", "text": "ok"}) == "Agent: ok"
+    api_call = tm.render_turn({"role": "agent", "api": {"f": {"x": 1}}})
+    assert api_call == 'Agent: API call: {"f": {"x": 1}}'
+    assert tm.render_turn({"role": "api", "response": {"f": []}}) == 'API response: {"f": []}'
+    for bad in ({"role": "api", "text": "x"}, {"role": "user"}, ["user", "hi"]):
+        with pytest.raises(ValueError):
+            tm.render_turn(bad)
+
+
+def test_pairs_and_pointwise(coffee):
+    pairs = tm.preference_pairs(coffee)
+    assert pairs.column_names == ["prompt", "chosen", "rejected"]
+    assert len(pairs) == 617 and len(set(pairs["prompt"])) == 220
+    labels = {(r.prompt, r.completion): r.label for r in coffee}
+    assert all(labels[p, c] == 1 and labels[p, x] == 0 for p, c, x in zip(*pairs[:].values()))
+
+    points = tm.pointwise(coffee[:5])
+    assert points.column_names == ["prompt", "completion", "label"]
+    assert points[0] == {"prompt": coffee[0].prompt, "completion": coffee[0].completion, "label": 1}
+    assert len(tm.preference_pairs([])) == 0
+
+
+def test_other_layouts(tmp_path):
+    decoded = {**GOOD, "context": json.loads(GOOD["context"]), "reward": 1}
+    (tmp_path / "array.json").write_text(json.dumps([GOOD, decoded], indent=2))
+    (tmp_path / "rows.jsonl").write_text(json.dumps(GOOD) + "\n\n" + json.dumps(decoded) + "\n")
+    with gzip.open(tmp_path / "array.gz", "wt") as f:  # gzip is detected from content, not name
+        json.dump([GOOD, decoded], f)
+    for name in ("array.json", "rows.jsonl", "array.gz"):
+        rows = tm.load_feedback(tmp_path / name)
+        assert [r.label for r in rows] == [0, 1]
+        assert rows[0] == tm.FeedbackRow("dlg-a", GOOD_PROMPT, " Sorry, no latte.", 0)
+        assert rows[1].prompt == GOOD_PROMPT
+
+
+@pytest.mark.parametrize(
+    "row, problem",
+    [
+        ('{"conversation_id": "x", ', "invalid JSON"),
+        (json.dumps(["not", "an", "object"]), "expected a JSON object"),
+        (json.dumps({k: v for k, v in GOOD.items() if k != "reward"}), "missing key(s): reward"),
+        (json.dumps({**GOOD, "reward": 0.5}), "reward must be 0 or 1"),
+        (json.dumps({**GOOD, "reward": "1"}), "reward must be 0 or 1"),
+        (json.dumps({**GOOD, "conversation_id": 7}), "conversation_id must be"),
+        (json.dumps({**GOOD, "context": "{}"}), "context must be a JSON list"),
+        (json.dumps({**GOOD, "context": "[{"}), "context is not valid JSON"),
+        (
+            json.dumps({**GOOD, "context": [{"role": "robot", "text": "hi"}]}),
+            "context turn 1: unsupported turn",
+        ),
+        (
+            json.dumps({**GOOD, "generation": {"role": "user", "text": "hi"}}),
+            "generation must be an agent turn",
+        ),
+    ],
+)
+def test_malformed_row_names_file_and_row(tmp_path, row, problem):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(f"{json.dumps(GOOD)}\n{json.dumps(GOOD)}\n{row}\n")
+    with pytest.raises(DatasetFormatError) as err:
+        tm.load_feedback(path)
+    assert str(err.value).startswith(f"{path}: row 3: ")
+    assert problem in str(err.value)
+
+
+def test_malformed_files(tmp_path):
+    array = tmp_path / "bad.json"
+    array.write_text(json.dumps([GOOD, {**GOOD, "reward": 2}]))
+    with pytest.raises(DatasetFormatError, match=r"bad\.json: row 2: reward must be 0 or 1"):
+        tm.load_feedback(array)
+    array.write_text("[" + json.dumps(GOOD) + ",\n{")
+    with pytest.raises(DatasetFormatError, match=r"bad\.json: invalid JSON array at line 2"):
+        tm.load_feedback(array)
+    array.write_text("\n")
+    with pytest.raises(DatasetFormatError, match="no rows"):
+        tm.load_feedback(array)
+    assert issubclass(DatasetFormatError, ValueError)
+
+
+def test_split_ids_deterministic_and_disjoint():
+    ids = [f"dlg-{i}" for i in range(2000)]
+    train, test = tm.split_ids(ids, test_fraction=0.2, seed=3)
+    assert not set(train) & set(test) and set(train) | set(test) == set(ids)
+    assert 0.15 < len(test) / len(ids) < 0.25
+    train_rev, test_rev = tm.split_ids(reversed(ids), test_fraction=0.2, seed=3)
+    assert set(test_rev) == set(test) and set(train_rev) == set(train)
+    assert set(tm.split_ids(ids, test_fraction=0.2, seed=4)[1]) != set(test)
+    assert tm.split_ids(ids, test_fraction=0.0)[1] == [] and tm.split_ids(ids, 1.0)[0] == []
+    with pytest.raises(ValueError):
+        tm.split_ids(ids, test_fraction=1.5)
+
+
+def test_load_splits(coffee):
+    splits = tm.load_splits()
+    train, test = splits["train"], splits["test"]
+    assert len(train) + len(test) == len(coffee)
+    assert 0.05 < len(test) / len(coffee) < 0.15
+    assert not {r.conversation_id for r in train} & {r.conversation_id for r in test}
+    # The coffee file repeats contexts under new ids; they must not straddle the split.
+    assert not {r.prompt for r in train} & {r.prompt for r in test}
+    assert tm.load_splits() == splits
+    assert tm.load_splits(seed=1)["test"] != test
+
+
+def test_load_dialog_texts(tmp_path):
+    texts = tm.load_dialog_texts()
+    assert len(texts) == 3710
+    assert texts[0].splitlines()[:2] == [
+        "User: one Chai Latte please",
+        "Agent: is the order displayed correct and ready to send off to be made?",
+    ]
+    assert all(line.startswith(("User: ", "Agent: ")) for t in texts for line in t.splitlines())
+    bad = tmp_path / "dialogs.jsonl"
+    bad.write_text(json.dumps({"utterances": [{"speaker": "narrator", "text": "x"}]}) + "\n")
+    with pytest.raises(DatasetFormatError, match=r"dialogs\.jsonl: row 1: utterance 1"):
+        tm.load_dialog_texts(bad)
