@@ -28,13 +28,26 @@ def _plugins_field() -> tuple[str, Any, dataclasses.Field]:
     )
 
 
-def _attach_kwargs(self) -> tuple[list[Any], dict[str, Any]]:
-    """The ``(plugins, options)`` to pass to :func:`perl_plugins.attach` (options of enabled plugins only)."""
+def _shared_option_names() -> set[str]:
+    """Options that trl's ``ModelConfig`` already declares with the same meaning (``--lora_r``...):
+    they are left out of ``PluginArguments`` so both can sit in one parser."""
+    from trl import ModelConfig
+
+    return {f.name for f in dataclasses.fields(ModelConfig)}
+
+
+def _attach_kwargs(self, *other_args: Any) -> tuple[list[Any], dict[str, Any]]:
+    """The ``(plugins, options)`` to pass to :func:`perl_plugins.attach`: options of the enabled
+    plugins, read from this object or, for shared names, from ``other_args`` (e.g. trl's
+    ``ModelConfig``); an option found nowhere keeps its plugin's default."""
     names = split_names(self.plugins)
-    enabled = {name: None for name in names if isinstance(name, str)}
-    plugin_set = PluginSet.from_names(list(enabled))
-    owners = plugin_set.option_fields()
-    options = {key: getattr(self, key) for key in owners}
+    plugin_set = PluginSet.from_names([n for n in names if isinstance(n, str)])
+    options = {}
+    for key in plugin_set.option_fields():
+        for source in (self, *other_args):
+            if hasattr(source, key):
+                options[key] = getattr(source, key)
+                break
     return names, options
 
 
@@ -43,7 +56,7 @@ def make_plugin_arguments(extra_plugins: str | Sequence[str] | None = None) -> t
     ``extra_plugins`` (local plugin files, whose options are not known until they are named)."""
     names = list(installed_plugins()) + [n for n in split_names(extra_plugins or []) if isinstance(n, str)]
     fields = [_plugins_field()]
-    seen = {"plugins"}
+    seen = {"plugins"} | _shared_option_names()
     for name in dict.fromkeys(names):
         try:
             plugin_set = PluginSet.from_names([name])

@@ -163,17 +163,13 @@ def atomic_checkpoint_dir(
 def library_versions() -> dict[str, str]:
     """Versions of Python and the installed libraries a checkpoint depends on."""
     versions = {"python": platform.python_version()}
-    for key, dist in (
-        ("torch", "torch"),
-        ("transformers", "transformers"),
-        ("trl", "trl"),
-        ("peft", "peft"),
-        ("accelerate", "accelerate"),
-        ("safetensors", "safetensors"),
-        ("perl_plugins", "perl-plugins"),
-    ):
+    for dist in ("torch", "transformers", "trl", "peft", "accelerate", "safetensors"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            versions[key] = importlib.metadata.version(dist)
+            versions[dist] = importlib.metadata.version(dist)
+    # From the package itself: a source checkout need not be pip-installed.
+    own_version = getattr(sys.modules.get("perl_plugins"), "__version__", None)
+    if own_version:
+        versions["perl_plugins"] = own_version
     return versions
 
 

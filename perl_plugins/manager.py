@@ -20,7 +20,9 @@ class PluginSet:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.plugins = list(plugins)
-        for plugin in self.plugins:
+        # pluggy calls the last registered plugin first: register in reverse so that hooks run
+        # (and chain, and firstresult hooks pick) in the order the plugins were given.
+        for plugin in reversed(self.plugins):
             if self.pm.has_plugin(plugin.name):
                 raise PluginLoadError(f"Plugin {plugin.name!r} was given twice.")
             try:

@@ -103,9 +103,12 @@ def _load_file(path: Path) -> LoadedPlugin:
         return LoadedPlugin(path.stem, f"file ({path})", sys.modules[module_name])
     spec = importlib.util.spec_from_file_location(module_name, path)
     module: ModuleType = importlib.util.module_from_spec(spec)
+    # Registered before executing, as importlib does: dataclasses (string annotations) and
+    # typing.get_type_hints look the module up in sys.modules while its body runs.
+    sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
+        del sys.modules[module_name]
         raise PluginLoadError(f"Local plugin file {str(path)!r} failed to import: {exc!r}") from exc
-    sys.modules[module_name] = module
     return LoadedPlugin(path.stem, f"file ({path})", module)

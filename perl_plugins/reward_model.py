@@ -132,7 +132,10 @@ def check_reward_adapter(model: nn.Module, path: str | Path) -> dict[str, Any]:
     if not (path / "adapter_model.safetensors").is_file():
         raise RewardAdapterError(f"{path} is not a reward adapter directory (no adapter_model.safetensors).")
     spec_file = path / HEAD_SPEC_FILE
-    spec = json.loads(spec_file.read_text()) if spec_file.is_file() else {"head": _adapter_head_kind(path)}
+    spec = json.loads(spec_file.read_text()) if spec_file.is_file() else {}
+    stored = _adapter_head_kind(path)
+    if spec.setdefault("head", stored) != stored:
+        raise RewardAdapterError(f"{path}: {HEAD_SPEC_FILE} says a {spec['head']} head, the weights hold a {stored} one.")
     expected = spec.get("base")
     if expected is not None:
         actual = base_description(model)

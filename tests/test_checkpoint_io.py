@@ -365,4 +365,4 @@ def test_prune_spares_save_in_flight(tmp_path):
 def test_library_versions():
     versions = library_versions()
     assert versions["torch"].split("+")[0] == torch.__version__.split("+")[0]
-    assert {"python", "transformers", "trl", "peft", "safetensors"} <= versions.keys()
+    assert {"python", "transformers", "trl", "peft", "accelerate", "safetensors", "perl_plugins"} <= versions.keys()

@@ -228,6 +228,11 @@ def perl_check_trainer(trainer: Any, options: dict[str, Any]) -> None:
         raise PluginIncompatibleError(
             "grm: pointwise rows need a 'prompt_len' column to mask prompts (perl_plugins.pointwise.tokenize_pointwise adds it)."
         )
+    if opts.grm_head == "mlp" and hasattr(trainer.model, "peft_config"):
+        raise PluginIncompatibleError(
+            "grm_head='mlp' must be created before LoRA wraps the model (peft would not save it with the "
+            "adapter): build the trainer without peft_config and add the 'lora' plugin, or use grm_head='linear'."
+        )
     find_lm_head(trainer.model)  # refuse a model without any LM head before training
 
 

@@ -28,14 +28,15 @@ ROLE_NAMES = ("policy", "reference", "reward")
 
 @dataclass
 class LoraOptions:
+    # rank/alpha/dropout/targets share trl ModelConfig's flag names and meaning (--lora_r ...).
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (PERL's ranks are unverified; GRM used 32)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (effective scale alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
-    lora_target_modules: str = field(
-        default="auto",
+    lora_target_modules: list[str] | None = field(
+        default=None,
         metadata={
-            "help": "Comma-separated module names to adapt, or 'auto' for every linear projection inside "
-            "the attention blocks (q/k/v/o on Llama)."
+            "help": "Module names to adapt; default: every linear projection inside the attention blocks "
+            "(q/k/v/o on Llama)."
         },
     )
     lora_roles: str = field(
@@ -79,11 +80,7 @@ def lora_config(model: nn.Module, options: LoraOptions) -> Any:
     """The ``peft.LoraConfig`` this plugin applies to ``model`` (also used by the CLI and recipes)."""
     from peft import LoraConfig, TaskType
 
-    targets = (
-        attention_projections(model)
-        if options.lora_target_modules == "auto"
-        else [t.strip() for t in options.lora_target_modules.split(",") if t.strip()]
-    )
+    targets = options.lora_target_modules or attention_projections(model)
     is_classifier = model.__class__.__name__.endswith("ForSequenceClassification")
     return LoraConfig(
         r=options.lora_r,
@@ -166,7 +163,7 @@ def perl_check_trainer(trainer: Any, options: dict[str, Any]) -> None:
         raise PluginIncompatibleError("lora: all AdapterReward functions must use the same reward adapter.")
     for reward in rewards:  # refuse a reward adapter from another base before anything changes
         check_reward_adapter(model, reward.path)
-    if opts.lora_target_modules == "auto" and not hasattr(model, "peft_config"):
+    if not opts.lora_target_modules and not hasattr(model, "peft_config"):
         attention_projections(model)
 
 

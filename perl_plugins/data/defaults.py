@@ -1,0 +1,64 @@
+"""The default training data of each command when no dataset is named: the shipped Taskmaster
+coffee feedback (CC BY 4.0, see ATTRIBUTION.md), split by conversation, in the format each trl
+trainer expects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+
+from . import taskmaster
+
+FORMATS = {
+    "sft": "prompt/completion (thumbs-up rows)",
+    "reward": "prompt/completion/label (pointwise) or prompt/chosen/rejected (pairs)",
+    "dpo": "prompt/chosen/rejected",
+    "kto": "prompt/completion/label (bool)",
+    "grpo": "prompt",
+    "rloo": "prompt",
+}
+
+
+def trim_context(prompt: str, turns: int | None) -> str:
+    """Keep the last ``turns`` rendered context lines (plus the final ``Agent:`` cue): small models
+    on CPU cannot afford whole dialogs, and the latest turns decide the reply."""
+    if not turns:
+        return prompt
+    lines = prompt.split("\n")
+    return "\n".join(lines[-(turns + 1) :])
+
+
+def _rows(split: list[taskmaster.FeedbackRow], turns: int | None) -> list[taskmaster.FeedbackRow]:
+    return [
+        taskmaster.FeedbackRow(r.conversation_id, trim_context(r.prompt, turns), r.completion, r.label) for r in split
+    ]
+
+
+def default_dataset(
+    command: str,
+    path: str | Path | None = None,
+    context_turns: int | None = 4,
+    feedback: str = "pointwise",
+    seed: int = 0,
+) -> datasets.DatasetDict:
+    """``DatasetDict(train=..., test=...)`` for ``command`` from a Taskmaster feedback file."""
+    if command not in FORMATS:
+        raise ValueError(f"No default dataset for {command!r}; commands: {sorted(FORMATS)}.")
+    splits = taskmaster.load_splits(path, seed=seed)
+    out = {}
+    for name, split in splits.items():
+        rows = _rows(split, context_turns)
+        if command == "sft":
+            ds = taskmaster.pointwise([r for r in rows if r.label]).remove_columns("label")
+        elif command == "dpo" or (command == "reward" and feedback == "pairs"):
+            ds = taskmaster.preference_pairs(rows)
+        elif command == "reward":
+            ds = taskmaster.pointwise(rows)
+        elif command == "kto":
+            ds = taskmaster.pointwise(rows)
+            ds = ds.cast_column("label", datasets.Value("bool"))
+        else:  # RL: distinct prompts
+            ds = datasets.Dataset.from_dict({"prompt": list(dict.fromkeys(r.prompt for r in rows))})
+        out[name] = ds
+    return datasets.DatasetDict(out)

@@ -1,0 +1,194 @@
+"""``perl-plugins {sft,reward,dpo,kto,grpo,rloo}``: trl's trainers from the command line, with
+plugins. Flags are trl's own (its config dataclass, ``ScriptArguments``, ``ModelConfig``) plus
+``--plugins`` and the enabled plugins' options, from flags or ``--config x.yaml``. Without a model
+the embedded default is used; without a dataset, the shipped Taskmaster coffee feedback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TRAINERS = {
+    "sft": ("SFTTrainer", "SFTConfig"),
+    "reward": ("RewardTrainer", "RewardConfig"),
+    "dpo": ("DPOTrainer", "DPOConfig"),
+    "kto": ("KTOTrainer", "KTOConfig"),
+    "grpo": ("GRPOTrainer", "GRPOConfig"),
+    "rloo": ("RLOOTrainer", "RLOOConfig"),
+}
+
+
+def _script_arguments() -> type:
+    from trl import ScriptArguments
+
+    @dataclass
+    class PerlScriptArguments(ScriptArguments):
+        taskmaster_file: str | None = field(
+            default=None,
+            metadata={"help": "Taskmaster thumbs up/down file used when no dataset_name is given (default: the "
+                      "shipped coffee feedback, CC BY 4.0)."},
+        )
+        context_turns: int = field(
+            default=4, metadata={"help": "Default data: keep the last N dialog turns of each context (0: all)."}
+        )
+        feedback: str = field(
+            default="pointwise",
+            metadata={"help": "reward on default data: 'pointwise' thumbs up/down (BCE) or 'pairs' (Bradley-Terry)."},
+        )
+        model_size: str = field(
+            default="demo", metadata={"help": "Embedded default model size when no model_name_or_path is given."}
+        )
+        reward_adapter: str | None = field(
+            default=None,
+            metadata={"help": "grpo/rloo: a LoRA reward adapter directory scored on the policy's own base "
+                      "(needs --plugins lora)."},
+        )
+        reward_model_name_or_path: str | None = field(
+            default=None, metadata={"help": "grpo/rloo: a separate sequence-classification reward model."}
+        )
+        max_train_samples: int | None = field(default=None, metadata={"help": "Use at most N training rows."})
+        max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most N evaluation rows."})
+
+    return PerlScriptArguments
+
+
+def _plugins_requested(argv: Sequence[str]) -> str | None:
+    """``--plugins`` from the flags or the YAML config, read before parsing: local plugin files
+    add their own flags to the parser."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg == "--plugins" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--plugins="):
+            return arg.split("=", 1)[1]
+    if "--config" in argv:
+        config = yaml.safe_load(Path(argv[argv.index("--config") + 1]).read_text()) or {}
+        return config.get("plugins")
+    return None
+
+
+def parse(command: str, argv: Sequence[str]) -> tuple[Any, ...]:
+    """Parse ``argv`` into (script_args, training_args, model_args, plugin_args)."""
+    import trl
+
+    from .arguments import make_plugin_arguments
+
+    config_cls = getattr(trl, TRAINERS[command][1])
+    plugin_args_cls = make_plugin_arguments(_plugins_requested(argv))
+    parser = trl.TrlParser(
+        (_script_arguments(), config_cls, trl.ModelConfig, plugin_args_cls), prog=f"perl-plugins {command}"
+    )
+    return parser.parse_args_and_config(list(argv))
+
+
+def _datasets(command: str, script_args: Any) -> Any:
+    from datasets import load_dataset
+
+    from .data.defaults import default_dataset
+
+    if script_args.dataset_name:
+        data = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
+        train, test = data[script_args.dataset_train_split], data.get(script_args.dataset_test_split)
+    else:
+        data = default_dataset(command, script_args.taskmaster_file, script_args.context_turns, script_args.feedback)
+        train, test = data["train"], data["test"]
+    if script_args.max_train_samples:
+        train = train.select(range(min(len(train), script_args.max_train_samples)))
+    if test is not None and script_args.max_eval_samples:
+        test = test.select(range(min(len(test), script_args.max_eval_samples)))
+    return train, test
+
+
+def _reward_funcs(script_args: Any) -> list[Any]:
+    from .plugins.lora import AdapterReward
+
+    funcs: list[Any] = []
+    if script_args.reward_adapter:
+        funcs.append(AdapterReward(script_args.reward_adapter))
+    if script_args.reward_model_name_or_path:
+        funcs.append(script_args.reward_model_name_or_path)
+    if not funcs:
+        raise SystemExit("grpo/rloo need --reward_adapter DIR (with --plugins lora) or --reward_model_name_or_path.")
+    return funcs
+
+
+def build_trainer(command: str, script_args: Any, training_args: Any, model_args: Any, plugin_args: Any) -> Any:
+    """The stock trl (or transformers, for pointwise rewards) trainer with plugins attached."""
+    import trl
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import attach
+    from .embedded import resolve_model
+    from .plugins.lora import LoraOptions, lora_config
+    from .pointwise import pointwise_trainer, reward_classifier
+
+    model_path = resolve_model(model_args.model_name_or_path, script_args.model_size)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train, test = _datasets(command, script_args)
+    if training_args.eval_strategy == "no":
+        test = None
+    plugins, options = plugin_args.attach_kwargs(model_args)
+    uses_lora = "lora" in plugins
+
+    if command == "reward":
+        model = reward_classifier(model_path)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_path)
+    # With lora on a policy trainer, build it on a peft model straight away: trl then never loads a
+    # reference copy. Reward models are wrapped by the plugin, after grm has given them their head.
+    peft_config = trl.get_peft_config(model_args)
+    if peft_config is None and uses_lora and command != "reward":
+        lora_options = {k: v for k, v in options.items() if k in {f.name for f in dataclasses.fields(LoraOptions)}}
+        peft_config = lora_config(model, LoraOptions(**lora_options))
+
+    if command == "reward" and "label" in train.column_names:
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        max_length = getattr(training_args, "max_length", None)
+        trainer = pointwise_trainer(model, tokenizer, training_args, train, test, max_length=max_length)
+    else:
+        trainer_cls = getattr(trl, TRAINERS[command][0])
+        kwargs: dict[str, Any] = {"peft_config": peft_config}
+        if command in ("grpo", "rloo"):
+            kwargs["reward_funcs"] = _reward_funcs(script_args)
+        trainer = trainer_cls(
+            model=model, args=training_args, train_dataset=train, eval_dataset=test, processing_class=tokenizer, **kwargs
+        )
+    return attach(trainer, plugins=plugins, **options)
+
+
+def save_outputs(command: str, trainer: Any) -> dict[str, Any]:
+    """Save the trained model (a reward adapter keeps its head spec) and return final metrics."""
+    from .reward_model import save_reward_adapter
+
+    output_dir = trainer.args.output_dir
+    if command == "reward" and hasattr(trainer.model, "peft_config"):
+        save_reward_adapter(trainer.model, output_dir, trainer.model.active_adapter)
+    else:
+        trainer.save_model(output_dir)
+    metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    Path(output_dir, "final_metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def run(command: str, argv: Sequence[str]) -> dict[str, Any]:
+    """Parse, build, train, save; returns the final evaluation metrics (empty without eval data)."""
+    script_args, training_args, model_args, plugin_args = parse(command, argv)
+    trainer = build_trainer(command, script_args, training_args, model_args, plugin_args)
+    resume = training_args.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
+    metrics = save_outputs(command, trainer)
+    print(json.dumps({"command": command, "output_dir": training_args.output_dir, "metrics": metrics}), file=sys.stdout)
+    return metrics
