@@ -80,4 +80,20 @@ def make_plugin_arguments(extra_plugins: str | Sequence[str] | None = None) -> t
     return dataclasses.make_dataclass("PluginArguments", fields, namespace={"attach_kwargs": _attach_kwargs})
 
 
-PluginArguments = make_plugin_arguments()
+def __getattr__(name: str) -> Any:
+    # Built on first use: it imports every installed plugin to collect their options.
+    if name == "PluginArguments":
+        globals()["PluginArguments"] = make_plugin_arguments()
+        return globals()["PluginArguments"]
+    raise AttributeError(name)
+
+
+def options_for(plugins: str | Sequence[Any], options: dict[str, Any] | str | None) -> dict[str, Any]:
+    """The subset of ``options`` (a dict or a JSON object string) that ``plugins`` declare: lets a
+    recipe share one option table between stages that enable different plugins."""
+    import json
+
+    if isinstance(options, str):
+        options = json.loads(options or "{}")
+    owned = PluginSet.from_names(plugins).option_fields()
+    return {key: value for key, value in (options or {}).items() if key in owned}

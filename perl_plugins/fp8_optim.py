@@ -33,7 +33,6 @@ from itertools import chain
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["FP8AdamW", "describe"]
@@ -70,11 +69,6 @@ def _store(dst: Tensor, ok: Tensor, new: Tensor) -> None:
     dst.copy_(torch.where(ok, new, dst.float()))
 
 
-def _blocks(x: Tensor) -> Tensor:
-    """View a flat tensor as (blocks, BLOCK), zero-padding the last block."""
-    return F.pad(x, (0, -x.numel() % BLOCK)).view(-1, BLOCK)
-
-
 def _adamw_update(
     p: Tensor,
     g: Tensor,
@@ -100,8 +94,8 @@ def _adamw_update(
         m32, v32 = m.float() / m_scale, v.float() / v_scale
     else:
         m32 = m.float() / m_scale
-        r = _blocks(v.float()) / v_scale[:, None]
-        v32 = (r * r).flatten()[: v.numel()]
+        r = v.float().view(-1, BLOCK) / v_scale[:, None]
+        v32 = (r * r).view(-1)
     w32 = p.float() if w is None else w.float() / w_scale
 
     m_new = b1 * m32 + (1 - b1) * g32
@@ -122,11 +116,11 @@ def _adamw_update(
             new_v_scale = _pow2_scale(v_amax, FP16_MAX, v_scale)
             v_q = _scaled(v_new, new_v_scale, FP16_MAX, FP16_TINY)
         else:
-            r_new = _blocks(torch.sqrt(v_new))
+            r_new = torch.sqrt(v_new).view(-1, BLOCK)
             r_amax = r_new.amax(dim=1)
             ok = ok & torch.isfinite(r_amax).all()
             new_v_scale = _pow2_scale(r_amax, E4M3_MAX, v_scale)
-            v_q = _scaled(r_new, new_v_scale[:, None], E4M3_MAX, E4M3_TINY).flatten()[: v.numel()]
+            v_q = _scaled(r_new, new_v_scale[:, None], E4M3_MAX, E4M3_TINY).view(-1)
         _store(m, ok, _scaled(m_new, new_m_scale, E4M3_MAX))
         _store(m_scale, ok, new_m_scale)
         _store(v, ok, v_q)
@@ -223,10 +217,10 @@ class FP8AdamW(torch.optim.Optimizer):
         if n < self.min_numel:
             return {"exp_avg": ((n,), torch.float32), "exp_avg_sq": ((n,), torch.float32)}
         layout = {"exp_avg": ((n,), E4M3), "exp_avg_scale": ((), torch.float32)}
-        if self.second_moment == "fp16":
+        if self.second_moment == "fp16" or n % BLOCK:
             layout |= {"exp_avg_sq": ((n,), torch.float16), "exp_avg_sq_scale": ((), torch.float32)}
         else:
-            layout |= {"exp_avg_sq": ((n,), E4M3), "exp_avg_sq_scale": ((math.ceil(n / BLOCK),), torch.float32)}
+            layout |= {"exp_avg_sq": ((n,), E4M3), "exp_avg_sq_scale": ((n // BLOCK,), torch.float32)}
         if self.master_weights and p.dtype in _HALF:
             layout |= {"master": ((n,), torch.float16), "master_scale": ((), torch.float32)}
         return layout

@@ -32,7 +32,8 @@ class PluginSet:
         try:  # a misspelled hook name must not be ignored in silence
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
-            raise PluginLoadError(f"Plugin {exc.plugin_name!r} implements an unknown hook: {exc}") from exc
+            name = self.pm.get_name(exc.plugin)
+            raise PluginLoadError(f"Plugin {name!r} implements an unknown hook: {exc}") from exc
         self.option_classes = self._collect_option_classes()
         self.options: dict[str, Any] = {}
 

@@ -58,7 +58,10 @@ def split_names(plugins: str | Sequence[Any] | None) -> list[Any]:
         plugins = os.environ.get(ENV_DEFAULT, "")
     if isinstance(plugins, str):
         plugins = plugins.split(",")
-    names = [p.strip() if isinstance(p, str) else p for p in plugins]
+    elif isinstance(plugins, os.PathLike):
+        plugins = [plugins]
+    # Paths (pathlib) name local plugin files just like strings do.
+    names = [os.fspath(p).strip() if isinstance(p, (str, os.PathLike)) else p for p in plugins]
     names = [p for p in names if p != ""]
     disabled = {n.strip() for n in os.environ.get(ENV_DISABLE, "").split(",") if n.strip()}
     return [p for p in names if not (isinstance(p, str) and _short_name(p) in disabled)]

@@ -1,0 +1,130 @@
+"""``perl-plugins export CKPT --out DIR [--merge]``: an ``adapter_ckpt`` checkpoint as a clean peft
+adapter directory (``PeftModel.from_pretrained``, heads included) or, with ``--merge``, a standalone
+model directory (``AutoModel*.from_pretrained``) with the adapter merged into the base weights.
+
+The checkpoint is verified first (sha256 of every file). ``--merge`` loads the base from
+``--base`` (default: the path the base was loaded from when training) and refuses a base whose
+fingerprint differs from the one the checkpoint records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .checkpoint_io import CheckpointError, verify_checkpoint
+from .plugins.adapter_ckpt import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    ADAPTERS_DIR,
+    TOKENIZER_DIR,
+    check_base,
+    read_model_state,
+)
+
+
+class ExportError(ValueError):
+    """A checkpoint that cannot be exported in the requested form."""
+
+
+def _pick_adapter(manifest: dict[str, Any], adapter: str | None) -> str | None:
+    model = manifest["model"]
+    available = list(model["adapters"])
+    if adapter is None:
+        return model["active_adapter"]
+    if adapter not in available:
+        raise ExportError(f"The checkpoint has no adapter {adapter!r}; it has {available or 'none'}.")
+    return adapter
+
+
+def export_adapter(checkpoint: Path, out: Path, manifest: dict[str, Any], adapter: str | None = None) -> Path:
+    """Copy one adapter (LoRA weights + ``modules_to_save`` heads) and the tokenizer, if saved."""
+    name = _pick_adapter(manifest, adapter)
+    if name is None:
+        raise ExportError(f"{checkpoint} holds no peft adapter (full fine-tuning): export it with --merge.")
+    if manifest["model"]["trainable_tensors"]:
+        raise ExportError(
+            f"{checkpoint} also trained tensors outside the adapter ({manifest['model']['trainable_tensors'][:3]}...), "
+            "which a peft adapter directory cannot hold: export it with --merge."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    for file in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+        shutil.copyfile(checkpoint / ADAPTERS_DIR / name / file, out / file)
+    _copy_tokenizer(checkpoint, out)
+    return out
+
+
+def build_model(checkpoint: Path, manifest: dict[str, Any], base: str | None = None, adapter: str | None = None) -> Any:
+    """The base model with the checkpoint's (chosen) adapter and trainable tensors loaded, checked
+    against the recorded base fingerprint."""
+    import transformers
+    from peft import PeftConfig, get_peft_model
+    from transformers import AutoConfig
+
+    recorded = manifest["model"]
+    base = base or recorded["base"]
+    if not base:
+        raise ExportError(f"{checkpoint} was trained on a model built in memory: pass --base with its weights.")
+    config_dict = dict(recorded["config"])
+    config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    model = getattr(transformers, recorded["class"]).from_pretrained(base, config=config)
+    name = _pick_adapter(manifest, adapter)
+    if name is not None:
+        peft_config = PeftConfig.from_pretrained(str(checkpoint / ADAPTERS_DIR / name))
+        model = get_peft_model(model, peft_config, adapter_name=name)
+    check_base(model, checkpoint, manifest)
+    read_model_state(model, checkpoint, strict=False)
+    return model
+
+
+def export_merged(
+    checkpoint: Path, out: Path, manifest: dict[str, Any], base: str | None = None, adapter: str | None = None
+) -> Path:
+    """Save the base with the adapter merged in (and trainable tensors loaded) as a plain model."""
+    model = build_model(checkpoint, manifest, base, adapter)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.save_pretrained(str(out))
+    _copy_tokenizer(checkpoint, out)
+    return out
+
+
+def _copy_tokenizer(checkpoint: Path, out: Path) -> None:
+    if (checkpoint / TOKENIZER_DIR).is_dir():
+        shutil.copytree(checkpoint / TOKENIZER_DIR, out, dirs_exist_ok=True)
+
+
+def export(
+    checkpoint: str | Path, out: str | Path, *, merge: bool = False, base: str | None = None, adapter: str | None = None
+) -> Path:
+    """Verify ``checkpoint`` and export it to ``out`` (see the module docstring)."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    manifest = verify_checkpoint(checkpoint)
+    if "model" not in manifest:
+        raise ExportError(f"{checkpoint} was not written by the adapter_ckpt plugin (no model record in its manifest).")
+    if merge:
+        return export_merged(checkpoint, out, manifest, base, adapter)
+    return export_adapter(checkpoint, out, manifest, adapter)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="perl-plugins export", description="Export an adapter_ckpt checkpoint as a peft adapter or a merged model."
+    )
+    parser.add_argument("checkpoint", help="a checkpoint-<step> directory written with --plugins adapter_ckpt")
+    parser.add_argument("--out", required=True, help="directory to write")
+    parser.add_argument("--merge", action="store_true", help="merge the adapter into the base: a standalone model")
+    parser.add_argument("--base", default=None, help="--merge: base model path or hub id (default: the training base)")
+    parser.add_argument("--adapter", default=None, help="adapter to export (default: the one being trained)")
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        path = export(args.checkpoint, args.out, merge=args.merge, base=args.base, adapter=args.adapter)
+    except (CheckpointError, ExportError, OSError) as exc:
+        print(f"perl-plugins export: error: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0

@@ -1,0 +1,349 @@
+"""``adapter_ckpt``: checkpoints that hold only what trains, written atomically and verified on resume.
+
+Each ``checkpoint-<step>`` holds every adapter of a peft model (policy, frozen reward, ...) with
+its ``modules_to_save`` heads, any other trainable parameter, the optimizer (its own dtypes, e.g.
+FP8 states), scheduler, RNG state of every process and ``trainer_state.json``, under the stock file
+names so that the stock ``--resume_from_checkpoint`` restores optimizer, scheduler, RNG and state
+itself; this plugin only replaces the model-weights part. The directory is written under a temp
+name, fsynced, given a manifest (sha256 of every file, base-model fingerprint, plugins, versions)
+and renamed, so a crash never leaves a directory that passes as complete. Layout::
+
+    checkpoint-<step>/
+      adapters/<name>/adapter_model.safetensors, adapter_config.json   # one per peft adapter
+      trainable.safetensors          # other trainable parameters (full fine-tuning, unfrozen heads)
+      optimizer.pt  scheduler.pt  rng_state.pth | rng_state_<rank>.pth  trainer_state.json
+      tokenizer/                     # only with adapter_ckpt_save_tokenizer
+      perl_manifest.json             # written last
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from perl_plugins import hookimpl
+from perl_plugins.attach import trainer_family
+from perl_plugins.checkpoint_io import (
+    BaseMismatchError,
+    CheckpointError,
+    MissingFileError,
+    atomic_checkpoint_dir,
+    base_fingerprint,
+    library_versions,
+    load_tensors,
+    prune_checkpoints,
+    save_rng_state,
+    save_tensors,
+    verify_checkpoint,
+)
+from perl_plugins.errors import PluginIncompatibleError
+
+ADAPTERS_DIR = "adapters"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+TRAINABLE_FILE = "trainable.safetensors"
+TOKENIZER_DIR = "tokenizer"
+TRAINER_STATE = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME
+_PEFT_PREFIX = "base_model.model."
+_PEFT_WRAPPERS = {"base_layer", "original_module"}
+
+
+@dataclass
+class AdapterCkptOptions:
+    adapter_ckpt_save_tokenizer: bool = field(
+        default=False, metadata={"help": "Also save the tokenizer (processing class) in every checkpoint."}
+    )
+    adapter_ckpt_verify: bool = field(
+        default=True,
+        metadata={"help": "On resume, check every file's sha256 and the base-model fingerprint before loading."},
+    )
+
+
+# ---------------------------------------------------------------- trainable tensors
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def adapter_state(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
+    """One adapter's tensors (LoRA weights and ``modules_to_save`` heads), peft's key names."""
+    from peft import get_peft_model_state_dict
+
+    # No embedding copies: a checkpoint holds what trains; a base with a resized vocabulary is the base.
+    return get_peft_model_state_dict(model, adapter_name=adapter, save_embedding_layers=False)
+
+
+def trainable_state(model: nn.Module) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """``(adapters, others)``: every peft adapter's state dict by adapter name, and every other
+    trainable parameter (by ``named_parameters`` name) that no adapter state already holds."""
+    adapters = {name: adapter_state(model, name) for name in model.peft_config} if is_peft_model(model) else {}
+    held = {t.data_ptr() for state in adapters.values() for t in state.values()}
+    others = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad and p.data_ptr() not in held}
+    return adapters, others
+
+
+def _base_name(name: str) -> str:
+    """A parameter name as the fingerprint sees it: the plain model's, without peft wrappers."""
+    return ".".join(s for s in name.removeprefix(_PEFT_PREFIX).split(".") if s not in _PEFT_WRAPPERS)
+
+
+def fingerprint_exclusions(model: nn.Module, others: dict[str, torch.Tensor]) -> list[str]:
+    """Parameters that are not part of the base: those saved in the checkpoint, and the originals
+    of heads that an adapter replaces (freshly initialised on every load, never used)."""
+    replaced = {_base_name(n) for n, _ in model.named_parameters() if ".original_module." in n}
+    return sorted(replaced | {_base_name(n) for n in others})
+
+
+def fingerprint(model: nn.Module, exclusions: list[str]) -> dict[str, Any]:
+    excluded = set(exclusions)
+    return base_fingerprint(model, exclude=excluded.__contains__)
+
+
+def write_model_state(model: nn.Module, directory: Path) -> dict[str, Any]:
+    """Write every trainable tensor of ``model`` into ``directory``; returns manifest metadata."""
+    adapters, others = trainable_state(model)
+    for name, state in adapters.items():
+        adapter_dir = directory / ADAPTERS_DIR / name
+        adapter_dir.mkdir(parents=True)
+        save_tensors(adapter_dir / ADAPTER_WEIGHTS, state, metadata={"format": "pt"})
+        model.peft_config[name].save_pretrained(str(adapter_dir))
+    if others:
+        save_tensors(directory / TRAINABLE_FILE, others, metadata={"format": "pt"})
+    exclusions = fingerprint_exclusions(model, others)
+    base = model.get_base_model() if is_peft_model(model) else model
+    return {
+        "base_fingerprint": fingerprint(model, exclusions),
+        "fingerprint_exclusions": exclusions,
+        "model": {
+            "class": type(base).__name__,
+            "base": getattr(base.config, "_name_or_path", "") or None,
+            "config": json.loads(base.config.to_json_string(use_diff=False)),
+            "active_adapter": model.active_adapter if adapters else None,
+            "adapters": {name: {"trainable": any(t.requires_grad for t in _params_of(model, state))}
+                         for name, state in adapters.items()},
+            "trainable_tensors": sorted(others),
+        },
+    }
+
+
+def _params_of(model: nn.Module, state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    ptrs = {t.data_ptr() for t in state.values()}
+    return [p for p in model.parameters() if p.data_ptr() in ptrs]
+
+
+def check_base(model: nn.Module, checkpoint_dir: str | os.PathLike, manifest: dict[str, Any]) -> None:
+    """Raise :class:`BaseMismatchError` unless ``model``'s frozen base is the one the checkpoint
+    was trained on."""
+    recorded = manifest.get("base_fingerprint")
+    given = fingerprint(model, manifest.get("fingerprint_exclusions", []))
+    if not isinstance(recorded, dict) or recorded.get("id") != given["id"]:
+        raise BaseMismatchError(checkpoint_dir, recorded if isinstance(recorded, dict) else None, given)
+
+
+def read_model_state(model: nn.Module, checkpoint_dir: str | os.PathLike, *, strict: bool = True) -> None:
+    """Load the checkpoint's tensors into ``model``: each adapter the model has, and the other
+    trainable tensors. Every key must match; with ``strict`` (resume) the checkpoint must also
+    hold no adapter the model lacks and every trainable parameter of the model."""
+    directory = Path(checkpoint_dir)
+    model_adapters = list(model.peft_config) if is_peft_model(model) else []
+    saved = sorted(p.name for p in (directory / ADAPTERS_DIR).iterdir()) if (directory / ADAPTERS_DIR).is_dir() else []
+    if strict and set(saved) - set(model_adapters):
+        raise CheckpointError(
+            f"{directory} holds adapters {sorted(set(saved) - set(model_adapters))} that the model lacks "
+            f"(it has {model_adapters}); build the trainer with the same plugins and adapters."
+        )
+    from peft import set_peft_model_state_dict
+
+    for name in model_adapters:
+        state = load_tensors_checked(directory, f"{ADAPTERS_DIR}/{name}/{ADAPTER_WEIGHTS}")
+        _check_keys(directory, f"adapter {name!r}", state.keys(), adapter_state(model, name).keys())
+        result = set_peft_model_state_dict(model, state, adapter_name=name)
+        if result.unexpected_keys:
+            raise CheckpointError(f"{directory}: adapter {name!r} has keys the model lacks: {result.unexpected_keys[:5]}")
+    _, expected_others = trainable_state(model)
+    file = directory / TRAINABLE_FILE
+    if not file.is_file():
+        if strict and expected_others:
+            raise MissingFileError(TRAINABLE_FILE, directory)
+        return
+    others = load_tensors(file)
+    if strict:
+        _check_keys(directory, TRAINABLE_FILE, others.keys(), expected_others.keys())
+    result = model.load_state_dict(others, strict=False)
+    if result.unexpected_keys:
+        raise CheckpointError(f"{directory}: {TRAINABLE_FILE} has tensors the model lacks: {result.unexpected_keys[:5]}")
+
+
+def load_tensors_checked(directory: Path, rel: str) -> dict[str, torch.Tensor]:
+    if not (directory / rel).is_file():
+        raise MissingFileError(rel, directory)
+    return load_tensors(directory / rel)
+
+
+def _check_keys(directory: Path, what: str, found: Any, expected: Any) -> None:
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing or extra:
+        raise CheckpointError(
+            f"{directory}: {what} does not fit the model: missing {missing[:5]}, unexpected {extra[:5]} "
+            f"({len(missing)} missing, {len(extra)} unexpected)."
+        )
+
+
+# ---------------------------------------------------------------- save / load
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _plugin_options(trainer: Any) -> dict[str, Any]:
+    return {
+        name: dataclasses.asdict(opts) if dataclasses.is_dataclass(opts) else None
+        for name, opts in trainer.perl_plugins.options.items()
+    }
+
+
+def _shared_path(trainer: Any, path: Path | None) -> Path:
+    """The writer's temp dir, on every process (rank 0 broadcasts it; a shared filesystem is assumed,
+    as for the stock trainer's per-rank RNG files)."""
+    if trainer.args.world_size <= 1:
+        return path
+    from accelerate.utils import broadcast_object_list
+
+    box = [str(path) if path is not None else None]
+    broadcast_object_list(box, from_process=0)
+    return Path(box[0])
+
+
+def _update_best_checkpoint(trainer: Any, run_dir: str) -> None:
+    """Stock rule: the best checkpoint is recorded once it exists (the one being written counts)."""
+    from transformers.trainer_utils import SaveStrategy
+
+    state = trainer.state
+    if trainer.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST) and state.best_global_step:
+        best = os.path.join(run_dir, f"checkpoint-{state.best_global_step}")
+        if state.best_global_step == state.global_step or os.path.exists(best):
+            state.best_model_checkpoint = best
+
+
+def _save_trainer_state(trainer: Any, directory: Path) -> None:
+    """``trainer_state.json`` with the stateful callbacks' states, as ``Trainer._save_checkpoint``."""
+    from transformers.trainer_callback import ExportableState
+
+    stateful = trainer.state.stateful_callbacks
+    for cb in [cb for cb in trainer.callback_handler.callbacks + [trainer.control] if isinstance(cb, ExportableState)]:
+        name = cb.__class__.__name__
+        if isinstance(stateful[name], list):
+            stateful[name].append(cb.state())
+        else:
+            stateful[name] = cb.state()
+    trainer.state.save_to_json(str(directory / TRAINER_STATE))
+
+
+def save_checkpoint(trainer: Any, model: nn.Module, checkpoint_dir: str, opts: AdapterCkptOptions) -> Path:
+    """Write ``checkpoint_dir`` atomically (called on every process; process 0 writes and commits)."""
+    args = trainer.args
+    model = trainer.accelerator.unwrap_model(model)
+    if trainer.hp_search_backend is None:
+        trainer.store_flos()
+    run_dir = os.path.dirname(checkpoint_dir)
+    _update_best_checkpoint(trainer, run_dir)
+    writer = args.should_save
+    metadata: dict[str, Any] = {}
+    with (atomic_checkpoint_dir(checkpoint_dir, metadata) if writer else contextlib.nullcontext()) as tmp:
+        tmp = _shared_path(trainer, tmp)
+        if not args.save_only_model:
+            trainer._save_optimizer_and_scheduler(str(tmp))  # optimizer.pt (state dtypes kept), scheduler.pt
+            trainer._save_scaler(str(tmp))
+            save_rng_state(tmp, args.process_index, world_size=args.world_size)  # every process, its own file
+        if writer:
+            metadata.update(write_model_state(model, tmp))
+            if opts.adapter_ckpt_save_tokenizer and trainer.processing_class is not None:
+                trainer.processing_class.save_pretrained(str(tmp / TOKENIZER_DIR))
+            if getattr(trainer, "use_adaptive_entropy", False):  # GRPO reads it back in _load_optimizer_and_scheduler
+                (tmp / "entropy_ctrl_state.json").write_text(
+                    json.dumps({"entropy_coef": trainer.entropy_coef, "last_world_entropy": trainer._last_world_entropy})
+                )
+            _save_trainer_state(trainer, tmp)
+            metadata.update(
+                plugins=_jsonable(_plugin_options(trainer)),
+                library_versions=library_versions(),
+                trainer_class=f"{type(trainer).__module__}.{type(trainer).__qualname__}",
+                trainer_family=trainer_family(trainer),
+                global_step=trainer.state.global_step,
+                world_size=args.world_size,
+            )
+        if args.world_size > 1:
+            trainer.accelerator.wait_for_everyone()  # every rank's RNG file is in before the commit
+    if writer:
+        if args.push_to_hub:
+            trainer._push_from_checkpoint(checkpoint_dir)
+        if args.save_total_limit:  # only now: the new checkpoint is complete
+            prune_checkpoints(run_dir, args.save_total_limit, protect=trainer.state.best_model_checkpoint)
+    if args.world_size > 1:
+        trainer.accelerator.wait_for_everyone()  # no process resumes work before the commit
+    return Path(checkpoint_dir)
+
+
+def load_checkpoint(model: nn.Module, checkpoint_dir: str | os.PathLike, *, verify: bool = True) -> None:
+    """Verify ``checkpoint_dir`` (files, base model) and load its trainable tensors into ``model``."""
+    manifest = verify_checkpoint(checkpoint_dir) if verify else None
+    if manifest is not None:
+        check_base(model, checkpoint_dir, manifest)
+    read_model_state(model, checkpoint_dir)
+
+
+# ---------------------------------------------------------------- hooks
+
+
+@hookimpl
+def perl_plugin_options() -> type:
+    return AdapterCkptOptions
+
+
+@hookimpl
+def perl_check_trainer(trainer: Any, options: dict[str, Any]) -> None:
+    if getattr(trainer, "is_fsdp_enabled", False):
+        raise PluginIncompatibleError("adapter_ckpt does not support FSDP (sharded parameters and optimizer states).")
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        raise PluginIncompatibleError("adapter_ckpt does not support DeepSpeed yet (it writes its own checkpoints).")
+    if trainer.args.save_on_each_node:
+        raise PluginIncompatibleError("adapter_ckpt writes each checkpoint from one process: unset save_on_each_node.")
+
+
+@hookimpl
+def perl_configure(trainer: Any, options: dict[str, Any]) -> None:
+    if trainer.args.load_best_model_at_end:
+        opts: AdapterCkptOptions = options["adapter_ckpt"]
+
+        def _load_best_model() -> None:  # the stock one looks for full weights or a top-level adapter
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            load_checkpoint(model, trainer.state.best_model_checkpoint, verify=opts.adapter_ckpt_verify)
+
+        trainer._load_best_model = _load_best_model
+
+
+@hookimpl
+def perl_save_checkpoint(trainer: Any, model: Any, checkpoint_dir: str, options: dict[str, Any]) -> bool:
+    save_checkpoint(trainer, model, checkpoint_dir, options["adapter_ckpt"])
+    return True
+
+
+@hookimpl
+def perl_load_checkpoint(trainer: Any, model: Any, checkpoint_dir: str, options: dict[str, Any]) -> bool:
+    # Runs before the stock resume path reads optimizer.pt, scheduler.pt, RNG and trainer state
+    # (with torch.load(weights_only=True)), so every file is verified before any is used.
+    model = trainer.accelerator.unwrap_model(model)
+    load_checkpoint(model, checkpoint_dir, verify=options["adapter_ckpt"].adapter_ckpt_verify)
+    return True

@@ -1,0 +1,197 @@
+"""PERL recipe (arXiv 2403.10704): a LoRA reward model on thumbs up/down feedback, then RLOO with a
+LoRA policy on the *same* frozen base, scored by the stage-1 reward adapter.
+
+    python recipes/perl.py --config recipes/perl.yaml [--any_key value ...]
+    python recipes/perl.py --config recipes/perl.yaml --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct
+
+Stage 1: stock ``transformers.Trainer`` on a one-label classifier (BCE on the reward logit) with
+``lora`` (+ ``grm`` / ``fp8`` / ``adapter_ckpt`` if listed in ``plugins``); held-out accuracy and
+ROC AUC. Stage 2: stock ``trl.RLOOTrainer``; policy = LoRA adapter, reference = adapters off,
+reward = the stage-1 adapter + head loaded onto the policy's base (one copy of the base weights).
+Writes OUTPUT_DIR/summary.json and OUTPUT_DIR/curves.png.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
+from trl import RLOOConfig, RLOOTrainer, TrlParser
+
+from perl_plugins import attach
+from perl_plugins.data.defaults import default_dataset
+from perl_plugins.embedded import resolve_model
+from perl_plugins.plugins.lora import AdapterReward, LoraOptions, lora_config, roles
+from perl_plugins.pointwise import pointwise_trainer, reward_classifier
+from perl_plugins.arguments import options_for
+from perl_plugins.reporting import plot_curves, write_summary
+from perl_plugins.reward_model import save_reward_adapter
+
+
+@dataclass
+class PerlConfig:
+    output_dir: str = field(default="outputs/perl", metadata={"help": "Where adapters, summary and curves go."})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Base model; default: embedded."})
+    model_size: str = field(default="demo", metadata={"help": "Embedded default size when no model is given."})
+    taskmaster_file: str | None = field(default=None, metadata={"help": "Thumbs up/down file; default: coffee."})
+    rm_plugins: str = field(default="lora", metadata={"help": "Reward-model stage plugins (lora required; grm...)."})
+    rl_plugins: str = field(default="lora", metadata={"help": "RL stage plugins (lora required)."})
+    plugin_options: str = field(
+        default="{}", metadata={"help": "Plugin options for both stages (a mapping in YAML, JSON on the CLI)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of both stages."})
+    context_turns: int = field(default=4, metadata={"help": "Keep the last N dialog turns of each context."})
+    max_length: int = field(default=192, metadata={"help": "Reward model: max tokens of prompt + completion."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank of both adapters."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha of both adapters."})
+    # stage 1: reward model
+    rm_train_samples: int = field(default=0, metadata={"help": "Train rows for the reward model (0: all)."})
+    rm_eval_samples: int = field(default=0, metadata={"help": "Held-out rows to evaluate on (0: all)."})
+    rm_epochs: float = field(default=1.0, metadata={"help": "Reward-model epochs."})
+    rm_max_steps: int = field(default=-1, metadata={"help": "Reward-model steps (overrides epochs if > 0)."})
+    rm_batch_size: int = field(default=16, metadata={"help": "Reward-model batch size."})
+    rm_learning_rate: float = field(default=1e-3, metadata={"help": "Reward-model learning rate."})
+    # stage 2: RL
+    rl_prompts: int = field(default=64, metadata={"help": "Training prompts for RLOO."})
+    rl_eval_prompts: int = field(default=32, metadata={"help": "Held-out prompts for reward before/after."})
+    rl_max_steps: int = field(default=30, metadata={"help": "RLOO optimizer steps."})
+    rl_batch_size: int = field(default=8, metadata={"help": "Completions per RLOO step."})
+    rl_num_generations: int = field(default=4, metadata={"help": "Completions per prompt (RLOO's k)."})
+    rl_max_completion_length: int = field(default=24, metadata={"help": "Max new tokens per completion."})
+    rl_learning_rate: float = field(default=5e-4, metadata={"help": "Policy learning rate."})
+    rl_beta: float = field(default=0.05, metadata={"help": "KL penalty to the reference (adapters off)."})
+
+
+def train_reward_model(cfg: PerlConfig, model_path: str, tokenizer, data) -> tuple[str, dict, list]:
+    """Stage 1: LoRA reward model on pointwise thumbs up/down; returns (adapter dir, metrics, logs)."""
+    train, test = data["train"].shuffle(seed=cfg.seed), data["test"]
+    if cfg.rm_train_samples:
+        train = train.select(range(min(cfg.rm_train_samples, len(train))))
+    if cfg.rm_eval_samples:
+        test = test.select(range(min(cfg.rm_eval_samples, len(test))))
+    args = TrainingArguments(
+        output_dir=os.path.join(cfg.output_dir, "reward_model"),
+        num_train_epochs=cfg.rm_epochs,
+        max_steps=cfg.rm_max_steps,
+        per_device_train_batch_size=cfg.rm_batch_size,
+        per_device_eval_batch_size=cfg.rm_batch_size,
+        learning_rate=cfg.rm_learning_rate,
+        logging_steps=5,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+        seed=cfg.seed,
+    )
+    trainer = pointwise_trainer(reward_classifier(model_path), tokenizer, args, train, test, max_length=cfg.max_length)
+    options = {"lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, **options_for(cfg.rm_plugins, cfg.plugin_options)}
+    attach(trainer, plugins=cfg.rm_plugins, **options)
+    trainer.train()
+    metrics = trainer.evaluate()
+    adapter_dir = os.path.join(cfg.output_dir, "reward_adapter")
+    save_reward_adapter(trainer.model, adapter_dir, trainer.model.active_adapter)
+    return adapter_dir, metrics, trainer.state.log_history
+
+
+def sample_rewards(trainer: RLOOTrainer, reward: AdapterReward, prompts: list[str], cfg: PerlConfig) -> float:
+    """Mean reward of completions the current policy samples for ``prompts`` (held out)."""
+    tokenizer = trainer.processing_class
+    model = trainer.model
+    rewards = []
+    with roles(trainer).use("policy"), torch.no_grad():
+        for start in range(0, len(prompts), 8):
+            chunk = prompts[start : start + 8]
+            batch = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left").to(model.device)
+            out = model.generate(
+                **batch,
+                max_new_tokens=cfg.rl_max_completion_length,
+                do_sample=True,
+                temperature=1.0,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            completions = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            rewards.extend(reward(prompts=chunk, completions=completions))
+    return sum(rewards) / len(rewards)
+
+
+def run_rl(cfg: PerlConfig, model_path: str, tokenizer, reward_dir: str, data) -> tuple[dict, list]:
+    """Stage 2: RLOO with a LoRA policy; the reward adapter lives on the same base object."""
+    prompts = list(dict.fromkeys(data["train"]["prompt"]))[: cfg.rl_prompts]
+    eval_prompts = list(dict.fromkeys(data["test"]["prompt"]))[: cfg.rl_eval_prompts]
+    from datasets import Dataset
+
+    args = RLOOConfig(
+        output_dir=os.path.join(cfg.output_dir, "policy"),
+        max_steps=cfg.rl_max_steps,
+        per_device_train_batch_size=cfg.rl_batch_size,
+        num_generations=cfg.rl_num_generations,
+        max_completion_length=cfg.rl_max_completion_length,
+        learning_rate=cfg.rl_learning_rate,
+        beta=cfg.rl_beta,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+        seed=cfg.seed,
+    )
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    reward = AdapterReward(reward_dir)
+    trainer = RLOOTrainer(
+        model=model,
+        reward_funcs=[reward],
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        processing_class=tokenizer,
+        peft_config=lora_config(model, LoraOptions(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)),
+    )
+    attach(trainer, plugins=cfg.rl_plugins, **options_for(cfg.rl_plugins, cfg.plugin_options))
+    before = sample_rewards(trainer, reward, eval_prompts, cfg)
+    trainer.train()
+    after = sample_rewards(trainer, reward, eval_prompts, cfg)
+    trainer.save_model(args.output_dir)
+    return {"rl_reward_before": before, "rl_reward_after": after}, trainer.state.log_history
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (cfg,) = TrlParser([PerlConfig]).parse_args_and_config(argv)
+    if "lora" not in cfg.rm_plugins.split(",") or "lora" not in cfg.rl_plugins.split(","):
+        raise SystemExit("The PERL recipe trains through LoRA: keep 'lora' in rm_plugins and rl_plugins.")
+    set_seed(cfg.seed)
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    model_path = resolve_model(cfg.model_name_or_path, cfg.model_size)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    rm_data = default_dataset("reward", cfg.taskmaster_file, cfg.context_turns, seed=cfg.seed)
+    print(f"[perl] stage 1: LoRA reward model on {len(rm_data['train'])} thumbs up/down rows", flush=True)
+    reward_dir, rm_metrics, rm_logs = train_reward_model(cfg, model_path, tokenizer, rm_data)
+    print(f"[perl] reward model: accuracy {rm_metrics['eval_accuracy']:.3f}, AUC {rm_metrics['eval_auc']:.3f}", flush=True)
+    rl_data = default_dataset("rloo", cfg.taskmaster_file, cfg.context_turns, seed=cfg.seed)
+    print(f"[perl] stage 2: RLOO, LoRA policy + reward adapter on one base, {cfg.rl_max_steps} steps", flush=True)
+    rl_metrics, rl_logs = run_rl(cfg, model_path, tokenizer, reward_dir, rl_data)
+    metrics = {
+        "rm_eval_accuracy": rm_metrics["eval_accuracy"],
+        "rm_eval_auc": rm_metrics["eval_auc"],
+        "rm_eval_loss": rm_metrics["eval_loss"],
+        **rl_metrics,
+        "rl_final_kl": next((log["kl"] for log in reversed(rl_logs) if "kl" in log), math.nan),
+    }
+    write_summary(cfg.output_dir, "perl", metrics, {"model": model_path, "rm_plugins": cfg.rm_plugins, "rl_plugins": cfg.rl_plugins})
+    plot_curves(
+        cfg.output_dir,
+        {
+            "reward model: loss": (rm_logs, ["loss", "reward_loss", "grm_reg_loss"]),
+            "RLOO: reward": (rl_logs, ["reward"]),
+            "RLOO: KL to reference": (rl_logs, ["kl"]),
+            "RLOO: loss": (rl_logs, ["loss"]),
+        },
+    )
+    return metrics
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
