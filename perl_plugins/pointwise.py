@@ -12,9 +12,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import datasets
-import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, Trainer, TrainingArguments
+
+from .reward_metrics import reward_metrics
 
 
 def reward_classifier(model_name_or_path: str, **kwargs: Any) -> PreTrainedModel:
@@ -71,31 +72,6 @@ class PointwiseCollator:
         if "labels" in examples[0]:
             batch["labels"] = torch.tensor([e["labels"] for e in examples], dtype=torch.float32).view(-1, 1)
         return batch
-
-
-def roc_auc(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray) -> float:
-    """Area under the ROC curve: P(score of a random positive > score of a random negative), ties 1/2
-    (the Mann-Whitney statistic, with average ranks for ties)."""
-    scores = np.asarray(scores, dtype=np.float64).ravel()
-    labels = np.asarray(labels).ravel() > 0.5
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = scores.argsort(kind="mergesort")
-    ranks = np.empty_like(scores)
-    sorted_scores = scores[order]
-    # average rank for ties
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    avg = first + (counts + 1) / 2.0
-    ranks[order] = np.repeat(avg, counts)
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def reward_metrics(eval_pred: Any) -> dict[str, float]:
-    """``compute_metrics`` for a pointwise reward trainer: accuracy (logit > 0 vs label) and ROC AUC."""
-    scores = np.asarray(eval_pred.predictions).reshape(-1)
-    labels = np.asarray(eval_pred.label_ids).reshape(-1)
-    return {"accuracy": float(((scores > 0) == (labels > 0.5)).mean()), "auc": roc_auc(scores, labels)}
 
 
 def pointwise_trainer(

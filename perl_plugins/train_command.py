@@ -171,6 +171,8 @@ def build_trainer(command: str, script_args: Any, training_args: Any, model_args
 
 def save_outputs(command: str, trainer: Any) -> dict[str, Any]:
     """Save the trained model (a reward adapter keeps its head spec) and return final metrics."""
+    from .attach import trainer_family
+    from .reward_metrics import evaluate_pairs
     from .reward_model import save_reward_adapter
 
     output_dir = trainer.args.output_dir
@@ -179,6 +181,9 @@ def save_outputs(command: str, trainer: Any) -> dict[str, Any]:
     else:
         trainer.save_model(output_dir)
     metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    if command == "reward" and trainer.eval_dataset is not None and trainer_family(trainer) == "RewardTrainer":
+        pairs = trainer.eval_dataset  # the stock RewardTrainer logs pair accuracy; add AUC
+        metrics.update(evaluate_pairs(trainer.model, trainer.processing_class, pairs, trainer.args.max_length))
     Path(output_dir, "final_metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 

@@ -25,9 +25,11 @@ def length_reward(completions: list[str], **kwargs: Any) -> list[float]:
 
 
 def build(kind: str, base_dir: str | Path, output_dir: str | Path, *, seed: int = 0, plugins: str = "lora,adapter_ckpt",
-          reward_funcs: list[Any] | None = None, options: dict[str, Any] | None = None, **args: Any) -> Any:
+          reward_funcs: list[Any] | None = None, options: dict[str, Any] | None = None, evaluate: bool = False,
+          **args: Any) -> Any:
     """A fresh stock trl trainer of ``kind`` (reward, dpo, rloo, grpo) on the tiny base in ``base_dir``
-    with ``plugins`` attached; the same arguments give the same run."""
+    with ``plugins`` attached; the same arguments give the same run. ``evaluate``: the reward trainer
+    also evaluates on its training pairs."""
     import trl
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -49,7 +51,8 @@ def build(kind: str, base_dir: str | Path, output_dir: str | Path, *, seed: int 
         if kind == "reward":
             model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1)
             trainer = trl.RewardTrainer(model=model, args=trl.RewardConfig(**common, max_length=64),
-                                        train_dataset=preference, processing_class=tokenizer)
+                                        train_dataset=preference, eval_dataset=preference if evaluate else None,
+                                        processing_class=tokenizer)
         elif kind == "dpo":
             model = AutoModelForCausalLM.from_pretrained(base_dir)
             trainer = trl.DPOTrainer(model=model, args=trl.DPOConfig(**common, max_length=64),

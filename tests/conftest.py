@@ -92,7 +92,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         message = f"hookspecs never exercised by the test suite: {', '.join(missing)}"
         if reporter is not None:
-            reporter.write_line(message, red=True)
+            reporter.write(f"\n{message}\n", red=True)  # after the progress line, which has no newline yet
         else:
             print(message)
         if session.exitstatus == 0:

@@ -1,0 +1,49 @@
+"""Held-out reward-model metrics: accuracy and ROC AUC, for pointwise rows and for pairs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+def roc_auc(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray) -> float:
+    """Area under the ROC curve: P(score of a random positive > score of a random negative), ties 1/2
+    (the Mann-Whitney statistic, with average ranks for ties)."""
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    labels = np.asarray(labels).ravel() > 0.5
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = scores.argsort(kind="mergesort")
+    ranks = np.empty_like(scores)
+    sorted_scores = scores[order]
+    # average rank for ties
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    avg = first + (counts + 1) / 2.0
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def reward_metrics(eval_pred: Any) -> dict[str, float]:
+    """``compute_metrics`` for a pointwise reward trainer: accuracy (logit > 0 vs label) and ROC AUC."""
+    scores = np.asarray(eval_pred.predictions).reshape(-1)
+    labels = np.asarray(eval_pred.label_ids).reshape(-1)
+    return {"accuracy": float(((scores > 0) == (labels > 0.5)).mean()), "auc": roc_auc(scores, labels)}
+
+
+def evaluate_pairs(model: Any, tokenizer: Any, pairs: Any, max_length: int | None = None) -> dict[str, float]:
+    """Pairwise held-out metrics: accuracy (r(chosen) > r(rejected)) and ROC AUC with chosen
+    responses as positives and rejected ones as negatives."""
+    from .reward_model import score_texts
+
+    was_training = model.training
+    model.eval()
+    try:
+        chosen = score_texts(model, tokenizer, [p + c for p, c in zip(pairs["prompt"], pairs["chosen"])], max_length=max_length)
+        rejected = score_texts(model, tokenizer, [p + r for p, r in zip(pairs["prompt"], pairs["rejected"])], max_length=max_length)
+    finally:
+        model.train(was_training)
+    scores = np.concatenate([chosen.numpy(), rejected.numpy()])
+    labels = np.concatenate([np.ones(len(chosen)), np.zeros(len(rejected))])
+    return {"eval_pair_accuracy": float((chosen > rejected).float().mean()), "eval_auc": roc_auc(scores, labels)}
