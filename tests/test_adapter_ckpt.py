@@ -249,8 +249,8 @@ def test_kill_mid_save_keeps_last_complete_checkpoint(uninterrupted, base_dir, t
 def test_save_total_limit_keeps_best_checkpoint(base_dir, tmp_path):
     trainer = build(
         "reward", base_dir, tmp_path, evaluate=True, save_steps=1, eval_strategy="steps", eval_steps=1,
-        save_total_limit=1, load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True,
-    )  # "best" = highest loss: an early checkpoint, so the limit must keep two
+        save_total_limit=2, load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True,
+    )  # "best" = highest loss: an early checkpoint, which takes one of the limit's two places
     train(trainer)
     best = Path(trainer.state.best_model_checkpoint)
     assert best.name != "checkpoint-4"

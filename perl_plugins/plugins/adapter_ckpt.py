@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from perl_plugins.checkpoint_io import (
     MissingFileError,
     atomic_checkpoint_dir,
     base_fingerprint,
+    is_complete,
     library_versions,
     load_tensors,
     prune_checkpoints,
@@ -54,6 +56,7 @@ TOKENIZER_DIR = "tokenizer"
 TRAINER_STATE = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME
 _PEFT_PREFIX = "base_model.model."
 _PEFT_WRAPPERS = {"base_layer", "original_module"}
+_CHECKPOINT_RE = re.compile(r"checkpoint-\d+")
 
 
 @dataclass
@@ -251,6 +254,20 @@ def _save_trainer_state(trainer: Any, directory: Path) -> None:
     trainer.state.save_to_json(str(directory / TRAINER_STATE))
 
 
+def prune(run_dir: str, limit: int, best: str | None) -> None:
+    """Stock ``save_total_limit`` semantics on complete checkpoints: at most ``limit`` kept, the
+    newest and the best among them (``limit`` 1 with an older best keeps two)."""
+    keep = limit
+    if best is not None and limit > 1:
+        complete = sorted(
+            (p for p in Path(run_dir).iterdir() if _CHECKPOINT_RE.fullmatch(p.name) and is_complete(p)),
+            key=lambda p: int(p.name.removeprefix("checkpoint-")),
+        )
+        if Path(best).resolve() not in {p.resolve() for p in complete[-limit:]}:
+            keep -= 1  # the best takes one of the limit's places
+    prune_checkpoints(run_dir, keep, protect=best)
+
+
 def save_checkpoint(trainer: Any, model: nn.Module, checkpoint_dir: str, opts: AdapterCkptOptions) -> Path:
     """Write ``checkpoint_dir`` atomically (called on every process; process 0 writes and commits)."""
     args = trainer.args
@@ -290,7 +307,7 @@ def save_checkpoint(trainer: Any, model: nn.Module, checkpoint_dir: str, opts: A
         if args.push_to_hub:
             trainer._push_from_checkpoint(checkpoint_dir)
         if args.save_total_limit:  # only now: the new checkpoint is complete
-            prune_checkpoints(run_dir, args.save_total_limit, protect=trainer.state.best_model_checkpoint)
+            prune(run_dir, args.save_total_limit, trainer.state.best_model_checkpoint)
     if args.world_size > 1:
         trainer.accelerator.wait_for_everyone()  # no process resumes work before the commit
     return Path(checkpoint_dir)

@@ -1,0 +1,134 @@
+"""Overhead of the plugin host on a training step.
+
+The same small SFT run is timed with a stock ``trl.SFTTrainer``, with ``attach(trainer,
+plugins=[])`` and with one no-op plugin (a ``perl_compute_loss`` that does nothing, so the loss
+and log methods are wrapped), alternating the three variants for several rounds. A callback
+times every optimizer step; the first steps of each run are warm-up and dropped. The last line
+printed is JSON: ``{"ratio_no_plugins": ..., "ratio_noop_plugin": ...}``, the median step time
+of each variant over the stock trainer's (goal: <= 1.02 each).
+
+    python benchmarks/hook_overhead.py [--rounds 5] [--steps 30] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import types
+import warnings
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback  # noqa: E402
+from trl import SFTConfig, SFTTrainer  # noqa: E402
+
+import perl_plugins  # noqa: E402
+from perl_plugins.embedded import build_tokenizer  # noqa: E402
+
+WARMUP_STEPS = 5
+VARIANTS = ("stock", "no_plugins", "noop_plugin")
+
+
+def _noop_plugin() -> types.ModuleType:
+    plugin = types.ModuleType("noop")
+    plugin.perl_compute_loss = perl_plugins.hookimpl(lambda terms: None)
+    return plugin
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of every optimizer step (from ``on_step_begin`` to ``on_step_end``)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self._start)
+
+
+def _model(tokenizer) -> LlamaForCausalLM:
+    # Sized so that a step takes roughly 50-100 ms on one CPU thread: overhead stays measurable.
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
+def _dataset(steps: int, batch_size: int) -> Dataset:
+    texts = [
+        f"User: one {size} {drink} with {extra}, please\nAgent: Sure, one {size} {drink} with {extra} coming up."
+        for size in ("small", "medium", "large") for drink in ("latte", "mocha", "flat white", "cappuccino")
+        for extra in ("oat milk", "a double shot", "caramel", "no sugar")
+    ]
+    rows = steps * batch_size
+    return Dataset.from_dict({"text": (texts * (rows // len(texts) + 1))[:rows]})
+
+
+def time_run(variant: str, tokenizer, dataset: Dataset, steps: int, batch_size: int, output_dir: str) -> list[float]:
+    """Step times (warm-up dropped) of one fresh run of ``variant``."""
+    args = SFTConfig(
+        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size, max_length=64,
+        logging_steps=1, learning_rate=1e-4, report_to="none", use_cpu=True, save_strategy="no", seed=0,
+        disable_tqdm=True, dataloader_num_workers=0,
+    )
+    trainer = SFTTrainer(model=_model(tokenizer), args=args, train_dataset=dataset, processing_class=tokenizer)
+    if variant == "no_plugins":
+        perl_plugins.attach(trainer, plugins=[])
+    elif variant == "noop_plugin":
+        perl_plugins.attach(trainer, plugins=[_noop_plugin()])
+        assert "compute_loss" in vars(trainer)  # the loss path really is wrapped
+    timer = StepTimer()
+    trainer.add_callback(timer)
+    trainer.train()
+    return timer.times[WARMUP_STEPS:]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5, help="Runs of each variant, alternated.")
+    parser.add_argument("--steps", type=int, default=30, help="Optimizer steps per run (first 5 dropped).")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is steadiest on a busy box).")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    tokenizer = build_tokenizer()
+    dataset = _dataset(args.steps, args.batch_size)
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    with tempfile.TemporaryDirectory() as output_dir:
+        for round_index in range(args.rounds):
+            # Rotate the order too, so no variant always runs first (or last) in a round.
+            order = VARIANTS[round_index % 3:] + VARIANTS[: round_index % 3]
+            for variant in order:
+                times[variant] += time_run(variant, tokenizer, dataset, args.steps, args.batch_size, output_dir)
+            medians = {v: statistics.median(t) * 1000 for v, t in times.items() if t}
+            print(f"round {round_index + 1}/{args.rounds}: median ms/step " +
+                  ", ".join(f"{v}={m:.1f}" for v, m in medians.items()), file=sys.stderr)
+    stock = statistics.median(times["stock"])
+    result = {
+        "ratio_no_plugins": round(statistics.median(times["no_plugins"]) / stock, 4),
+        "ratio_noop_plugin": round(statistics.median(times["noop_plugin"]) / stock, 4),
+    }
+    print(json.dumps({"median_step_ms": {v: round(statistics.median(t) * 1000, 2) for v, t in times.items()}}))
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
