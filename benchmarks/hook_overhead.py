@@ -3,11 +3,12 @@
 The same small SFT run is timed with a stock ``trl.SFTTrainer``, with ``attach(trainer,
 plugins=[])`` and with one no-op plugin (a ``perl_compute_loss`` that does nothing, so the loss
 and log methods are wrapped), alternating the three variants for several rounds. A callback
-times every optimizer step; the first steps of each run are warm-up and dropped. The last line
+times every optimizer step (CPU time of this process by default, steady on a shared machine; or
+wall time); the first steps of each run are warm-up and dropped. The last line
 printed is JSON: ``{"ratio_no_plugins": ..., "ratio_noop_plugin": ...}``, the median step time
 of each variant over the stock trainer's (goal: <= 1.02 each).
 
-    python benchmarks/hook_overhead.py [--rounds 5] [--steps 30] [--threads 1]
+    python benchmarks/hook_overhead.py [--rounds 5] [--steps 30] [--threads 1] [--clock cpu|wall]
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PrinterCallback, TrainerCallback  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 import perl_plugins  # noqa: E402
@@ -45,17 +46,21 @@ def _noop_plugin() -> types.ModuleType:
 
 
 class StepTimer(TrainerCallback):
-    """Wall time of every optimizer step (from ``on_step_begin`` to ``on_step_end``)."""
+    """Time of every optimizer step, measured between consecutive ``on_step_end`` events so that
+    everything in a step counts (data, forward/backward, optimizer, logging)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
         self.times: list[float] = []
-        self._start = 0.0
+        self._last = 0.0
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._start = time.perf_counter()
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last = self.clock()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(time.perf_counter() - self._start)
+        now = self.clock()
+        self.times.append(now - self._last)
+        self._last = now
 
 
 def _model(tokenizer) -> LlamaForCausalLM:
@@ -79,7 +84,9 @@ def _dataset(steps: int, batch_size: int) -> Dataset:
     return Dataset.from_dict({"text": (texts * (rows // len(texts) + 1))[:rows]})
 
 
-def time_run(variant: str, tokenizer, dataset: Dataset, steps: int, batch_size: int, output_dir: str) -> list[float]:
+def time_run(
+    variant: str, tokenizer, dataset: Dataset, steps: int, batch_size: int, output_dir: str, clock: Any
+) -> list[float]:
     """Step times (warm-up dropped) of one fresh run of ``variant``."""
     args = SFTConfig(
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size, max_length=64,
@@ -92,7 +99,8 @@ def time_run(variant: str, tokenizer, dataset: Dataset, steps: int, batch_size: 
     elif variant == "noop_plugin":
         perl_plugins.attach(trainer, plugins=[_noop_plugin()])
         assert "compute_loss" in vars(trainer)  # the loss path really is wrapped
-    timer = StepTimer()
+    trainer.remove_callback(PrinterCallback)  # printing every log line would only add noise
+    timer = StepTimer(clock)
     trainer.add_callback(timer)
     trainer.train()
     return timer.times[WARMUP_STEPS:]
@@ -104,19 +112,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=30, help="Optimizer steps per run (first 5 dropped).")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is steadiest on a busy box).")
+    parser.add_argument(
+        "--clock", choices=("cpu", "wall"), default="cpu",
+        help="cpu: this process's CPU time (with one thread, immune to other processes sharing the cores); "
+        "wall: elapsed time (use on an idle machine).",
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     tokenizer = build_tokenizer()
     dataset = _dataset(args.steps, args.batch_size)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory() as output_dir:
         for round_index in range(args.rounds):
             # Rotate the order too, so no variant always runs first (or last) in a round.
             order = VARIANTS[round_index % 3:] + VARIANTS[: round_index % 3]
             for variant in order:
-                times[variant] += time_run(variant, tokenizer, dataset, args.steps, args.batch_size, output_dir)
+                times[variant] += time_run(variant, tokenizer, dataset, args.steps, args.batch_size, output_dir, clock)
             medians = {v: statistics.median(t) * 1000 for v, t in times.items() if t}
             print(f"round {round_index + 1}/{args.rounds}: median ms/step " +
                   ", ".join(f"{v}={m:.1f}" for v, m in medians.items()), file=sys.stderr)

@@ -108,7 +108,7 @@ def _install(trainer: Trainer, plugin_set: PluginSet) -> None:
         _wrap_load_checkpoint(trainer, plugin_set)
     if plugin_set.implements("perl_shape_rewards"):
         _wrap_calculate_rewards(trainer, plugin_set)
-    if plugin_set.implements("perl_on_step_end") or plugin_set.implements("perl_on_log"):
+    if any(plugin_set.implements(h) for h in ("perl_on_train_begin", "perl_on_step_end", "perl_on_log")):
         # First in line, so reporting callbacks (tensorboard, wandb, printer) see keys added by perl_on_log.
         trainer.callback_handler.callbacks.insert(0, _PluginCallback(trainer, plugin_set))
 
@@ -140,11 +140,14 @@ def _wrap_compute_loss(trainer: Trainer, attached: AttachedPlugins) -> None:
     family = trainer_family(trainer)
     base_name = base_loss_name(trainer)
     plugin_set = attached.plugin_set
+    # trl's SFT/DPO/KTO trainers pay an extra forward pass for return_outputs=True: ask for the
+    # outputs only when the caller or some plugin's perl_compute_loss takes them.
+    plugins_want_outputs = any("outputs" in impl.argnames for impl in plugin_set.hook.perl_compute_loss.get_hookimpls())
 
     def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
         private = attached.private_inputs
         stock_inputs = {k: v for k, v in inputs.items() if k not in private} if private else inputs
-        if family in _NO_OUTPUTS:
+        if family in _NO_OUTPUTS or not (return_outputs or plugins_want_outputs):
             loss, outputs = stock(model, stock_inputs, num_items_in_batch=num_items_in_batch), None
         else:
             loss, outputs = stock(model, stock_inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
@@ -225,6 +228,10 @@ class _PluginCallback(TrainerCallback):
     def __init__(self, trainer: Trainer, plugin_set: PluginSet) -> None:
         self.trainer = trainer
         self.plugin_set = plugin_set
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.plugin_set.call("perl_on_train_begin", trainer=self.trainer, model=self.trainer.model_wrapped)
+        return control
 
     def on_step_end(self, args, state, control, **kwargs):
         self.plugin_set.call("perl_on_step_end", trainer=self.trainer, state=state, control=control)

@@ -76,7 +76,8 @@ def perl_compute_loss(
     """Add or re-weight named loss terms around the trainer's own ``compute_loss``.
 
     Fires: on every training and evaluation step, right after the stock ``compute_loss`` ran
-    (called with ``return_outputs=True``). ``outputs`` is what the model returned to the stock
+    (called with ``return_outputs=True`` when an implementation takes ``outputs``: trl's SFT/DPO/KTO
+    trainers pay an extra forward pass for it). ``outputs`` is what the model returned to the stock
     loss; ``terms`` is a :class:`perl_plugins.loss_terms.LossTerms` holding the stock loss under
     a trainer-specific name (``reward_loss``, ``dpo_loss``, ``sft_loss``, ``policy_loss``...).
     Returns: nothing; call ``terms.add(name, value, weight)`` or ``terms.reweight(name, w)``. The
@@ -114,6 +115,17 @@ def perl_load_checkpoint(trainer: Any, model: Any, checkpoint_dir: str, options:
     ``Trainer._load_from_checkpoint``.
     Returns: ``True`` when this plugin restored it (the stock loader is skipped), ``None``
     otherwise. First result wins.
+    """
+
+
+@hookspec
+def perl_on_train_begin(trainer: Any, model: Any, options: dict[str, Any]) -> None:
+    """Set up what needs the training-time model, e.g. a DDP communication hook.
+
+    Fires: once per ``train()``, after the model was wrapped for distributed training (``model``
+    is ``trainer.model_wrapped``: DDP, DeepSpeed engine, or the model itself) and the optimizer was
+    built, before the first step.
+    Returns: nothing; raise to refuse a setup that cannot work. All implementations run.
     """
 
 

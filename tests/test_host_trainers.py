@@ -152,3 +152,39 @@ def test_outputs_are_passed_to_loss_plugins(make_trainer):
     train_quietly(trainer)
     # The reward trainer scores chosen and rejected in one batch.
     assert seen == [(4, 4, "reward_loss")]
+
+
+def _count_forwards(trainer) -> list[int]:
+    calls = [0]
+    trainer.model.register_forward_pre_hook(lambda module, args: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_outputs_requested_only_when_a_plugin_takes_them(make_trainer, plugin_file):
+    # trl's SFTTrainer recomputes the logits with an extra forward pass for return_outputs=True.
+    stock = make_trainer("sft", max_steps=1)
+    stock_calls = _count_forwards(stock)
+    train_quietly(stock)
+
+    observed = make_trainer("sft", max_steps=1)
+    attach(observed, plugins=plugin_file("observer"))  # its perl_compute_loss does not take outputs
+    observed_calls = _count_forwards(observed)
+    train_quietly(observed)
+    assert observed_calls == stock_calls
+
+    seen = []
+
+    class Peek:
+        PLUGIN_NAME = "peek"
+
+        from perl_plugins import hookimpl
+
+        @hookimpl
+        def perl_compute_loss(self, outputs):
+            seen.append(outputs.logits.shape[:2])
+
+    peeked = make_trainer("sft", max_steps=1)
+    attach(peeked, plugins=[Peek()])
+    peeked_calls = _count_forwards(peeked)
+    train_quietly(peeked)
+    assert peeked_calls[0] == stock_calls[0] + 1 and len(seen) == 1

@@ -1,0 +1,266 @@
+"""PERL's memory and speed claims on a ~100M-parameter Llama built from config (random weights).
+
+Five cases, each in its own process (peak RSS = that process's VmHWM), alternated over rounds
+(odd rounds in reverse order), same data, batch and sequence length:
+
+- ``rm_lora`` / ``rm_full``: pointwise reward-model training (stock ``Trainer``, BCE on the reward
+  logit) through the ``lora`` plugin vs full fine-tuning (AdamW states for every parameter).
+- ``rl_shared``: RLOO, LoRA policy, reward = ``AdapterReward`` (a reward adapter on the policy's base).
+- ``rl_separate``: the same, reward = a separate full reward model (the adapter merged into a copy).
+- ``rl_policy_only``: the same, constant reward function (no reward model at all).
+
+All RL cases use a LoRA policy, so the reference is the base with adapters off everywhere (trl
+loads no reference copy). The last line printed is JSON with the medians per case and the ratios
+``rm_lora_vs_full_peak_ratio`` (goal <= 0.5), ``rm_lora_vs_full_step_ratio`` (<= 0.7),
+``rl_shared_vs_separate_peak_ratio`` (<= 0.6), ``rl_shared_vs_policy_only_peak_ratio`` (<= 1.15).
+
+    python benchmarks/perl_memory.py [--rounds 2] [--steps 3] [--batch_size 4] [--seq_len 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+warnings.filterwarnings("ignore")
+
+from _common import StepTimer, median, peak_rss_mb, ratio, reset_peak_rss, rss_mb, run_json  # noqa: E402
+
+CASES = ("rm_lora", "rm_full", "rl_shared", "rl_separate", "rl_policy_only")
+GOALS = {
+    "rm_lora_vs_full_peak_ratio": 0.5,
+    "rm_lora_vs_full_step_ratio": 0.7,
+    "rl_shared_vs_separate_peak_ratio": 0.6,
+    "rl_shared_vs_policy_only_peak_ratio": 1.15,
+}
+WARMUP_STEPS = 1  # the first step allocates optimizer states and warms allocator caches
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2, help="Alternating rounds over all cases.")
+    parser.add_argument("--steps", type=int, default=3, help="Timed steps per case (after one warm-up step).")
+    parser.add_argument("--batch_size", type=int, default=4, help="Sequences per step (RL: completions).")
+    parser.add_argument("--seq_len", type=int, default=128, help="Tokens per sequence (RL: prompt + completion).")
+    parser.add_argument("--completion_length", type=int, default=16, help="RL: new tokens per completion.")
+    parser.add_argument("--size", default="bench100m", help="perl_plugins.embedded.tiny_config size.")
+    parser.add_argument("--case", choices=("setup", *CASES), help=argparse.SUPPRESS)  # worker mode
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------- worker side (one case per process)
+
+
+def _reward_rows(tokenizer: Any, count: int, seq_len: int):
+    """Pointwise Taskmaster rows at least ``seq_len`` tokens long: after the pointwise trainer cuts
+    the oldest context, every batch is exactly (batch, seq_len) in both RM cases."""
+    from perl_plugins.data.defaults import default_dataset
+
+    rows = default_dataset("reward")["train"]
+    rows = rows.filter(lambda r: len(tokenizer(r["prompt"] + r["completion"])["input_ids"]) >= seq_len)
+    return rows.select(range(count))
+
+
+def _reward_trainer(base: str, tokenizer: Any, args: argparse.Namespace, workdir: str, steps: int, lora: bool):
+    from transformers import TrainingArguments
+
+    from perl_plugins import attach
+    from perl_plugins.pointwise import pointwise_trainer, reward_classifier
+
+    train_args = TrainingArguments(
+        output_dir=os.path.join(workdir, "rm_run"), max_steps=steps, per_device_train_batch_size=args.batch_size,
+        learning_rate=1e-4, gradient_checkpointing=False, save_strategy="no", logging_strategy="no",
+        report_to="none", use_cpu=True, seed=0, disable_tqdm=True,
+    )
+    rows = _reward_rows(tokenizer, steps * args.batch_size, args.seq_len)
+    trainer = pointwise_trainer(reward_classifier(base), tokenizer, train_args, rows, max_length=args.seq_len)
+    return attach(trainer, plugins="lora") if lora else trainer
+
+
+def _constant_reward(completions: list[Any], **kwargs: Any) -> list[float]:
+    return [0.0] * len(completions)
+
+
+def _rl_trainer(case: str, base: str, tokenizer: Any, args: argparse.Namespace, workdir: str, steps: int):
+    from transformers import AutoModelForCausalLM
+    from trl import RLOOConfig, RLOOTrainer
+
+    from perl_plugins import attach
+    from perl_plugins.data.defaults import default_dataset
+    from perl_plugins.plugins.lora import AdapterReward, LoraOptions, lora_config
+    from perl_plugins.pointwise import reward_classifier
+    from perl_plugins.recipe_stages import trim_prompts
+
+    prompts = default_dataset("rloo")["train"].select(range(steps * args.batch_size))
+    prompts = trim_prompts(prompts, tokenizer, args.seq_len - args.completion_length)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    extra: dict[str, Any] = {}
+    if case == "rl_shared":
+        reward_funcs: list[Any] = [AdapterReward(os.path.join(workdir, "reward_adapter"))]
+    elif case == "rl_separate":
+        reward_funcs = [reward_classifier(os.path.join(workdir, "reward_full"))]
+        extra["reward_processing_classes"] = [tokenizer]
+    else:
+        reward_funcs = [_constant_reward]
+    rl_args = RLOOConfig(
+        output_dir=os.path.join(workdir, "rl_run"), max_steps=steps, per_device_train_batch_size=args.batch_size,
+        num_generations=2, max_completion_length=args.completion_length, learning_rate=1e-4, beta=0.05,
+        gradient_checkpointing=False, save_strategy="no", logging_strategy="no", report_to="none", use_cpu=True,
+        seed=0, disable_tqdm=True,
+    )
+    trainer = RLOOTrainer(
+        model=model, reward_funcs=reward_funcs, args=rl_args, train_dataset=prompts, processing_class=tokenizer,
+        peft_config=lora_config(model, LoraOptions()), **extra,
+    )
+    return attach(trainer, plugins="lora")
+
+
+def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Build the trainer for ``case``, train ``WARMUP_STEPS + steps`` steps, measure."""
+    from transformers import AutoTokenizer
+
+    base = os.path.join(args.workdir, "base")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    steps = WARMUP_STEPS + args.steps
+    if case.startswith("rm_"):
+        trainer = _reward_trainer(base, tokenizer, args, args.workdir, steps, lora=case == "rm_lora")
+    else:
+        trainer = _rl_trainer(case, base, tokenizer, args, args.workdir, steps)
+    timer = StepTimer()
+    trainer.add_callback(timer)
+    setup_peak, before_train = peak_rss_mb(), rss_mb()
+    resettable = reset_peak_rss()
+    trainer.train()
+    train_peak = peak_rss_mb()
+    model = trainer.model
+    return {
+        "case": case,
+        "peak_rss_mb": round(max(setup_peak, train_peak) if resettable else train_peak, 1),
+        "train_peak_rss_mb": round(train_peak, 1) if resettable else None,
+        "rss_before_train_mb": round(before_train, 1),
+        "step_s": round(median(timer.wall[WARMUP_STEPS:]), 3),
+        "step_cpu_s": round(median(timer.cpu[WARMUP_STEPS:]), 3),
+        "params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+
+
+def setup(args: argparse.Namespace) -> dict[str, Any]:
+    """The base checkpoint, a reward adapter trained briefly on it, and that adapter merged into a
+    separate full reward model (for ``rl_separate``)."""
+    import torch
+    from peft import PeftModel
+
+    from perl_plugins.embedded import save_default
+    from perl_plugins.pointwise import reward_classifier
+    from perl_plugins.reward_model import save_reward_adapter, score_texts
+
+    work = Path(args.workdir)
+    base = str(save_default(work / "base", args.size))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    trainer = _reward_trainer(base, tokenizer, args, str(work), steps=2, lora=True)
+    trainer.train()
+    adapter = save_reward_adapter(trainer.model, work / "reward_adapter", trainer.model.active_adapter)
+    merged = PeftModel.from_pretrained(reward_classifier(base), str(adapter)).merge_and_unload()
+    merged.save_pretrained(work / "reward_full")
+    tokenizer.save_pretrained(work / "reward_full")
+    texts = ["User: a latte please\nAgent: Sure.", "User: tea?\nAgent: No."]
+    trainer.model.eval()
+    merged.eval()
+    gap = (score_texts(trainer.model, tokenizer, texts) - score_texts(merged, tokenizer, texts)).abs().max()
+    return {
+        "base_params": sum(p.numel() for p in merged.parameters()),
+        "merged_vs_adapter_max_score_gap": float(gap),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+# ---------------------------------------------------------------- parent side
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    keys = ("peak_rss_mb", "train_peak_rss_mb", "step_s", "step_cpu_s")
+    cases = {
+        case: {
+            **{k: median([r[k] for r in rs]) if rs[0][k] is not None else None for k in keys},
+            "rss_before_train_mb": median([r["rss_before_train_mb"] for r in rs]),
+            "trainable_params": rs[0]["trainable_params"],
+            "runs": [{k: r[k] for k in keys} for r in rs],
+        }
+        for case, rs in runs.items()
+    }
+
+    def r(a: str, b: str, key: str) -> float:
+        return ratio(cases[a][key], cases[b][key])
+
+    ratios = {
+        "rm_lora_vs_full_peak_ratio": r("rm_lora", "rm_full", "peak_rss_mb"),
+        "rm_lora_vs_full_step_ratio": r("rm_lora", "rm_full", "step_s"),
+        "rl_shared_vs_separate_peak_ratio": r("rl_shared", "rl_separate", "peak_rss_mb"),
+        "rl_shared_vs_policy_only_peak_ratio": r("rl_shared", "rl_policy_only", "peak_rss_mb"),
+    }
+    secondary = {
+        "rm_lora_vs_full_step_cpu_ratio": r("rm_lora", "rm_full", "step_cpu_s"),
+        "rm_lora_vs_full_train_peak_ratio": r("rm_lora", "rm_full", "train_peak_rss_mb"),
+        "rl_shared_vs_separate_train_peak_ratio": r("rl_shared", "rl_separate", "train_peak_rss_mb"),
+        "rl_shared_vs_policy_only_train_peak_ratio": r("rl_shared", "rl_policy_only", "train_peak_rss_mb"),
+        "rl_shared_vs_separate_step_ratio": r("rl_shared", "rl_separate", "step_s"),
+    }
+    return {
+        **ratios,
+        "goals": GOALS,
+        "goals_met": {k: bool(v <= GOALS[k]) for k, v in ratios.items()},
+        "secondary": secondary,
+        "cases": cases,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.case == "setup":
+        result = setup(args)
+    elif args.case:
+        result = run_case(args.case, args)
+    else:
+        started = time.perf_counter()
+        common = [
+            f"--steps={args.steps}", f"--batch_size={args.batch_size}", f"--seq_len={args.seq_len}",
+            f"--completion_length={args.completion_length}", f"--size={args.size}",
+        ]
+        with tempfile.TemporaryDirectory(prefix="perl_memory_") as workdir:
+            me = [os.path.abspath(__file__), f"--workdir={workdir}", *common]
+            setup_info = run_json([*me, "--case=setup"])
+            print(f"[perl_memory] setup: {json.dumps(setup_info)}", file=sys.stderr, flush=True)
+            runs: dict[str, list[dict[str, Any]]] = {case: [] for case in CASES}
+            for round_index in range(args.rounds):
+                for case in CASES if round_index % 2 == 0 else reversed(CASES):
+                    runs[case].append(run_json([*me, f"--case={case}"]))
+                    print(f"[perl_memory] round {round_index}: {json.dumps(runs[case][-1])}", file=sys.stderr, flush=True)
+        result = {
+            **summarize(runs),
+            "settings": {
+                "size": args.size, "params": setup_info["base_params"], "batch_size": args.batch_size,
+                "seq_len": args.seq_len, "completion_length": args.completion_length, "warmup_steps": WARMUP_STEPS,
+                "timed_steps": args.steps, "rounds": args.rounds, "torch_threads": setup_info["torch_threads"],
+            },
+            "merged_vs_adapter_max_score_gap": setup_info["merged_vs_adapter_max_score_gap"],
+            "wall_s": round(time.perf_counter() - started, 1),
+        }
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
