@@ -127,8 +127,15 @@ def _rl_trainer(case: str, base: str, tokenizer: Any, args: argparse.Namespace, 
 
 def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
     """Build the trainer for ``case``, train ``WARMUP_STEPS + steps`` steps, measure."""
+    import peft  # noqa: F401  (imported before the floor is read: every case pays for the same modules)
+    import trl  # noqa: F401
     from transformers import AutoTokenizer
 
+    import perl_plugins.plugins.lora  # noqa: F401
+    import perl_plugins.pointwise  # noqa: F401
+    import perl_plugins.recipe_stages  # noqa: F401
+
+    floor = rss_mb()  # interpreter + libraries, no model or data yet
     base = os.path.join(args.workdir, "base")
     tokenizer = AutoTokenizer.from_pretrained(base)
     steps = WARMUP_STEPS + args.steps
@@ -147,6 +154,7 @@ def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
         "case": case,
         "peak_rss_mb": round(max(setup_peak, train_peak) if resettable else train_peak, 1),
         "train_peak_rss_mb": round(train_peak, 1) if resettable else None,
+        "import_floor_mb": round(floor, 1),
         "rss_before_train_mb": round(before_train, 1),
         "step_s": round(median(timer.wall[WARMUP_STEPS:]), 3),
         "step_cpu_s": round(median(timer.cpu[WARMUP_STEPS:]), 3),
@@ -191,10 +199,14 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    keys = ("peak_rss_mb", "train_peak_rss_mb", "step_s", "step_cpu_s")
+    for rs in runs.values():
+        for run in rs:  # what the case itself adds on top of the interpreter and libraries
+            run["net_peak_mb"] = round(run["peak_rss_mb"] - run["import_floor_mb"], 1)
+    keys = ("peak_rss_mb", "net_peak_mb", "train_peak_rss_mb", "step_s", "step_cpu_s")
     cases = {
         case: {
             **{k: median([r[k] for r in rs]) if rs[0][k] is not None else None for k in keys},
+            "import_floor_mb": median([r["import_floor_mb"] for r in rs]),
             "rss_before_train_mb": median([r["rss_before_train_mb"] for r in rs]),
             "trainable_params": rs[0]["trainable_params"],
             "runs": [{k: r[k] for k in keys} for r in rs],
@@ -213,9 +225,9 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     }
     secondary = {
         "rm_lora_vs_full_step_cpu_ratio": r("rm_lora", "rm_full", "step_cpu_s"),
-        "rm_lora_vs_full_train_peak_ratio": r("rm_lora", "rm_full", "train_peak_rss_mb"),
-        "rl_shared_vs_separate_train_peak_ratio": r("rl_shared", "rl_separate", "train_peak_rss_mb"),
-        "rl_shared_vs_policy_only_train_peak_ratio": r("rl_shared", "rl_policy_only", "train_peak_rss_mb"),
+        "rm_lora_vs_full_net_peak_ratio": r("rm_lora", "rm_full", "net_peak_mb"),
+        "rl_shared_vs_separate_net_peak_ratio": r("rl_shared", "rl_separate", "net_peak_mb"),
+        "rl_shared_vs_policy_only_net_peak_ratio": r("rl_shared", "rl_policy_only", "net_peak_mb"),
         "rl_shared_vs_separate_step_ratio": r("rl_shared", "rl_separate", "step_s"),
     }
     return {

@@ -54,9 +54,9 @@ def _pow2_scale(amax: Tensor, fmax: float, old: Tensor) -> Tensor:
 
 
 def _scaled(x: Tensor, scale: Tensor, fmax: float, tiny: float = 0.0) -> Tensor:
-    """x * scale clamped to the format's range (and up to ``tiny`` for positive x when given), in fp32.
+    """x * scale clamped to the format's range (and up to ``tiny`` for positive x), still fp32.
 
-    The cast to the storage dtype happens in ``copy_``; inductor cannot ``torch.where`` on fp8.
+    The cast to the storage dtype comes last, in _write: inductor cannot ``torch.where`` on fp8.
     """
     y = (x * scale).clamp(-fmax, fmax)
     if tiny:
@@ -64,9 +64,22 @@ def _scaled(x: Tensor, scale: Tensor, fmax: float, tiny: float = 0.0) -> Tensor:
     return y
 
 
-def _store(dst: Tensor, ok: Tensor, new: Tensor) -> None:
-    """dst = new if ok else dst (casting to dst's dtype; the fp8/fp16 -> fp32 -> fp8/fp16 round trip is exact)."""
-    dst.copy_(torch.where(ok, new, dst.float()))
+def _deferred(dst: Tensor) -> bool:
+    """Whether ``dst``'s new value is returned for an eager ``copy_`` instead of written in the kernel.
+
+    Inductor's CPU kernels load and store 16-bit values with masked half-vector instructions; doing
+    both on the same buffer stalls (2x slower step, measured on AMD EPYC), a plain copy is cheap.
+    """
+    return dst.device.type == "cpu" and dst.element_size() == 2
+
+
+def _write(dst: Tensor, ok: Tensor, new: Tensor, deferred: list[Tensor]) -> None:
+    """dst = new if ok else dst, cast to dst's dtype (the round trip of an unchanged fp8/fp16 value is exact)."""
+    value = torch.where(ok, new, dst.float())
+    if _deferred(dst):
+        deferred.append(value.to(dst.dtype))
+    else:
+        dst.copy_(value)
 
 
 def _adamw_update(
@@ -79,64 +92,68 @@ def _adamw_update(
     w: Tensor | None,
     w_scale: Tensor | None,
     hp: Tensor,
-) -> Tensor:
-    """One AdamW step on flat tensors, in place; returns a 0-d bool: False means non-finite, nothing written.
+) -> tuple[Tensor, list[Tensor]]:
+    """One AdamW step for one tensor; returns (ok, deferred).
 
-    ``hp`` = [lr, 1 - lr*wd, beta1, beta2, bias_correction1, bias_correction2, eps] (fp32).
-    ``m_scale is None``: fp32 states. ``v_scale`` with one entry per block: 2-byte mode.
-    ``w``: fp16 master weights (else ``p`` itself is the master copy).
+    ``ok`` is a 0-d bool, False when the update is not finite: then nothing changes. ``deferred``
+    holds the new values of the 16-bit tensors among (m, v, w, p), in that order (see _deferred).
+    ``hp`` = [lr, 1 - lr*wd, beta1, beta2, 1 / bias_correction1, 1 / bias_correction2, eps] (fp32).
+    ``m_scale is None``: fp32 states. ``v_scale`` 1-D: 2-byte mode, all tensors are (blocks, BLOCK)
+    views. ``w``: fp16 master weights (else ``p`` itself is the master copy). Scales are powers of
+    two, so multiplying by their reciprocal is exact.
     """
-    lr, decay, b1, b2, bc1, bc2, eps = hp.unbind()
+    lr, decay, b1, b2, inv_bc1, inv_bc2, eps = hp.unbind()
     g32 = g.float()
     if m_scale is None:
         m32, v32 = m, v
-    elif v_scale.numel() == 1:
-        m32, v32 = m.float() / m_scale, v.float() / v_scale
     else:
-        m32 = m.float() / m_scale
-        r = v.float().view(-1, BLOCK) / v_scale[:, None]
-        v32 = (r * r).view(-1)
-    w32 = p.float() if w is None else w.float() / w_scale
+        m32 = m.float() * (1 / m_scale)
+        if v_scale.dim() == 0:
+            v32 = v.float() * (1 / v_scale)
+        else:
+            r = v.float() * (1 / v_scale)[:, None]
+            v32 = r * r
+    w32 = p.float() if w is None else w.float() * (1 / w_scale)
 
     m_new = b1 * m32 + (1 - b1) * g32
     v_new = b2 * v32 + (1 - b2) * g32 * g32
-    w_new = w32 * decay - lr * (m_new / bc1) / (torch.sqrt(v_new / bc2) + eps)
+    w_new = w32 * decay - lr * (m_new * inv_bc1) / (torch.sqrt(v_new * inv_bc2) + eps)
 
+    deferred: list[Tensor] = []
     if m_scale is None:
         ok = torch.isfinite(m_new.abs().amax()) & torch.isfinite(v_new.amax())
-        _store(m, ok, m_new)
-        _store(v, ok, v_new)
+        _write(m, ok, m_new, deferred)
+        _write(v, ok, v_new, deferred)
     else:
         m_amax = m_new.abs().amax()
-        ok = torch.isfinite(m_amax)
-        new_m_scale = _pow2_scale(m_amax, E4M3_MAX, m_scale)
-        if v_scale.numel() == 1:
+        if v_scale.dim() == 0:
             v_amax = v_new.amax()
-            ok = ok & torch.isfinite(v_amax)
+            ok = torch.isfinite(m_amax) & torch.isfinite(v_amax)
             new_v_scale = _pow2_scale(v_amax, FP16_MAX, v_scale)
             v_q = _scaled(v_new, new_v_scale, FP16_MAX, FP16_TINY)
         else:
-            r_new = torch.sqrt(v_new).view(-1, BLOCK)
+            r_new = torch.sqrt(v_new)
             r_amax = r_new.amax(dim=1)
-            ok = ok & torch.isfinite(r_amax).all()
+            ok = torch.isfinite(m_amax) & torch.isfinite(r_amax).all()
             new_v_scale = _pow2_scale(r_amax, E4M3_MAX, v_scale)
-            v_q = _scaled(r_new, new_v_scale[:, None], E4M3_MAX, E4M3_TINY).view(-1)
-        _store(m, ok, _scaled(m_new, new_m_scale, E4M3_MAX))
-        _store(m_scale, ok, new_m_scale)
-        _store(v, ok, v_q)
-        _store(v_scale, ok, new_v_scale)
+            v_q = _scaled(r_new, new_v_scale[:, None], E4M3_MAX, E4M3_TINY)
+        new_m_scale = _pow2_scale(m_amax, E4M3_MAX, m_scale)
+        _write(m, ok, _scaled(m_new, new_m_scale, E4M3_MAX), deferred)
+        _write(m_scale, ok, new_m_scale, deferred)
+        _write(v, ok, v_q, deferred)
+        _write(v_scale, ok, new_v_scale, deferred)
     if w is not None:
         new_w_scale = _pow2_scale(w_new.abs().amax(), FP16_MAX, w_scale)
-        _store(w, ok, _scaled(w_new, new_w_scale, FP16_MAX))
-        _store(w_scale, ok, new_w_scale)
-    _store(p, ok, w_new)
-    return ok
+        _write(w, ok, _scaled(w_new, new_w_scale, FP16_MAX), deferred)
+        _write(w_scale, ok, new_w_scale, deferred)
+    _write(p, ok, w_new, deferred)
+    return ok, deferred
 
 
-_compiled_update: Callable[..., Tensor] | None = None
+_compiled_update: Callable[..., tuple[Tensor, list[Tensor]]] | None = None
 
 
-def _compiled() -> Callable[..., Tensor]:
+def _compiled() -> Callable[..., tuple[Tensor, list[Tensor]]]:
     # One compiled function shared by all optimizers; dynamic shapes avoid one compile per shape.
     global _compiled_update
     if _compiled_update is None:
@@ -257,26 +274,8 @@ class FP8AdamW(torch.optim.Optimizer):
                 if not state:
                     state.update(self._init_state(p))
                 t = state["step"] + 1
-                hp = torch.tensor(
-                    [lr, 1 - lr * group["weight_decay"], b1, b2, 1 - b1**t, 1 - b2**t, group["eps"]],
-                    dtype=torch.float32,
-                    device=p.device,
-                )
-                flat = p.view(-1) if p.is_contiguous() else p.contiguous().view(-1)
-                args = (
-                    flat,
-                    p.grad.reshape(-1),
-                    state["exp_avg"],
-                    state.get("exp_avg_scale"),
-                    state["exp_avg_sq"],
-                    state.get("exp_avg_sq_scale"),
-                    state.get("master"),
-                    state.get("master_scale"),
-                    hp,
-                )
-                ok = self._run(update, args)
-                if not p.is_contiguous():
-                    p.copy_(flat.view_as(p))
+                hp = (lr, 1 - lr * group["weight_decay"], b1, b2, 1 / (1 - b1**t), 1 / (1 - b2**t), group["eps"])
+                ok = self._update(update, p, state, torch.tensor(hp, dtype=torch.float32, device=p.device))
                 if ok:
                     state["step"] = t
                 elif self.nonfinite == "raise":
@@ -288,16 +287,29 @@ class FP8AdamW(torch.optim.Optimizer):
                     self.nonfinite_skips += 1
         return loss
 
-    def _run(self, update: Callable[..., Tensor], args: tuple) -> bool:
-        if not self.compile:
-            return bool(update(*args))
-        try:
-            return bool(update(*args))
-        except Exception as e:  # compile errors surface at the first call for a new signature
-            raise RuntimeError(
-                "FP8AdamW: torch.compile of the optimizer step failed; pass compile=False to run "
-                "the same arithmetic eagerly (slower on CPU)"
-            ) from e
+    def _update(self, update: Callable[..., tuple[Tensor, list[Tensor]]], p: Tensor, state: dict, hp: Tensor) -> bool:
+        """Run the update on flat views, (blocks, BLOCK) views in the 2-byte mode; True if applied."""
+        v_scale = state.get("exp_avg_sq_scale")
+        shape = (-1, BLOCK) if v_scale is not None and v_scale.dim() == 1 else (-1,)
+        work = p if p.is_contiguous() else p.contiguous()
+        m, v, w = (state[k].view(shape) if k in state else None for k in ("exp_avg", "exp_avg_sq", "master"))
+        pw = work.view(shape)
+        args = (pw, p.grad.reshape(shape), m, state.get("exp_avg_scale"), v, v_scale, w, state.get("master_scale"), hp)
+        if self.compile:
+            try:
+                ok, deferred = update(*args)
+            except Exception as e:  # compile errors surface at the first call for a new signature
+                raise RuntimeError(
+                    "FP8AdamW: torch.compile of the optimizer step failed; pass compile=False to run "
+                    "the same arithmetic eagerly (slower on CPU)"
+                ) from e
+        else:
+            ok, deferred = update(*args)
+        for dst, value in zip([t for t in (m, v, w, pw) if t is not None and _deferred(t)], deferred, strict=True):
+            dst.copy_(value)
+        if work is not p:
+            p.copy_(work)
+        return bool(ok)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Like torch's, but keeps the saved state dtypes: torch casts state tensors to the param dtype."""

@@ -93,5 +93,5 @@ def policy_with_reward(
 
 
 def iteration_log(values: list[float], key: str) -> list[dict[str, float]]:
-    """A ``log_history``-like list (``step`` = iteration) for :func:`perl_plugins.reporting.plot_curves`."""
-    return [{"step": i, key: v} for i, v in enumerate(values)]
+    """A ``log_history``-like list (``step`` = iteration, from 1) for :func:`perl_plugins.reporting.plot_curves`."""
+    return [{"step": i, key: v} for i, v in enumerate(values, 1)]

@@ -1,0 +1,385 @@
+"""RLAIF recipe (Bai et al. 2022; Lee et al. 2023): an AI labeller replaces the human rater.
+
+    python recipes/rlaif.py --config recipes/rlaif.yaml                          # embedded default, CPU, <10 min
+    python recipes/rlaif.py --config recipes/rlaif.yaml --preference_learning dpo  # DPO on the AI labels instead
+    python recipes/rlaif.py --config recipes/rlaif.yaml --labeller_model_name_or_path Qwen/Qwen2.5-1.5B-Instruct
+    python recipes/rlaif.py --config recipes/rlaif.yaml --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct
+
+1. Label: candidate pairs are two rated replies to the same Taskmaster coffee context. The labeller
+   (a causal LM: the embedded base by default) reads a preamble, the context and both replies,
+   ending in ``Preferred response=``; the soft label is the softmax of its log-probs of the tokens
+   "1" and "2", computed for both orders and averaged (cancels position bias). Written to
+   OUTPUT_DIR/rlaif_labels.jsonl, one JSON object per line: ``prompt``, ``response_1``,
+   ``response_2``, ``p_1_preferred`` (the averaged soft label), ``p_1_preferred_order_12`` and
+   ``p_1_preferred_order_21`` (response 1 shown first / second), ``thumbs_1``, ``thumbs_2`` (the
+   human labels, for reference only).
+2. Learn the preference: ``reward_model`` (default): a LoRA reward model on stock
+   ``trl.RewardTrainer`` whose Bradley-Terry loss is replaced (by a small local plugin) with binary
+   cross-entropy against the soft label, -(p log s(r1 - r2) + (1 - p) log s(r2 - r1)); or ``dpo``:
+   stock ``DPOTrainer`` with a LoRA policy on the hard labels (p >= 0.5), no RL stage.
+3. RL (reward_model path): RLOO exactly as recipes/perl.py stage 2 (LoRA policy, the reward
+   adapter on the same base). Both learned models are evaluated on held-out *human* pairs.
+Writes OUTPUT_DIR/summary.json and OUTPUT_DIR/curves.png.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import random
+import sys
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, set_seed
+from trl import DPOConfig, RewardConfig, RewardTrainer, TrlParser
+
+from perl_plugins import attach, hookimpl
+from perl_plugins.arguments import options_for
+from perl_plugins.attach import trainer_family
+from perl_plugins.data.defaults import default_dataset
+from perl_plugins.embedded import resolve_model
+from perl_plugins.errors import PluginIncompatibleError
+from perl_plugins.plugins.lora import LoraOptions
+from perl_plugins.recipe_stages import trim_prompt, trim_prompts
+from perl_plugins.reporting import plot_curves, write_summary
+from perl_plugins.reward_model import save_reward_adapter
+
+PREAMBLE = (
+    "A good reply from a coffee shop agent answers the customer's last request correctly, "
+    "politely and without inventing anything. Which response is better?"
+)
+CUE = "Preferred response="
+METHODS = ("reward_model", "dpo")
+
+
+@dataclass
+class RLAIFRecipeConfig:
+    output_dir: str = field(default="outputs/rlaif", metadata={"help": "Where labels, adapters, summary, curves go."})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Base model; default: embedded."})
+    model_size: str = field(default="demo", metadata={"help": "Embedded default size when no model is given."})
+    taskmaster_file: str | None = field(default=None, metadata={"help": "Thumbs up/down file; default: coffee."})
+    rm_plugins: str = field(default="lora", metadata={"help": "Reward-model plugins (lora required; grm...)."})
+    rl_plugins: str = field(default="lora", metadata={"help": "Policy plugins, RL or DPO (lora required)."})
+    plugin_options: str = field(default="{}", metadata={"help": "Plugin options (a mapping in YAML, JSON on the CLI)."})
+    seed: int = field(default=0, metadata={"help": "Seed."})
+    context_turns: int = field(default=4, metadata={"help": "Keep the last N dialog turns of each context."})
+    max_prompt_tokens: int = field(default=128, metadata={"help": "Keep the latest prompt tokens up to this."})
+    max_length: int = field(default=192, metadata={"help": "Max tokens of prompt + reply (reward model, DPO)."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank of every adapter."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha of every adapter."})
+    # 1. AI labelling
+    labeller_model_name_or_path: str | None = field(default=None, metadata={"help": "Labeller LM; default: the base."})
+    labeller_preamble: str = field(default=PREAMBLE, metadata={"help": "Instruction before the context."})
+    label_pairs: int = field(default=256, metadata={"help": "Candidate pairs to label."})
+    pairs_per_context: int = field(default=3, metadata={"help": "At most this many pairs from one context."})
+    label_batch_size: int = field(default=16, metadata={"help": "Labeller batch size."})
+    # 2. preference learning
+    preference_learning: str = field(default="reward_model", metadata={"help": f"One of {METHODS}."})
+    eval_pairs: int = field(default=0, metadata={"help": "Held-out human pairs to evaluate on (0: all)."})
+    rm_epochs: float = field(default=2.0, metadata={"help": "Reward-model epochs."})
+    rm_max_steps: int = field(default=-1, metadata={"help": "Reward-model steps (overrides epochs if > 0)."})
+    rm_batch_size: int = field(default=8, metadata={"help": "Reward-model pairs per step."})
+    rm_learning_rate: float = field(default=1e-3, metadata={"help": "Reward-model learning rate."})
+    dpo_epochs: float = field(default=1.0, metadata={"help": "DPO epochs (preference_learning=dpo)."})
+    dpo_max_steps: int = field(default=-1, metadata={"help": "DPO steps (overrides epochs if > 0)."})
+    dpo_batch_size: int = field(default=8, metadata={"help": "DPO pairs per step."})
+    dpo_learning_rate: float = field(default=5e-4, metadata={"help": "DPO learning rate."})
+    dpo_beta: float = field(default=0.1, metadata={"help": "DPO inverse temperature."})
+    # 3. RL (the keys of recipes/perl.py)
+    rl_prompts: int = field(default=64, metadata={"help": "Training prompts for RLOO."})
+    rl_eval_prompts: int = field(default=24, metadata={"help": "Held-out prompts for reward before/after."})
+    rl_max_steps: int = field(default=20, metadata={"help": "RLOO optimizer steps."})
+    rl_batch_size: int = field(default=8, metadata={"help": "Completions per RLOO step."})
+    rl_num_generations: int = field(default=4, metadata={"help": "Completions per prompt (RLOO's k)."})
+    rl_max_completion_length: int = field(default=24, metadata={"help": "Max new tokens per completion."})
+    rl_learning_rate: float = field(default=5e-4, metadata={"help": "Policy learning rate."})
+    rl_beta: float = field(default=0.05, metadata={"help": "KL penalty to the reference (adapters off)."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations (large models)."})
+
+    def __post_init__(self) -> None:
+        if self.preference_learning not in METHODS:
+            raise ValueError(f"preference_learning must be one of {METHODS}, got {self.preference_learning!r}.")
+
+
+# ---------------------------------------------------------------- 1. AI labelling
+
+
+def labelling_prompt(preamble: str, context: str, first: str, second: str, cue: str = CUE) -> str:
+    """What the labeller reads: preamble, context, both candidates, then the cue it completes."""
+    return f"{preamble}\n\nConversation:\n{context}\n\nResponse 1: {first.strip()}\nResponse 2: {second.strip()}\n\n{cue}"
+
+
+def option_token_ids(tokenizer: Any, cue: str = CUE, options: tuple[str, ...] = ("1", "2")) -> list[int]:
+    """The single token each option adds right after ``cue`` (refuses a cue that merges with it)."""
+    cue_ids = tokenizer(cue, add_special_tokens=False)["input_ids"]
+    ids = []
+    for option in options:
+        full = tokenizer(cue + option, add_special_tokens=False)["input_ids"]
+        if full[: len(cue_ids)] != cue_ids or len(full) != len(cue_ids) + 1:
+            raise ValueError(f"{cue + option!r} does not tokenize as the cue plus one token for {option!r}; change the cue.")
+        ids.append(full[-1])
+    return ids
+
+
+class CausalLMLabeller:
+    """``labeller(texts)`` -> ``(n, 2)`` log-probs of the next token being "1" / "2" after each text."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, cue: str = CUE, batch_size: int = 16) -> None:
+        self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
+        self.option_ids = option_token_ids(tokenizer, cue)
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        out = []
+        with torch.no_grad():
+            for start in tqdm(range(0, len(texts), self.batch_size), desc="AI labelling"):
+                batch = self.tokenizer(
+                    texts[start : start + self.batch_size], return_tensors="pt", padding=True, padding_side="right",
+                    add_special_tokens=False,
+                ).to(device)
+                logits = self.model(**batch).logits
+                last = batch["attention_mask"].sum(-1) - 1  # right padding: the cue's last token
+                logps = logits[torch.arange(logits.shape[0], device=device), last].float().log_softmax(-1)
+                out.append(logps[:, self.option_ids].cpu())
+        return torch.cat(out)
+
+
+def soft_labels(
+    labeller: Callable[[list[str]], torch.Tensor], pairs: list[tuple[str, str, str]], preamble: str = PREAMBLE
+) -> list[dict[str, float]]:
+    """For each (context, response_1, response_2): P(response 1 preferred) in both orders and their mean.
+
+    In each order the probability is the softmax over the labeller's log-probs of "1" and "2";
+    averaging "1 first" with "1 second" cancels a constant preference for a position.
+    """
+    texts = [
+        labelling_prompt(preamble, context, *order)
+        for context, r1, r2 in pairs
+        for order in ((r1, r2), (r2, r1))
+    ]
+    probs = labeller(texts).float().softmax(-1).view(len(pairs), 2, 2)
+    first = probs[:, 0, 0]  # response 1 shown first, labeller says "1"
+    second = probs[:, 1, 1]  # response 1 shown second, labeller says "2"
+    return [
+        {"p_1_preferred": (a + b) / 2, "p_1_preferred_order_12": a, "p_1_preferred_order_21": b}
+        for a, b in zip(first.tolist(), second.tolist())
+    ]
+
+
+def candidate_pairs(rows: datasets.Dataset, per_context: int, limit: int, seed: int) -> list[dict[str, Any]]:
+    """Pairs of distinct rated replies to one context (at most ``per_context`` per context),
+    shuffled, at most ``limit``; each keeps both replies' mean thumbs for reference."""
+    replies: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for prompt, completion, label in zip(rows["prompt"], rows["completion"], rows["label"]):
+        replies[prompt][completion].append(label)
+    pairs = []
+    for prompt, rated in replies.items():
+        for (r1, t1), (r2, t2) in itertools.islice(itertools.combinations(rated.items(), 2), per_context):
+            pairs.append({"prompt": prompt, "response_1": r1, "response_2": r2,
+                          "thumbs_1": sum(t1) / len(t1), "thumbs_2": sum(t2) / len(t2)})
+    random.Random(seed).shuffle(pairs)
+    return pairs[:limit]
+
+
+def label_with_ai(cfg: RLAIFRecipeConfig, model_path: str, tokenizer: Any, rows: datasets.Dataset) -> list[dict[str, Any]]:
+    """Label candidate pairs with the AI labeller and write OUTPUT_DIR/rlaif_labels.jsonl."""
+    labeller_path = cfg.labeller_model_name_or_path or model_path
+    labeller_tokenizer = tokenizer if labeller_path == model_path else AutoTokenizer.from_pretrained(labeller_path)
+    if labeller_tokenizer.pad_token is None:
+        labeller_tokenizer.pad_token = labeller_tokenizer.eos_token
+    labeller = CausalLMLabeller(AutoModelForCausalLM.from_pretrained(labeller_path), labeller_tokenizer, batch_size=cfg.label_batch_size)
+    pairs = candidate_pairs(rows, cfg.pairs_per_context, cfg.label_pairs, cfg.seed)
+    for pair in pairs:
+        pair["prompt"] = trim_prompt(tokenizer, pair["prompt"], cfg.max_prompt_tokens)
+    # The labeller reads the conversation without the trailing "Agent:" cue the policy continues from.
+    contexts = [(p["prompt"].removesuffix("Agent:").rstrip(), p["response_1"], p["response_2"]) for p in pairs]
+    labelled = [{**pair, **label} for pair, label in zip(pairs, soft_labels(labeller, contexts, cfg.labeller_preamble))]
+    with open(os.path.join(cfg.output_dir, "rlaif_labels.jsonl"), "w") as f:
+        for row in labelled:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return labelled
+
+
+def labeller_metrics(labelled: list[dict[str, Any]]) -> dict[str, float]:
+    """Position bias (P(first slot wins) - 1/2), confidence (mean |2p - 1|), and agreement with
+    the human thumbs on pairs whose thumbs differ."""
+    n = len(labelled)
+    bias = sum((r["p_1_preferred_order_12"] + 1 - r["p_1_preferred_order_21"]) / 2 for r in labelled) / n - 0.5
+    decided = [r for r in labelled if r["thumbs_1"] != r["thumbs_2"]]
+    agree = [(r["p_1_preferred"] > 0.5) == (r["thumbs_1"] > r["thumbs_2"]) for r in decided]
+    return {
+        "labelled_pairs": n,
+        "labeller_position_bias": bias,
+        "labeller_confidence": sum(abs(2 * r["p_1_preferred"] - 1) for r in labelled) / n,
+        "labeller_human_agreement": sum(agree) / len(agree) if agree else math.nan,
+    }
+
+
+# ---------------------------------------------------------------- 2. reward model on soft labels
+
+
+class SoftLabelLoss:
+    """Local plugin for stock RewardTrainer: the Bradley-Terry loss on (chosen, rejected) becomes
+    binary cross-entropy of sigmoid(r_chosen - r_rejected) against each pair's ``soft_label``
+    (p = 1 gives back the stock loss). With ``grm`` it takes the reward loss's 1 - alpha weight."""
+
+    PLUGIN_NAME = "rlaif_soft_labels"
+
+    @hookimpl
+    def perl_check_trainer(self, trainer: Any) -> None:
+        if trainer_family(trainer) != "RewardTrainer":
+            raise PluginIncompatibleError(f"{self.PLUGIN_NAME} works on RewardTrainer, not {type(trainer).__name__}.")
+        if "soft_label" not in (trainer.train_dataset.column_names or []):
+            raise PluginIncompatibleError(f"{self.PLUGIN_NAME}: the train dataset needs a 'soft_label' column.")
+
+    @hookimpl
+    def perl_configure(self, trainer: Any) -> None:
+        inner = trainer.data_collator
+
+        def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
+            batch = inner([{k: v for k, v in e.items() if k != "soft_label"} for e in examples])
+            batch["soft_label"] = torch.tensor([e["soft_label"] for e in examples], dtype=torch.float32)
+            return batch
+
+        trainer.data_collator = collate
+        trainer._set_signature_columns_if_needed()
+        trainer._signature_columns = [*trainer._signature_columns, "soft_label"]
+        trainer.perl_plugins.private_inputs.add("soft_label")
+
+    @hookimpl
+    def perl_compute_loss(self, trainer: Any, inputs: dict[str, Any], outputs: Any, terms: Any, options: dict[str, Any]) -> None:
+        chosen, rejected = outputs.logits.squeeze(-1).chunk(2)
+        loss = F.binary_cross_entropy_with_logits(chosen - rejected, inputs["soft_label"].to(chosen.dtype))
+        weight = 1.0 - options["grm"].grm_alpha if "grm" in options else 1.0
+        terms.reweight(terms.base_name, 0.0)
+        terms.add("soft_label_loss", loss, weight)
+
+
+def _pair_ids(tokenizer: Any, prompt: str, response: str, max_length: int) -> list[int]:
+    ids = tokenizer(prompt + response + (tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"]
+    return ids[-max_length:]  # the reward reads the last token: cut the oldest context
+
+
+def train_soft_reward_model(
+    cfg: RLAIFRecipeConfig, model_path: str, tokenizer: Any, labelled: list[dict], human_pairs: datasets.Dataset
+) -> tuple[str, dict, list]:
+    """LoRA reward model on the AI soft labels; evaluated on held-out human pairs (soft label 1)."""
+    def encode(prompts, firsts, seconds, labels) -> datasets.Dataset:
+        return datasets.Dataset.from_dict({
+            "chosen_ids": [_pair_ids(tokenizer, p, r, cfg.max_length) for p, r in zip(prompts, firsts)],
+            "rejected_ids": [_pair_ids(tokenizer, p, r, cfg.max_length) for p, r in zip(prompts, seconds)],
+            "soft_label": [float(x) for x in labels],
+        })
+
+    train = encode(*zip(*[(r["prompt"], r["response_1"], r["response_2"], r["p_1_preferred"]) for r in labelled]))
+    test = encode(human_pairs["prompt"], human_pairs["chosen"], human_pairs["rejected"], [1.0] * len(human_pairs))
+    args = RewardConfig(
+        output_dir=os.path.join(cfg.output_dir, "reward_model"),
+        num_train_epochs=cfg.rm_epochs,
+        max_steps=cfg.rm_max_steps,
+        per_device_train_batch_size=cfg.rm_batch_size,
+        per_device_eval_batch_size=cfg.rm_batch_size,
+        learning_rate=cfg.rm_learning_rate,
+        max_length=cfg.max_length,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        logging_steps=5,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+        seed=cfg.seed,
+    )
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=test, processing_class=tokenizer)
+    options = {"lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, **options_for(cfg.rm_plugins, cfg.plugin_options)}
+    attach(trainer, plugins=[*cfg.rm_plugins.split(","), SoftLabelLoss()], **options)
+    trainer.train()
+    metrics = trainer.evaluate()
+    reward_dir = os.path.join(cfg.output_dir, "reward_adapter")
+    save_reward_adapter(trainer.model, reward_dir, trainer.model.active_adapter)
+    return reward_dir, metrics, trainer.state.log_history
+
+
+# ---------------------------------------------------------------- recipe
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (cfg,) = TrlParser([RLAIFRecipeConfig]).parse_args_and_config(argv)
+    if "lora" not in cfg.rm_plugins.split(",") or "lora" not in cfg.rl_plugins.split(","):
+        raise SystemExit("RLAIF trains every adapter through LoRA: keep 'lora' in rm_plugins and rl_plugins.")
+    set_seed(cfg.seed)
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    model_path = resolve_model(cfg.model_name_or_path, cfg.model_size)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    rows = default_dataset("reward", cfg.taskmaster_file, cfg.context_turns, seed=cfg.seed)
+    print(f"[rlaif] 1. AI labeller {cfg.labeller_model_name_or_path or 'base model'} on {cfg.label_pairs} pairs", flush=True)
+    labelled = label_with_ai(cfg, model_path, tokenizer, rows["train"])
+    metrics = labeller_metrics(labelled)
+    human = default_dataset("dpo", cfg.taskmaster_file, cfg.context_turns, seed=cfg.seed)["test"]
+    if cfg.eval_pairs:
+        human = human.select(range(min(cfg.eval_pairs, len(human))))
+    human = trim_prompts(human, tokenizer, cfg.max_prompt_tokens)
+
+    if cfg.preference_learning == "dpo":
+        from perl_plugins.recipes.dpo import train_dpo
+
+        print(f"[rlaif] 2. DPO on {len(labelled)} AI-labelled pairs (hard labels)", flush=True)
+        hard = datasets.Dataset.from_dict({
+            "prompt": [r["prompt"] for r in labelled],
+            "chosen": [r["response_1"] if r["p_1_preferred"] >= 0.5 else r["response_2"] for r in labelled],
+            "rejected": [r["response_2"] if r["p_1_preferred"] >= 0.5 else r["response_1"] for r in labelled],
+        })
+        args = DPOConfig(
+            output_dir=os.path.join(cfg.output_dir, "policy"), num_train_epochs=cfg.dpo_epochs, max_steps=cfg.dpo_max_steps,
+            per_device_train_batch_size=cfg.dpo_batch_size, per_device_eval_batch_size=cfg.dpo_batch_size,
+            learning_rate=cfg.dpo_learning_rate, beta=cfg.dpo_beta, max_length=cfg.max_length,
+            gradient_checkpointing=cfg.gradient_checkpointing, logging_steps=5, save_strategy="no", report_to="none",
+            use_cpu=not torch.cuda.is_available(), seed=cfg.seed,
+        )
+        lora = LoraOptions(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
+        dpo_metrics, logs, trainer = train_dpo(model_path, tokenizer, hard, human, args, lora, cfg.rl_plugins, cfg.plugin_options)
+        trainer.save_model(args.output_dir)
+        metrics.update({
+            "dpo_eval_reward_accuracy": dpo_metrics["eval_rewards/accuracies"],
+            "dpo_eval_reward_margin": dpo_metrics["eval_rewards/margins"],
+        })
+        panels = {"DPO: loss": (logs, ["loss"]), "DPO: implicit rewards": (logs, ["rewards/chosen", "rewards/rejected"])}
+    else:
+        from perl_plugins.recipes.perl import run_rl
+
+        print(f"[rlaif] 2. LoRA reward model on {len(labelled)} soft labels (BCE)", flush=True)
+        reward_dir, rm_metrics, rm_logs = train_soft_reward_model(cfg, model_path, tokenizer, labelled, human)
+        print(f"[rlaif] reward model on held-out human pairs: accuracy {rm_metrics['eval_accuracy']:.3f}", flush=True)
+        print(f"[rlaif] 3. RLOO, LoRA policy + reward adapter on one base, {cfg.rl_max_steps} steps", flush=True)
+        rl_data = default_dataset("rloo", cfg.taskmaster_file, cfg.context_turns, seed=cfg.seed)
+        rl_metrics, rl_logs = run_rl(cfg, model_path, tokenizer, reward_dir, rl_data)
+        metrics.update({
+            "rm_eval_accuracy": rm_metrics["eval_accuracy"],
+            "rm_eval_margin": rm_metrics["eval_margin"],
+            **rl_metrics,
+            "rl_final_kl": next((log["kl"] for log in reversed(rl_logs) if "kl" in log), math.nan),
+        })
+        panels = {
+            "reward model: soft-label loss": (rm_logs, ["loss", "soft_label_loss"]),
+            "RLOO: reward": (rl_logs, ["reward"]),
+            "RLOO: KL to reference": (rl_logs, ["kl"]),
+        }
+    write_summary(cfg.output_dir, "rlaif", metrics, {"model": model_path, "labeller": cfg.labeller_model_name_or_path or model_path, "preference_learning": cfg.preference_learning})
+    plot_curves(cfg.output_dir, panels)
+    return metrics
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
