@@ -48,7 +48,13 @@ WARMUP_STEPS = 1  # the first step allocates optimizer states and warms allocato
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2, help="Alternating rounds over all cases.")
-    parser.add_argument("--steps", type=int, default=3, help="Timed steps per case (after one warm-up step).")
+    parser.add_argument("--steps", type=int, default=3, help="Timed reward-model steps (after one warm-up step).")
+    parser.add_argument(
+        "--rl_steps", type=int, default=1, help="Timed RL steps (after one warm-up step); RL goals are peaks only."
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads per case (1 stays steady on a shared machine)."
+    )
     parser.add_argument("--batch_size", type=int, default=4, help="Sequences per step (RL: completions).")
     parser.add_argument("--seq_len", type=int, default=128, help="Tokens per sequence (RL: prompt + completion).")
     parser.add_argument("--completion_length", type=int, default=16, help="RL: new tokens per completion.")
@@ -128,6 +134,7 @@ def _rl_trainer(case: str, base: str, tokenizer: Any, args: argparse.Namespace, 
 def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
     """Build the trainer for ``case``, train ``WARMUP_STEPS + steps`` steps, measure."""
     import peft  # noqa: F401  (imported before the floor is read: every case pays for the same modules)
+    import torch
     import trl  # noqa: F401
     from transformers import AutoTokenizer
 
@@ -138,7 +145,8 @@ def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
     floor = rss_mb()  # interpreter + libraries, no model or data yet
     base = os.path.join(args.workdir, "base")
     tokenizer = AutoTokenizer.from_pretrained(base)
-    steps = WARMUP_STEPS + args.steps
+    torch.set_num_threads(args.threads)
+    steps = WARMUP_STEPS + (args.steps if case.startswith("rm_") else args.rl_steps)
     if case.startswith("rm_"):
         trainer = _reward_trainer(base, tokenizer, args, args.workdir, steps, lora=case == "rm_lora")
     else:
@@ -168,15 +176,15 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
     separate full reward model (for ``rl_separate``)."""
     import torch
     from peft import PeftModel
+    from transformers import AutoTokenizer
 
     from perl_plugins.embedded import save_default
     from perl_plugins.pointwise import reward_classifier
     from perl_plugins.reward_model import save_reward_adapter, score_texts
 
+    torch.set_num_threads(args.threads)
     work = Path(args.workdir)
     base = str(save_default(work / "base", args.size))
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(base)
     trainer = _reward_trainer(base, tokenizer, args, str(work), steps=2, lora=True)
     trainer.train()
@@ -205,9 +213,9 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     keys = ("peak_rss_mb", "net_peak_mb", "train_peak_rss_mb", "step_s", "step_cpu_s")
     cases = {
         case: {
-            **{k: median([r[k] for r in rs]) if rs[0][k] is not None else None for k in keys},
-            "import_floor_mb": median([r["import_floor_mb"] for r in rs]),
-            "rss_before_train_mb": median([r["rss_before_train_mb"] for r in rs]),
+            **{k: round(median([r[k] for r in rs]), 3) if rs[0][k] is not None else None for k in keys},
+            "import_floor_mb": round(median([r["import_floor_mb"] for r in rs]), 1),
+            "rss_before_train_mb": round(median([r["rss_before_train_mb"] for r in rs]), 1),
             "trainable_params": rs[0]["trainable_params"],
             "runs": [{k: r[k] for k in keys} for r in rs],
         }
@@ -248,7 +256,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         started = time.perf_counter()
         common = [
-            f"--steps={args.steps}", f"--batch_size={args.batch_size}", f"--seq_len={args.seq_len}",
+            f"--steps={args.steps}", f"--rl_steps={args.rl_steps}", f"--threads={args.threads}",
+            f"--batch_size={args.batch_size}", f"--seq_len={args.seq_len}",
             f"--completion_length={args.completion_length}", f"--size={args.size}",
         ]
         with tempfile.TemporaryDirectory(prefix="perl_memory_") as workdir:
@@ -259,13 +268,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for round_index in range(args.rounds):
                 for case in CASES if round_index % 2 == 0 else reversed(CASES):
                     runs[case].append(run_json([*me, f"--case={case}"]))
-                    print(f"[perl_memory] round {round_index}: {json.dumps(runs[case][-1])}", file=sys.stderr, flush=True)
+                    progress = f"[perl_memory] round {round_index}: {json.dumps(runs[case][-1])}"
+                    print(progress, file=sys.stderr, flush=True)
         result = {
             **summarize(runs),
             "settings": {
                 "size": args.size, "params": setup_info["base_params"], "batch_size": args.batch_size,
                 "seq_len": args.seq_len, "completion_length": args.completion_length, "warmup_steps": WARMUP_STEPS,
-                "timed_steps": args.steps, "rounds": args.rounds, "torch_threads": setup_info["torch_threads"],
+                "timed_rm_steps": args.steps, "timed_rl_steps": args.rl_steps, "rounds": args.rounds,
+                "torch_threads": setup_info["torch_threads"],
             },
             "merged_vs_adapter_max_score_gap": setup_info["merged_vs_adapter_max_score_gap"],
             "wall_s": round(time.perf_counter() - started, 1),

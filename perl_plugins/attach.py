@@ -82,13 +82,16 @@ def attach(trainer: Trainer, plugins: str | Sequence[Any] | None = None, **optio
         return trainer
     plugin_set.call("perl_check_trainer", trainer=trainer)
 
-    snapshot = dict(vars(trainer))
+    snapshot, args_snapshot = dict(vars(trainer)), dict(vars(trainer.args))
     try:
         _install(trainer, plugin_set)
     except BaseException:
-        # Nothing half-attached: restore the trainer's attributes (bound-method wrappers included).
+        # Nothing half-attached: restore the trainer's attributes (bound-method wrappers included)
+        # and its training arguments, which perl_configure may have changed in place.
         vars(trainer).clear()
         vars(trainer).update(snapshot)
+        vars(trainer.args).clear()
+        vars(trainer.args).update(args_snapshot)
         raise
     return trainer
 
@@ -142,7 +145,8 @@ def _wrap_compute_loss(trainer: Trainer, attached: AttachedPlugins) -> None:
     plugin_set = attached.plugin_set
     # trl's SFT/DPO/KTO trainers pay an extra forward pass for return_outputs=True: ask for the
     # outputs only when the caller or some plugin's perl_compute_loss takes them.
-    plugins_want_outputs = any("outputs" in impl.argnames for impl in plugin_set.hook.perl_compute_loss.get_hookimpls())
+    impls = plugin_set.hook.perl_compute_loss.get_hookimpls()
+    plugins_want_outputs = any("outputs" in impl.argnames for impl in impls)
 
     def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
         private = attached.private_inputs

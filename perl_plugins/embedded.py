@@ -3,12 +3,13 @@
 - Tokenizer: byte-level BPE trained at first use, deterministically, on the shipped Taskmaster
   coffee text (all dialogs plus the train split of the feedback), then cached in
   ``$PERL_PLUGINS_CACHE`` or the user's cache dir (``platformdirs.user_cache_dir("perl-plugins")``).
-- Model: a small Llama (``tiny_config``) with *random* weights.
-
-Seam: the random weights are a placeholder. A later issue ships a pre-trained tiny base as a
-complete ``save_pretrained`` directory (model + tokenizer) in ``perl_plugins/assets/base/``; once
-it exists, ``load_default(size="demo")`` and ``resolve_model(None, "demo")`` use it instead (see
-``default_model_source``). Nothing else has to change.
+- Model, ``size="demo"`` (what the recipes use): the pre-trained base shipped in
+  ``perl_plugins/assets/base/`` (a ~5M-parameter Llama and the same tokenizer, trained on the
+  coffee text by ``recipes/pretrain_base.py``; see its ``CARD.md``). Weights are stored in float16;
+  its config says float32, so ``load_default`` and a plain ``from_pretrained`` of the path
+  ``resolve_model(None, "demo")`` returns both compute in float32.
+- Model, other sizes (``"tiny"`` for fast tests, ``"bench20m"``, ...), or ``"demo"`` when the assets
+  are absent: a small Llama (``tiny_config``) with *random* weights.
 """
 
 from __future__ import annotations
@@ -165,7 +166,8 @@ def build_tokenizer(cache_dir: str | Path | None = None) -> PreTrainedTokenizerF
 
 
 def tiny_config(size: str = "tiny", vocab_size: int = VOCAB_SIZE) -> LlamaConfig:
-    """A small Llama config: "tiny" (tests, ~0.3M params), "demo" (~1.8M), "bench20m", "bench100m".
+    """A small Llama config: "tiny" (tests, ~0.3M params), "demo" (~1.8M; only used for random init
+    when the pre-trained base is absent), "bench20m", "bench100m".
 
     The LM head is untied from the embeddings (its own module, e.g. for LoRA targeting).
     """
@@ -184,8 +186,7 @@ def tiny_config(size: str = "tiny", vocab_size: int = VOCAB_SIZE) -> LlamaConfig
 
 def default_model_source(size: str = "demo") -> Path | None:
     """Where the default weights come from: the shipped pre-trained base for ``size="demo"``
-    once ``perl_plugins/assets/base/config.json`` exists (a later issue adds it), else None,
-    meaning random init."""
+    (``perl_plugins/assets/base/``, when its config.json exists), else None, meaning random init."""
     if size == "demo" and (ASSETS_BASE_DIR / "config.json").is_file():
         return ASSETS_BASE_DIR
     return None

@@ -19,9 +19,11 @@ the previous scale. A positive second moment never quantizes to zero (it is clam
 smallest positive code): a zero ``v`` under a non-zero ``m`` would turn ``m / (sqrt(v) + eps)``
 into a huge step.
 
-The per-tensor update is one function (:func:`_adamw_update`) that runs eagerly or under
-``torch.compile``; both run the same fp32 arithmetic. On CPU the compiled one is ~15x faster
-because eager fp8 casts are not vectorized there.
+A tensor's update is two passes, each one function that runs eagerly or under ``torch.compile``
+(the same fp32 arithmetic either way; compiled is much faster on CPU, where eager fp8 casts are
+not vectorized): :func:`_amax_pass` reads the gradient and states and returns the amaxes of the
+new values (the fresh scales need them before anything is written) and whether they are finite;
+only then :func:`_apply_pass` recomputes the moments, updates the weights and requantizes.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-__all__ = ["FP8AdamW", "describe"]
+__all__ = ["FP8AdamW", "compile_available", "describe"]
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -54,10 +56,8 @@ def _pow2_scale(amax: Tensor, fmax: float, old: Tensor) -> Tensor:
 
 
 def _scaled(x: Tensor, scale: Tensor, fmax: float, tiny: float = 0.0) -> Tensor:
-    """x * scale clamped to the format's range (and up to ``tiny`` for positive x), still fp32.
-
-    The cast to the storage dtype comes last, in _write: inductor cannot ``torch.where`` on fp8.
-    """
+    """x * scale clamped to the format's range (and up to ``tiny`` for positive x); still fp32,
+    the cast to the storage dtype happens in _write."""
     y = (x * scale).clamp(-fmax, fmax)
     if tiny:
         y = torch.where(x > 0, y.clamp_min(tiny), y)
@@ -68,41 +68,24 @@ def _deferred(dst: Tensor) -> bool:
     """Whether ``dst``'s new value is returned for an eager ``copy_`` instead of written in the kernel.
 
     Inductor's CPU kernels load and store 16-bit values with masked half-vector instructions; doing
-    both on the same buffer stalls (2x slower step, measured on AMD EPYC), a plain copy is cheap.
+    both on the same buffer stalls (a 2x slower loop, measured on AMD EPYC); a plain copy is cheap.
     """
     return dst.device.type == "cpu" and dst.element_size() == 2
 
 
-def _write(dst: Tensor, ok: Tensor, new: Tensor, deferred: list[Tensor]) -> None:
-    """dst = new if ok else dst, cast to dst's dtype (the round trip of an unchanged fp8/fp16 value is exact)."""
-    value = torch.where(ok, new, dst.float())
+def _write(dst: Tensor, new: Tensor, deferred: list[Tensor]) -> None:
+    """dst = new, cast to dst's dtype in the kernel, or deferred (see _deferred)."""
     if _deferred(dst):
-        deferred.append(value.to(dst.dtype))
+        deferred.append(new.to(dst.dtype))
     else:
-        dst.copy_(value)
+        dst.copy_(new)
 
 
-def _adamw_update(
-    p: Tensor,
-    g: Tensor,
-    m: Tensor,
-    m_scale: Tensor | None,
-    v: Tensor,
-    v_scale: Tensor | None,
-    w: Tensor | None,
-    w_scale: Tensor | None,
-    hp: Tensor,
-) -> tuple[Tensor, list[Tensor]]:
-    """One AdamW step for one tensor; returns (ok, deferred).
-
-    ``ok`` is a 0-d bool, False when the update is not finite: then nothing changes. ``deferred``
-    holds the new values of the 16-bit tensors among (m, v, w, p), in that order (see _deferred).
-    ``hp`` = [lr, 1 - lr*wd, beta1, beta2, 1 / bias_correction1, 1 / bias_correction2, eps] (fp32).
-    ``m_scale is None``: fp32 states. ``v_scale`` 1-D: 2-byte mode, all tensors are (blocks, BLOCK)
-    views. ``w``: fp16 master weights (else ``p`` itself is the master copy). Scales are powers of
-    two, so multiplying by their reciprocal is exact.
-    """
-    lr, decay, b1, b2, inv_bc1, inv_bc2, eps = hp.unbind()
+def _moments(
+    g: Tensor, m: Tensor, m_scale: Tensor | None, v: Tensor, v_scale: Tensor | None, hp: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The new fp32 moments from the stored ones (dequantized) and the gradient."""
+    b1, one_minus_b1, b2, one_minus_b2 = hp[2:6].unbind()
     g32 = g.float()
     if m_scale is None:
         m32, v32 = m, v
@@ -113,52 +96,87 @@ def _adamw_update(
         else:
             r = v.float() * (1 / v_scale)[:, None]
             v32 = r * r
-    w32 = p.float() if w is None else w.float() * (1 / w_scale)
+    return b1 * m32 + one_minus_b1 * g32, b2 * v32 + one_minus_b2 * (g32 * g32)
 
-    m_new = b1 * m32 + (1 - b1) * g32
-    v_new = b2 * v32 + (1 - b2) * g32 * g32
-    w_new = w32 * decay - lr * (m_new * inv_bc1) / (torch.sqrt(v_new * inv_bc2) + eps)
 
+def _master(p: Tensor, w: Tensor | None, w_scale: Tensor | None) -> Tensor:
+    if w is None:
+        return p.float()
+    return w if w_scale is None else w.float() * (1 / w_scale)
+
+
+def _new_weights(
+    p: Tensor, w: Tensor | None, w_scale: Tensor | None, m_new: Tensor, v_new: Tensor, hp: Tensor
+) -> Tensor:
+    lr, decay = hp[0], hp[1]
+    inv_bc1, inv_bc2, eps = hp[6:].unbind()
+    return _master(p, w, w_scale) * decay - lr * (m_new * inv_bc1) / (torch.sqrt(v_new * inv_bc2) + eps)
+
+
+def _amax_pass(
+    p: Tensor, g: Tensor, m: Tensor, m_scale: Tensor | None, v: Tensor, v_scale: Tensor | None,
+    w: Tensor | None, w_scale: Tensor | None, hp: Tensor,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """Pass 1 (reads only): amax of the new m, of the new v (per block: of sqrt(v)) and, with
+    master weights, of the new weights; and whether all of them are finite."""
+    m_new, v_new = _moments(g, m, m_scale, v, v_scale, hp)
+    if v_scale is not None and v_scale.dim() == 1:  # per-block reductions for both: one loop
+        m_amax, v_amax = m_new.abs().amax(dim=1).amax(), v_new.amax(dim=1).sqrt()
+    else:
+        m_amax, v_amax = m_new.abs().amax(), v_new.amax()
+    ok = torch.isfinite(m_amax) & torch.isfinite(v_amax).all()
+    w_amax = None
+    if w is not None:
+        w_amax = _new_weights(p, w, w_scale, m_new, v_new, hp).abs().amax()
+        ok = ok & torch.isfinite(w_amax)
+    return m_amax, v_amax, w_amax, ok
+
+
+def _apply_pass(
+    p: Tensor, g: Tensor, m: Tensor, m_scale: Tensor | None, v: Tensor, v_scale: Tensor | None,
+    w: Tensor | None, w_scale: Tensor | None, hp: Tensor,
+    m_amax: Tensor, v_amax: Tensor, w_amax: Tensor | None,
+) -> list[Tensor]:
+    """Pass 2 (one elementwise loop): recompute the moments, update the weights, requantize.
+
+    Returns the new values of the 16-bit tensors among (v, w, p), in that order (see _deferred).
+    """
+    m_new, v_new = _moments(g, m, m_scale, v, v_scale, hp)
+    w_new = _new_weights(p, w, w_scale, m_new, v_new, hp)
     deferred: list[Tensor] = []
     if m_scale is None:
-        ok = torch.isfinite(m_new.abs().amax()) & torch.isfinite(v_new.amax())
-        _write(m, ok, m_new, deferred)
-        _write(v, ok, v_new, deferred)
+        _write(m, m_new, deferred)
+        _write(v, v_new, deferred)
     else:
-        m_amax = m_new.abs().amax()
-        if v_scale.dim() == 0:
-            v_amax = v_new.amax()
-            ok = torch.isfinite(m_amax) & torch.isfinite(v_amax)
-            new_v_scale = _pow2_scale(v_amax, FP16_MAX, v_scale)
-            v_q = _scaled(v_new, new_v_scale, FP16_MAX, FP16_TINY)
-        else:
-            r_new = torch.sqrt(v_new)
-            r_amax = r_new.amax(dim=1)
-            ok = torch.isfinite(m_amax) & torch.isfinite(r_amax).all()
-            new_v_scale = _pow2_scale(r_amax, E4M3_MAX, v_scale)
-            v_q = _scaled(r_new, new_v_scale[:, None], E4M3_MAX, E4M3_TINY)
         new_m_scale = _pow2_scale(m_amax, E4M3_MAX, m_scale)
-        _write(m, ok, _scaled(m_new, new_m_scale, E4M3_MAX), deferred)
-        _write(m_scale, ok, new_m_scale, deferred)
-        _write(v, ok, v_q, deferred)
-        _write(v_scale, ok, new_v_scale, deferred)
-    if w is not None:
-        new_w_scale = _pow2_scale(w_new.abs().amax(), FP16_MAX, w_scale)
-        _write(w, ok, _scaled(w_new, new_w_scale, FP16_MAX), deferred)
-        _write(w_scale, ok, new_w_scale, deferred)
-    _write(p, ok, w_new, deferred)
-    return ok, deferred
+        _write(m, _scaled(m_new, new_m_scale, E4M3_MAX), deferred)
+        m_scale.copy_(new_m_scale)
+        if v_scale.dim() == 0:
+            new_v_scale = _pow2_scale(v_amax, FP16_MAX, v_scale)
+            _write(v, _scaled(v_new, new_v_scale, FP16_MAX, FP16_TINY), deferred)
+        else:
+            new_v_scale = _pow2_scale(v_amax, E4M3_MAX, v_scale)
+            _write(v, _scaled(torch.sqrt(v_new), new_v_scale[:, None], E4M3_MAX, E4M3_TINY), deferred)
+        v_scale.copy_(new_v_scale)
+    if w is not None and w_scale is None:
+        _write(w, w_new, deferred)
+    elif w is not None:
+        new_w_scale = _pow2_scale(w_amax, FP16_MAX, w_scale)
+        _write(w, _scaled(w_new, new_w_scale, FP16_MAX), deferred)
+        w_scale.copy_(new_w_scale)
+    _write(p, w_new, deferred)
+    return deferred
 
 
-_compiled_update: Callable[..., tuple[Tensor, list[Tensor]]] | None = None
+_compiled_passes: tuple[Callable[..., Any], Callable[..., Any]] | None = None
 
 
-def _compiled() -> Callable[..., tuple[Tensor, list[Tensor]]]:
-    # One compiled function shared by all optimizers; dynamic shapes avoid one compile per shape.
-    global _compiled_update
-    if _compiled_update is None:
-        _compiled_update = torch.compile(_adamw_update, fullgraph=True, dynamic=True)
-    return _compiled_update
+def _compiled() -> tuple[Callable[..., Any], Callable[..., Any]]:
+    # Shared by all optimizers; dynamic shapes avoid one compile per parameter shape.
+    global _compiled_passes
+    if _compiled_passes is None:
+        _compiled_passes = tuple(torch.compile(f, fullgraph=True, dynamic=True) for f in (_amax_pass, _apply_pass))
+    return _compiled_passes
 
 
 def compile_available(device: torch.device | str = "cpu") -> bool:
@@ -180,7 +198,7 @@ class FP8AdamW(torch.optim.Optimizer):
 
     Args:
         second_moment: "fp16" (per-tensor scale) or "fp8" (sqrt(v) in E4M3, per-256-block scales).
-        min_numel: tensors with fewer values keep fp32 states (and fp32 master weights).
+        min_numel: tensors with fewer values keep fp32 states (and fp32 master weights, if any).
         master_weights: keep scaled fp16 master weights for bf16/fp16 parameters, so that
             full fine-tuning of a half-precision model does not lose small updates to bf16
             rounding. fp32 parameters are their own master copy.
@@ -231,14 +249,16 @@ class FP8AdamW(torch.optim.Optimizer):
     def _layout(self, p: Tensor) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """State tensors (shape, dtype) for ``p``: single source for allocation and summary()."""
         n = p.numel()
+        master = self.master_weights and p.dtype in _HALF
         if n < self.min_numel:
-            return {"exp_avg": ((n,), torch.float32), "exp_avg_sq": ((n,), torch.float32)}
+            layout = {"exp_avg": ((n,), torch.float32), "exp_avg_sq": ((n,), torch.float32)}
+            return layout | {"master": ((n,), torch.float32)} if master else layout
         layout = {"exp_avg": ((n,), E4M3), "exp_avg_scale": ((), torch.float32)}
         if self.second_moment == "fp16" or n % BLOCK:
             layout |= {"exp_avg_sq": ((n,), torch.float16), "exp_avg_sq_scale": ((), torch.float32)}
         else:
             layout |= {"exp_avg_sq": ((n,), E4M3), "exp_avg_sq_scale": ((n // BLOCK,), torch.float32)}
-        if self.master_weights and p.dtype in _HALF:
+        if master:
             layout |= {"master": ((n,), torch.float16), "master_scale": ((), torch.float32)}
         return layout
 
@@ -246,11 +266,13 @@ class FP8AdamW(torch.optim.Optimizer):
         state: dict[str, Any] = {"step": 0}
         for key, (shape, dtype) in self._layout(p).items():
             state[key] = (torch.ones if key.endswith("scale") else torch.zeros)(shape, dtype=dtype, device=p.device)
-        if "master" in state:
-            w = p.detach().float().flatten()
+        w = p.detach().float().flatten()
+        if "master_scale" in state:
             scale = _pow2_scale(w.abs().amax(), FP16_MAX, state["master_scale"])
             state["master_scale"].copy_(scale)
             state["master"].copy_(_scaled(w, scale, FP16_MAX))
+        elif "master" in state:
+            state["master"].copy_(w)
         return state
 
     @torch.no_grad()
@@ -259,7 +281,7 @@ class FP8AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        update = _compiled() if self.compile else _adamw_update
+        passes = _compiled() if self.compile else (_amax_pass, _apply_pass)
         index = -1
         for group in self.param_groups:
             b1, b2 = group["betas"]
@@ -274,8 +296,9 @@ class FP8AdamW(torch.optim.Optimizer):
                 if not state:
                     state.update(self._init_state(p))
                 t = state["step"] + 1
-                hp = (lr, 1 - lr * group["weight_decay"], b1, b2, 1 / (1 - b1**t), 1 / (1 - b2**t), group["eps"])
-                ok = self._update(update, p, state, torch.tensor(hp, dtype=torch.float32, device=p.device))
+                decay = 1 - lr * group["weight_decay"]
+                hp = (lr, decay, b1, 1 - b1, b2, 1 - b2, 1 / (1 - b1**t), 1 / (1 - b2**t), group["eps"])
+                ok = self._update(passes, p, state, torch.tensor(hp, dtype=torch.float32, device=p.device))
                 if ok:
                     state["step"] = t
                 elif self.nonfinite == "raise":
@@ -287,29 +310,35 @@ class FP8AdamW(torch.optim.Optimizer):
                     self.nonfinite_skips += 1
         return loss
 
-    def _update(self, update: Callable[..., tuple[Tensor, list[Tensor]]], p: Tensor, state: dict, hp: Tensor) -> bool:
-        """Run the update on flat views, (blocks, BLOCK) views in the 2-byte mode; True if applied."""
+    def _update(
+        self, passes: tuple[Callable[..., Any], Callable[..., Any]], p: Tensor, state: dict[str, Any], hp: Tensor
+    ) -> bool:
+        """Both passes on flat views ((blocks, BLOCK) views in the 2-byte mode).
+
+        Returns False, having written nothing, when the update is not finite."""
         v_scale = state.get("exp_avg_sq_scale")
         shape = (-1, BLOCK) if v_scale is not None and v_scale.dim() == 1 else (-1,)
         work = p if p.is_contiguous() else p.contiguous()
         m, v, w = (state[k].view(shape) if k in state else None for k in ("exp_avg", "exp_avg_sq", "master"))
         pw = work.view(shape)
         args = (pw, p.grad.reshape(shape), m, state.get("exp_avg_scale"), v, v_scale, w, state.get("master_scale"), hp)
-        if self.compile:
-            try:
-                ok, deferred = update(*args)
-            except Exception as e:  # compile errors surface at the first call for a new signature
-                raise RuntimeError(
-                    "FP8AdamW: torch.compile of the optimizer step failed; pass compile=False to run "
-                    "the same arithmetic eagerly (slower on CPU)"
-                ) from e
-        else:
-            ok, deferred = update(*args)
-        for dst, value in zip([t for t in (m, v, w, pw) if t is not None and _deferred(t)], deferred, strict=True):
+        try:
+            *amaxes, ok = passes[0](*args)
+            if not bool(ok):
+                return False
+            deferred = passes[1](*args, *amaxes)
+        except Exception as e:
+            if not self.compile:
+                raise
+            raise RuntimeError(  # compile errors surface at the first call with a new signature
+                "FP8AdamW: torch.compile of the optimizer step failed; pass compile=False to run "
+                "the same arithmetic eagerly (slower on CPU)"
+            ) from e
+        for dst, value in zip([t for t in (v, w, pw) if t is not None and _deferred(t)], deferred, strict=True):
             dst.copy_(value)
         if work is not p:
             p.copy_(work)
-        return bool(ok)
+        return True
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Like torch's, but keeps the saved state dtypes: torch casts state tensors to the param dtype."""
@@ -329,7 +358,9 @@ class FP8AdamW(torch.optim.Optimizer):
         for p in self._params():
             layout = self._layout(p)
             fmt = "/".join(
-                _format_name(layout[k][1], layout.get(f"{k}_scale")) for k in ("exp_avg", "exp_avg_sq", "master") if k in layout
+                _format_name(layout[k][1], layout.get(f"{k}_scale"))
+                for k in ("exp_avg", "exp_avg_sq", "master")
+                if k in layout
             )
             formats[fmt] = formats.get(fmt, 0) + 1
             state_bytes += sum(math.prod(shape) * dtype.itemsize for shape, dtype in layout.values())
@@ -354,7 +385,9 @@ def _format_name(dtype: torch.dtype, scale: tuple[tuple[int, ...], torch.dtype] 
 
 def describe(summary: dict[str, Any]) -> str:
     """One line for start-up logs, from :meth:`FP8AdamW.summary`."""
-    formats = ", ".join(f"{n} tensors m/v{'/master' if f.count('/') == 2 else ''}={f}" for f, n in summary["tensors_by_format"].items())
+    formats = ", ".join(
+        f"{n} tensors m/v{'/master' if f.count('/') == 2 else ''}={f}" for f, n in summary["tensors_by_format"].items()
+    )
     return (
         f"{summary['optimizer']}: {summary['params'] / 1e6:.2f}M params, optimizer states "
         f"{summary['state_bytes'] / 2**20:.1f} MiB = {summary['bytes_per_param']:.2f} bytes/param "

@@ -39,7 +39,9 @@ def trim_prompts(dataset: datasets.Dataset, tokenizer: Any, max_tokens: int | No
     """:func:`trim_prompt` on the ``prompt`` column."""
     if not max_tokens:
         return dataset
-    return dataset.map(lambda row: {"prompt": trim_prompt(tokenizer, row["prompt"], max_tokens)}, desc="Trimming prompts")
+    return dataset.map(
+        lambda row: {"prompt": trim_prompt(tokenizer, row["prompt"], max_tokens)}, desc="Trimming prompts"
+    )
 
 
 def sample_completions(
@@ -70,7 +72,9 @@ def sample_completions(
                     temperature=temperature,
                     pad_token_id=tokenizer.pad_token_id,
                 )
-                completions.extend(tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True))
+                completions.extend(
+                    tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+                )
     finally:
         model.train(was_training)
     return [completions[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]

@@ -41,9 +41,7 @@ class DPORecipeConfig:
     model_size: str = field(default="demo", metadata={"help": "Embedded default size when no model is given."})
     taskmaster_file: str | None = field(default=None, metadata={"help": "Thumbs up/down file; default: coffee."})
     plugins: str = field(default="lora", metadata={"help": "Plugins on the DPO trainer (lora required; fp8...)."})
-    plugin_options: str = field(
-        default="{}", metadata={"help": "Plugin options (a mapping in YAML, JSON on the CLI)."}
-    )
+    plugin_options: str = field(default="{}", metadata={"help": "Plugin options (a mapping in YAML, JSON on the CLI)."})
     seed: int = field(default=0, metadata={"help": "Seed."})
     context_turns: int = field(default=4, metadata={"help": "Keep the last N dialog turns of each context."})
     max_prompt_tokens: int = field(default=128, metadata={"help": "Keep the latest prompt tokens up to this."})
@@ -102,7 +100,10 @@ def main(argv: list[str] | None = None) -> dict:
         train = train.select(range(min(cfg.train_samples, len(train))))
     if cfg.eval_samples:
         test = test.select(range(min(cfg.eval_samples, len(test))))
-    train, test = trim_prompts(train, tokenizer, cfg.max_prompt_tokens), trim_prompts(test, tokenizer, cfg.max_prompt_tokens)
+    train, test = (
+        trim_prompts(train, tokenizer, cfg.max_prompt_tokens),
+        trim_prompts(test, tokenizer, cfg.max_prompt_tokens),
+    )
     print(f"[dpo] LoRA policy on {len(train)} preference pairs, {len(test)} held out", flush=True)
     args = DPOConfig(
         output_dir=os.path.join(cfg.output_dir, "policy"),

@@ -17,6 +17,7 @@ samples on held-out prompts before and after. Writes OUTPUT_DIR/summary.json and
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -56,22 +57,22 @@ class RAFTRecipeConfig:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank of both adapters."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha of both adapters."})
     # stage 1: reward model (the keys of recipes/perl.py)
-    rm_train_samples: int = field(default=800, metadata={"help": "Reward-model training rows (0: all)."})
+    rm_train_samples: int = field(default=1600, metadata={"help": "Reward-model training rows (0: all)."})
     rm_eval_samples: int = field(default=0, metadata={"help": "Reward-model held-out rows (0: all)."})
     rm_epochs: float = field(default=1.0, metadata={"help": "Reward-model epochs."})
     rm_max_steps: int = field(default=-1, metadata={"help": "Reward-model steps (overrides epochs if > 0)."})
     rm_batch_size: int = field(default=16, metadata={"help": "Reward-model batch size."})
     rm_learning_rate: float = field(default=1e-3, metadata={"help": "Reward-model learning rate."})
     # stage 2: RAFT
-    raft_iterations: int = field(default=5, metadata={"help": "Sample / rank / fine-tune rounds."})
-    raft_prompts: int = field(default=16, metadata={"help": "Prompts per iteration (the paper's b)."})
+    raft_iterations: int = field(default=8, metadata={"help": "Sample / rank / fine-tune rounds."})
+    raft_prompts: int = field(default=32, metadata={"help": "Prompts per iteration (the paper's b)."})
     raft_k: int = field(default=8, metadata={"help": "Replies sampled per prompt (the paper's K)."})
     raft_selection: str = field(default="local", metadata={"help": f"Which samples to keep: one of {SELECTIONS}."})
     temperature: float = field(default=0.85, metadata={"help": "Sampling temperature."})
     max_new_tokens: int = field(default=24, metadata={"help": "Max new tokens per reply."})
-    sft_epochs: float = field(default=2.0, metadata={"help": "SFT epochs on each iteration's kept pairs."})
+    sft_epochs: float = field(default=3.0, metadata={"help": "SFT epochs on each iteration's kept pairs."})
     sft_batch_size: int = field(default=8, metadata={"help": "SFT batch size."})
-    sft_learning_rate: float = field(default=5e-4, metadata={"help": "SFT learning rate of the policy adapter."})
+    sft_learning_rate: float = field(default=1e-3, metadata={"help": "SFT learning rate of the policy adapter."})
     eval_prompts: int = field(default=24, metadata={"help": "Held-out prompts scored before/after (0: none)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations (large models)."})
 
@@ -91,14 +92,18 @@ def select(
     return sorted((item for group in scored for item in group), key=lambda item: -item[2])[: len(prompts)]
 
 
-def sample_and_score(policy: Any, reward: AdapterReward, tokenizer: Any, prompts: list[str], k: int, cfg: RAFTRecipeConfig, desc: str) -> tuple[list[list[str]], list[list[float]]]:
+def sample_and_score(
+    policy: Any, reward: AdapterReward, tokenizer: Any, prompts: list[str], k: int, cfg: RAFTRecipeConfig, desc: str
+) -> tuple[list[list[str]], list[list[float]]]:
     """``k`` replies per prompt from the policy adapter and their rewards from the reward adapter."""
     samples = sample_completions(policy, tokenizer, prompts, k, cfg.max_new_tokens, cfg.temperature, desc=desc)
     flat = reward(prompts=[p for p, s in zip(prompts, samples) for _ in s], completions=[c for s in samples for c in s])
     return samples, [flat[i * k : (i + 1) * k] for i in range(len(prompts))]
 
 
-def fine_tune(policy: Any, tokenizer: Any, pairs: list[tuple[str, str, float]], cfg: RAFTRecipeConfig, iteration: int) -> list[dict]:
+def fine_tune(
+    policy: Any, tokenizer: Any, pairs: list[tuple[str, str, float]], cfg: RAFTRecipeConfig, iteration: int
+) -> list[dict]:
     """Stock SFTTrainer on the kept pairs, training the same policy adapter further."""
     args = SFTConfig(
         output_dir=os.path.join(cfg.output_dir, "policy"),
@@ -141,26 +146,43 @@ def main(argv: list[str] | None = None) -> dict:
     reward_dir, rm_metrics, rm_logs = train_reward_model(cfg, model_path, tokenizer, rm_data)
 
     prompts = default_dataset("rloo", cfg.taskmaster_file, cfg.context_turns, seed=cfg.seed)
-    train_prompts = [trim_prompt(tokenizer, p, cfg.max_prompt_tokens) for p in prompts["train"].shuffle(seed=cfg.seed)["prompt"]]
-    eval_prompts = [trim_prompt(tokenizer, p, cfg.max_prompt_tokens) for p in prompts["test"]["prompt"][: cfg.eval_prompts]]
+    train_prompts = [
+        trim_prompt(tokenizer, p, cfg.max_prompt_tokens) for p in prompts["train"].shuffle(seed=cfg.seed)["prompt"]
+    ]
+    eval_prompts = [
+        trim_prompt(tokenizer, p, cfg.max_prompt_tokens) for p in prompts["test"]["prompt"][: cfg.eval_prompts]
+    ]
     lora = LoraOptions(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
-    policy, _, reward = policy_with_reward(AutoModelForCausalLM.from_pretrained(model_path), tokenizer, reward_dir, lora)
+    policy, _, reward = policy_with_reward(
+        AutoModelForCausalLM.from_pretrained(model_path), tokenizer, reward_dir, lora
+    )
 
     def held_out_reward(desc: str) -> float:
-        return mean(sample_and_score(policy, reward, tokenizer, eval_prompts, 1, cfg, desc)[1]) if eval_prompts else float("nan")
+        if not eval_prompts:
+            return math.nan
+        return mean(sample_and_score(policy, reward, tokenizer, eval_prompts, 1, cfg, desc)[1])
 
     eval_before = held_out_reward("Held-out samples (before)")
     iteration_rewards, kept_rewards, sft_logs = [], [], []
     for it in range(cfg.raft_iterations):
         start = (it * cfg.raft_prompts) % len(train_prompts)
         batch = (train_prompts * 2)[start : start + cfg.raft_prompts]
-        samples, rewards = sample_and_score(policy, reward, tokenizer, batch, cfg.raft_k, cfg, f"RAFT {it + 1}: sampling")
+        samples, rewards = sample_and_score(
+            policy, reward, tokenizer, batch, cfg.raft_k, cfg, f"RAFT {it + 1}: sampling"
+        )
         kept = select(batch, samples, rewards, cfg.raft_selection)
         iteration_rewards.append(mean(rewards))
         kept_rewards.append(sum(r for _, _, r in kept) / len(kept))
-        print(f"[raft] iteration {it + 1}: mean sample reward {iteration_rewards[-1]:.3f}, kept {kept_rewards[-1]:.3f}", flush=True)
+        print(
+            f"[raft] iteration {it + 1}: mean sample reward {iteration_rewards[-1]:.3f}, kept {kept_rewards[-1]:.3f}",
+            flush=True,
+        )
         offset = sft_logs[-1]["step"] if sft_logs else 0
-        sft_logs += [{**log, "step": log["step"] + offset} for log in fine_tune(policy, tokenizer, kept, cfg, it) if "loss" in log]
+        sft_logs += [
+            {**log, "step": log["step"] + offset}
+            for log in fine_tune(policy, tokenizer, kept, cfg, it)
+            if "loss" in log
+        ]
     eval_after = held_out_reward("Held-out samples (after)")
     policy.save_pretrained(os.path.join(cfg.output_dir, "policy"), selected_adapters=[policy.active_adapter])
 

@@ -51,6 +51,8 @@ from perl_plugins.embedded import resolve_model
 from perl_plugins.errors import PluginIncompatibleError
 from perl_plugins.plugins.lora import LoraOptions
 from perl_plugins.recipe_stages import trim_prompt, trim_prompts
+from perl_plugins.recipes.dpo import train_dpo
+from perl_plugins.recipes.perl import run_rl
 from perl_plugins.reporting import plot_curves, write_summary
 from perl_plugins.reward_model import save_reward_adapter
 
@@ -98,7 +100,7 @@ class RLAIFRecipeConfig:
     # 3. RL (the keys of recipes/perl.py)
     rl_prompts: int = field(default=64, metadata={"help": "Training prompts for RLOO."})
     rl_eval_prompts: int = field(default=24, metadata={"help": "Held-out prompts for reward before/after."})
-    rl_max_steps: int = field(default=20, metadata={"help": "RLOO optimizer steps."})
+    rl_max_steps: int = field(default=30, metadata={"help": "RLOO optimizer steps."})
     rl_batch_size: int = field(default=8, metadata={"help": "Completions per RLOO step."})
     rl_num_generations: int = field(default=4, metadata={"help": "Completions per prompt (RLOO's k)."})
     rl_max_completion_length: int = field(default=24, metadata={"help": "Max new tokens per completion."})
@@ -116,7 +118,9 @@ class RLAIFRecipeConfig:
 
 def labelling_prompt(preamble: str, context: str, first: str, second: str, cue: str = CUE) -> str:
     """What the labeller reads: preamble, context, both candidates, then the cue it completes."""
-    return f"{preamble}\n\nConversation:\n{context}\n\nResponse 1: {first.strip()}\nResponse 2: {second.strip()}\n\n{cue}"
+    return (
+        f"{preamble}\n\nConversation:\n{context}\n\nResponse 1: {first.strip()}\nResponse 2: {second.strip()}\n\n{cue}"
+    )
 
 
 def option_token_ids(tokenizer: Any, cue: str = CUE, options: tuple[str, ...] = ("1", "2")) -> list[int]:
@@ -126,7 +130,9 @@ def option_token_ids(tokenizer: Any, cue: str = CUE, options: tuple[str, ...] = 
     for option in options:
         full = tokenizer(cue + option, add_special_tokens=False)["input_ids"]
         if full[: len(cue_ids)] != cue_ids or len(full) != len(cue_ids) + 1:
-            raise ValueError(f"{cue + option!r} does not tokenize as the cue plus one token for {option!r}; change the cue.")
+            raise ValueError(
+                f"{cue + option!r} does not tokenize as the cue plus one token for {option!r}; change the cue."
+            )
         ids.append(full[-1])
     return ids
 
@@ -144,7 +150,10 @@ class CausalLMLabeller:
         with torch.no_grad():
             for start in tqdm(range(0, len(texts), self.batch_size), desc="AI labelling"):
                 batch = self.tokenizer(
-                    texts[start : start + self.batch_size], return_tensors="pt", padding=True, padding_side="right",
+                    texts[start : start + self.batch_size],
+                    return_tensors="pt",
+                    padding=True,
+                    padding_side="right",
                     add_special_tokens=False,
                 ).to(device)
                 logits = self.model(**batch).logits
@@ -162,11 +171,7 @@ def soft_labels(
     In each order the probability is the softmax over the labeller's log-probs of "1" and "2";
     averaging "1 first" with "1 second" cancels a constant preference for a position.
     """
-    texts = [
-        labelling_prompt(preamble, context, *order)
-        for context, r1, r2 in pairs
-        for order in ((r1, r2), (r2, r1))
-    ]
+    texts = [labelling_prompt(preamble, context, *order) for context, r1, r2 in pairs for order in ((r1, r2), (r2, r1))]
     probs = labeller(texts).float().softmax(-1).view(len(pairs), 2, 2)
     first = probs[:, 0, 0]  # response 1 shown first, labeller says "1"
     second = probs[:, 1, 1]  # response 1 shown second, labeller says "2"
@@ -185,19 +190,30 @@ def candidate_pairs(rows: datasets.Dataset, per_context: int, limit: int, seed: 
     pairs = []
     for prompt, rated in replies.items():
         for (r1, t1), (r2, t2) in itertools.islice(itertools.combinations(rated.items(), 2), per_context):
-            pairs.append({"prompt": prompt, "response_1": r1, "response_2": r2,
-                          "thumbs_1": sum(t1) / len(t1), "thumbs_2": sum(t2) / len(t2)})
+            pairs.append(
+                {
+                    "prompt": prompt,
+                    "response_1": r1,
+                    "response_2": r2,
+                    "thumbs_1": sum(t1) / len(t1),
+                    "thumbs_2": sum(t2) / len(t2),
+                }
+            )
     random.Random(seed).shuffle(pairs)
     return pairs[:limit]
 
 
-def label_with_ai(cfg: RLAIFRecipeConfig, model_path: str, tokenizer: Any, rows: datasets.Dataset) -> list[dict[str, Any]]:
+def label_with_ai(
+    cfg: RLAIFRecipeConfig, model_path: str, tokenizer: Any, rows: datasets.Dataset
+) -> list[dict[str, Any]]:
     """Label candidate pairs with the AI labeller and write OUTPUT_DIR/rlaif_labels.jsonl."""
     labeller_path = cfg.labeller_model_name_or_path or model_path
     labeller_tokenizer = tokenizer if labeller_path == model_path else AutoTokenizer.from_pretrained(labeller_path)
     if labeller_tokenizer.pad_token is None:
         labeller_tokenizer.pad_token = labeller_tokenizer.eos_token
-    labeller = CausalLMLabeller(AutoModelForCausalLM.from_pretrained(labeller_path), labeller_tokenizer, batch_size=cfg.label_batch_size)
+    labeller = CausalLMLabeller(
+        AutoModelForCausalLM.from_pretrained(labeller_path), labeller_tokenizer, batch_size=cfg.label_batch_size
+    )
     pairs = candidate_pairs(rows, cfg.pairs_per_context, cfg.label_pairs, cfg.seed)
     for pair in pairs:
         pair["prompt"] = trim_prompt(tokenizer, pair["prompt"], cfg.max_prompt_tokens)
@@ -257,7 +273,9 @@ class SoftLabelLoss:
         trainer.perl_plugins.private_inputs.add("soft_label")
 
     @hookimpl
-    def perl_compute_loss(self, trainer: Any, inputs: dict[str, Any], outputs: Any, terms: Any, options: dict[str, Any]) -> None:
+    def perl_compute_loss(
+        self, trainer: Any, inputs: dict[str, Any], outputs: Any, terms: Any, options: dict[str, Any]
+    ) -> None:
         chosen, rejected = outputs.logits.squeeze(-1).chunk(2)
         loss = F.binary_cross_entropy_with_logits(chosen - rejected, inputs["soft_label"].to(chosen.dtype))
         weight = 1.0 - options["grm"].grm_alpha if "grm" in options else 1.0
@@ -274,12 +292,15 @@ def train_soft_reward_model(
     cfg: RLAIFRecipeConfig, model_path: str, tokenizer: Any, labelled: list[dict], human_pairs: datasets.Dataset
 ) -> tuple[str, dict, list]:
     """LoRA reward model on the AI soft labels; evaluated on held-out human pairs (soft label 1)."""
+
     def encode(prompts, firsts, seconds, labels) -> datasets.Dataset:
-        return datasets.Dataset.from_dict({
-            "chosen_ids": [_pair_ids(tokenizer, p, r, cfg.max_length) for p, r in zip(prompts, firsts)],
-            "rejected_ids": [_pair_ids(tokenizer, p, r, cfg.max_length) for p, r in zip(prompts, seconds)],
-            "soft_label": [float(x) for x in labels],
-        })
+        return datasets.Dataset.from_dict(
+            {
+                "chosen_ids": [_pair_ids(tokenizer, p, r, cfg.max_length) for p, r in zip(prompts, firsts)],
+                "rejected_ids": [_pair_ids(tokenizer, p, r, cfg.max_length) for p, r in zip(prompts, seconds)],
+                "soft_label": [float(x) for x in labels],
+            }
+        )
 
     train = encode(*zip(*[(r["prompt"], r["response_1"], r["response_2"], r["p_1_preferred"]) for r in labelled]))
     test = encode(human_pairs["prompt"], human_pairs["chosen"], human_pairs["rejected"], [1.0] * len(human_pairs))
@@ -309,6 +330,77 @@ def train_soft_reward_model(
     return reward_dir, metrics, trainer.state.log_history
 
 
+# ---------------------------------------------------------------- 2b. DPO; 3. RL
+
+
+def learn_with_dpo(
+    cfg: RLAIFRecipeConfig, model_path: str, tokenizer: Any, labelled: list[dict], human: datasets.Dataset
+) -> tuple[dict, dict]:
+    """DPO with a LoRA policy on the hard AI labels (p >= 0.5); returns (metrics, curve panels)."""
+    print(f"[rlaif] 2. DPO on {len(labelled)} AI-labelled pairs (hard labels)", flush=True)
+    hard = datasets.Dataset.from_dict(
+        {
+            "prompt": [r["prompt"] for r in labelled],
+            "chosen": [r["response_1"] if r["p_1_preferred"] >= 0.5 else r["response_2"] for r in labelled],
+            "rejected": [r["response_2"] if r["p_1_preferred"] >= 0.5 else r["response_1"] for r in labelled],
+        }
+    )
+    args = DPOConfig(
+        output_dir=os.path.join(cfg.output_dir, "policy"),
+        num_train_epochs=cfg.dpo_epochs,
+        max_steps=cfg.dpo_max_steps,
+        per_device_train_batch_size=cfg.dpo_batch_size,
+        per_device_eval_batch_size=cfg.dpo_batch_size,
+        learning_rate=cfg.dpo_learning_rate,
+        beta=cfg.dpo_beta,
+        max_length=cfg.max_length,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        logging_steps=5,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+        seed=cfg.seed,
+    )
+    lora = LoraOptions(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
+    dpo_metrics, logs, trainer = train_dpo(
+        model_path, tokenizer, hard, human, args, lora, cfg.rl_plugins, cfg.plugin_options
+    )
+    trainer.save_model(args.output_dir)
+    metrics = {
+        "dpo_eval_reward_accuracy": dpo_metrics["eval_rewards/accuracies"],
+        "dpo_eval_reward_margin": dpo_metrics["eval_rewards/margins"],
+    }
+    panels = {
+        "DPO: loss": (logs, ["loss"]),
+        "DPO: implicit rewards": (logs, ["rewards/chosen", "rewards/rejected"]),
+    }
+    return metrics, panels
+
+
+def learn_with_reward_model(
+    cfg: RLAIFRecipeConfig, model_path: str, tokenizer: Any, labelled: list[dict], human: datasets.Dataset
+) -> tuple[dict, dict]:
+    """Soft-label LoRA reward model, then RLOO as in recipes/perl.py; returns (metrics, curve panels)."""
+    print(f"[rlaif] 2. LoRA reward model on {len(labelled)} soft labels (BCE)", flush=True)
+    reward_dir, rm_metrics, rm_logs = train_soft_reward_model(cfg, model_path, tokenizer, labelled, human)
+    print(f"[rlaif] reward model on held-out human pairs: accuracy {rm_metrics['eval_accuracy']:.3f}", flush=True)
+    print(f"[rlaif] 3. RLOO, LoRA policy + reward adapter on one base, {cfg.rl_max_steps} steps", flush=True)
+    rl_data = default_dataset("rloo", cfg.taskmaster_file, cfg.context_turns, seed=cfg.seed)
+    rl_metrics, rl_logs = run_rl(cfg, model_path, tokenizer, reward_dir, rl_data)
+    metrics = {
+        "rm_eval_accuracy": rm_metrics["eval_accuracy"],
+        "rm_eval_margin": rm_metrics["eval_margin"],
+        **rl_metrics,
+        "rl_final_kl": next((log["kl"] for log in reversed(rl_logs) if "kl" in log), math.nan),
+    }
+    panels = {
+        "reward model: soft-label loss": (rm_logs, ["loss", "soft_label_loss"]),
+        "RLOO: reward": (rl_logs, ["reward"]),
+        "RLOO: KL to reference": (rl_logs, ["kl"]),
+    }
+    return metrics, panels
+
+
 # ---------------------------------------------------------------- recipe
 
 
@@ -324,7 +416,10 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer.pad_token = tokenizer.eos_token
 
     rows = default_dataset("reward", cfg.taskmaster_file, cfg.context_turns, seed=cfg.seed)
-    print(f"[rlaif] 1. AI labeller {cfg.labeller_model_name_or_path or 'base model'} on {cfg.label_pairs} pairs", flush=True)
+    print(
+        f"[rlaif] 1. AI labeller {cfg.labeller_model_name_or_path or 'base model'} on {cfg.label_pairs} pairs",
+        flush=True,
+    )
     labelled = label_with_ai(cfg, model_path, tokenizer, rows["train"])
     metrics = labeller_metrics(labelled)
     human = default_dataset("dpo", cfg.taskmaster_file, cfg.context_turns, seed=cfg.seed)["test"]
@@ -332,51 +427,19 @@ def main(argv: list[str] | None = None) -> dict:
         human = human.select(range(min(cfg.eval_pairs, len(human))))
     human = trim_prompts(human, tokenizer, cfg.max_prompt_tokens)
 
-    if cfg.preference_learning == "dpo":
-        from perl_plugins.recipes.dpo import train_dpo
-
-        print(f"[rlaif] 2. DPO on {len(labelled)} AI-labelled pairs (hard labels)", flush=True)
-        hard = datasets.Dataset.from_dict({
-            "prompt": [r["prompt"] for r in labelled],
-            "chosen": [r["response_1"] if r["p_1_preferred"] >= 0.5 else r["response_2"] for r in labelled],
-            "rejected": [r["response_2"] if r["p_1_preferred"] >= 0.5 else r["response_1"] for r in labelled],
-        })
-        args = DPOConfig(
-            output_dir=os.path.join(cfg.output_dir, "policy"), num_train_epochs=cfg.dpo_epochs, max_steps=cfg.dpo_max_steps,
-            per_device_train_batch_size=cfg.dpo_batch_size, per_device_eval_batch_size=cfg.dpo_batch_size,
-            learning_rate=cfg.dpo_learning_rate, beta=cfg.dpo_beta, max_length=cfg.max_length,
-            gradient_checkpointing=cfg.gradient_checkpointing, logging_steps=5, save_strategy="no", report_to="none",
-            use_cpu=not torch.cuda.is_available(), seed=cfg.seed,
-        )
-        lora = LoraOptions(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
-        dpo_metrics, logs, trainer = train_dpo(model_path, tokenizer, hard, human, args, lora, cfg.rl_plugins, cfg.plugin_options)
-        trainer.save_model(args.output_dir)
-        metrics.update({
-            "dpo_eval_reward_accuracy": dpo_metrics["eval_rewards/accuracies"],
-            "dpo_eval_reward_margin": dpo_metrics["eval_rewards/margins"],
-        })
-        panels = {"DPO: loss": (logs, ["loss"]), "DPO: implicit rewards": (logs, ["rewards/chosen", "rewards/rejected"])}
-    else:
-        from perl_plugins.recipes.perl import run_rl
-
-        print(f"[rlaif] 2. LoRA reward model on {len(labelled)} soft labels (BCE)", flush=True)
-        reward_dir, rm_metrics, rm_logs = train_soft_reward_model(cfg, model_path, tokenizer, labelled, human)
-        print(f"[rlaif] reward model on held-out human pairs: accuracy {rm_metrics['eval_accuracy']:.3f}", flush=True)
-        print(f"[rlaif] 3. RLOO, LoRA policy + reward adapter on one base, {cfg.rl_max_steps} steps", flush=True)
-        rl_data = default_dataset("rloo", cfg.taskmaster_file, cfg.context_turns, seed=cfg.seed)
-        rl_metrics, rl_logs = run_rl(cfg, model_path, tokenizer, reward_dir, rl_data)
-        metrics.update({
-            "rm_eval_accuracy": rm_metrics["eval_accuracy"],
-            "rm_eval_margin": rm_metrics["eval_margin"],
-            **rl_metrics,
-            "rl_final_kl": next((log["kl"] for log in reversed(rl_logs) if "kl" in log), math.nan),
-        })
-        panels = {
-            "reward model: soft-label loss": (rm_logs, ["loss", "soft_label_loss"]),
-            "RLOO: reward": (rl_logs, ["reward"]),
-            "RLOO: KL to reference": (rl_logs, ["kl"]),
-        }
-    write_summary(cfg.output_dir, "rlaif", metrics, {"model": model_path, "labeller": cfg.labeller_model_name_or_path or model_path, "preference_learning": cfg.preference_learning})
+    learn = learn_with_dpo if cfg.preference_learning == "dpo" else learn_with_reward_model
+    learned, panels = learn(cfg, model_path, tokenizer, labelled, human)
+    metrics.update(learned)
+    write_summary(
+        cfg.output_dir,
+        "rlaif",
+        metrics,
+        {
+            "model": model_path,
+            "labeller": cfg.labeller_model_name_or_path or model_path,
+            "preference_learning": cfg.preference_learning,
+        },
+    )
     plot_curves(cfg.output_dir, panels)
     return metrics
 

@@ -5,7 +5,7 @@ response), the ``rrhf`` plugin adds w * L_rank from the same logits. No forked t
 
     python recipes/rrhf.py --config recipes/rrhf.yaml                       # embedded default, CPU, <10 min
     python recipes/rrhf.py --config recipes/rrhf.yaml --rrhf_weight 2       # any key can be overridden
-    python recipes/rrhf.py --config recipes/rrhf.yaml --policy_samples 2    # + policy samples scored by a reward adapter
+    python recipes/rrhf.py --config recipes/rrhf.yaml --policy_samples 2    # + replies sampled, scored by a reward adapter
     python recipes/rrhf.py --config recipes/rrhf.yaml --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct
 
 Groups: every Taskmaster coffee context with at least two distinct rated replies; score = the
@@ -19,6 +19,7 @@ length-normalised log-prob, before and after training. Writes OUTPUT_DIR/summary
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -37,8 +38,10 @@ from perl_plugins import attach
 from perl_plugins.arguments import options_for
 from perl_plugins.data.defaults import default_dataset
 from perl_plugins.embedded import resolve_model
+from perl_plugins.plugins.lora import AdapterReward
 from perl_plugins.plugins.rrhf import RRHFCollator, response_logps, tokenize_groups
 from perl_plugins.recipe_stages import sample_completions, trim_prompt
+from perl_plugins.recipes.perl import train_reward_model
 from perl_plugins.reporting import plot_curves, write_summary
 from perl_plugins.reward_model import load_reward_adapter
 from perl_plugins.roles import Roles
@@ -59,14 +62,14 @@ class RRHFRecipeConfig:
     max_length: int = field(default=192, metadata={"help": "Max tokens of prompt + response."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (policy and reward adapters)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    max_responses: int = field(default=4, metadata={"help": "Responses per group: the best and worst rated kept."})
+    max_responses: int = field(default=4, metadata={"help": "Training responses per group: best and worst rated kept."})
     train_groups: int = field(default=0, metadata={"help": "Training groups (0: all)."})
     eval_groups: int = field(default=0, metadata={"help": "Held-out groups (0: all)."})
     train_eval_groups: int = field(default=64, metadata={"help": "Training groups also scored before/after."})
-    epochs: float = field(default=1.0, metadata={"help": "Epochs."})
+    epochs: float = field(default=3.0, metadata={"help": "Epochs (RRHF's scripts: 3)."})
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps (overrides epochs if > 0)."})
     batch_size: int = field(default=2, metadata={"help": "Groups per step."})
-    learning_rate: float = field(default=5e-4, metadata={"help": "Learning rate of the LoRA adapter."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the LoRA adapter."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations (large models)."})
     # Optional policy samples scored by a reward adapter (PERL stage 1 keys).
     policy_samples: int = field(default=0, metadata={"help": "Replies sampled per training group (0: thumbs only)."})
@@ -81,7 +84,9 @@ class RRHFRecipeConfig:
     rm_learning_rate: float = field(default=1e-3, metadata={"help": "Reward-model learning rate."})
 
 
-def scored_groups(rows: datasets.Dataset, max_responses: int, tokenizer: Any, max_prompt_tokens: int) -> datasets.Dataset:
+def scored_groups(
+    rows: datasets.Dataset, max_responses: int, tokenizer: Any, max_prompt_tokens: int
+) -> datasets.Dataset:
     """Pointwise thumbs rows -> one group per context with >= 2 distinct replies (score = mean
     thumbs of that reply). Over ``max_responses``, the best and the worst rated are kept, which
     keeps the pairs that carry a ranking signal."""
@@ -101,22 +106,25 @@ def scored_groups(rows: datasets.Dataset, max_responses: int, tokenizer: Any, ma
     return datasets.Dataset.from_dict(groups)
 
 
-def add_policy_samples(cfg: RRHFRecipeConfig, model_path: str, tokenizer: Any, groups: datasets.Dataset) -> tuple[datasets.Dataset, dict, list]:
+def add_policy_samples(
+    cfg: RRHFRecipeConfig, model_path: str, tokenizer: Any, groups: datasets.Dataset
+) -> tuple[datasets.Dataset, dict, list]:
     """Train a reward adapter (PERL stage 1), then add ``policy_samples`` replies per group sampled
     from the initial policy (the base), scored sigmoid(reward) = the reward model's P(thumbs up)."""
-    from perl_plugins.recipes.perl import train_reward_model
-
     rm_data = default_dataset("reward", cfg.taskmaster_file, cfg.context_turns, seed=cfg.seed)
     reward_dir, rm_metrics, rm_logs = train_reward_model(cfg, model_path, tokenizer, rm_data)
     model = load_reward_adapter(AutoModelForCausalLM.from_pretrained(model_path), reward_dir, adapter_name="reward")
     roles = Roles(model, {"policy": None, "reward": "reward"})  # the initial policy is the bare base
     with roles.use("policy"):
         samples = sample_completions(
-            model, tokenizer, groups["prompt"], cfg.policy_samples, cfg.sample_max_new_tokens, cfg.sample_temperature,
+            model,
+            tokenizer,
+            groups["prompt"],
+            cfg.policy_samples,
+            cfg.sample_max_new_tokens,
+            cfg.sample_temperature,
             desc="Sampling policy replies",
         )
-    from perl_plugins.plugins.lora import AdapterReward
-
     reward = AdapterReward(reward_dir)
     reward.bind(roles, tokenizer)
     rows = groups.to_dict()
@@ -128,7 +136,9 @@ def add_policy_samples(cfg: RRHFRecipeConfig, model_path: str, tokenizer: Any, g
     return datasets.Dataset.from_dict(rows), metrics, rm_logs
 
 
-def ranking_accuracy(model: torch.nn.Module, collator: RRHFCollator, groups: datasets.Dataset, batch_size: int) -> float:
+def ranking_accuracy(
+    model: torch.nn.Module, collator: RRHFCollator, groups: datasets.Dataset, batch_size: int
+) -> float:
     """Share of differently-scored pairs (within a group) whose better reply has the higher
     length-normalised log-prob (ties count one half)."""
     device = next(model.parameters()).device
@@ -162,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer.pad_token = tokenizer.eos_token
     data = default_dataset("reward", cfg.taskmaster_file, cfg.context_turns, seed=cfg.seed)
     train = scored_groups(data["train"], cfg.max_responses, tokenizer, cfg.max_prompt_tokens).shuffle(seed=cfg.seed)
-    test = scored_groups(data["test"], cfg.max_responses, tokenizer, cfg.max_prompt_tokens)
+    test = scored_groups(data["test"], len(data["test"]), tokenizer, cfg.max_prompt_tokens)  # every held-out pair
     if cfg.train_groups:
         train = train.select(range(min(cfg.train_groups, len(train))))
     if cfg.eval_groups:
@@ -224,8 +234,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _mapping(options: dict | str | None) -> dict:
-    import json
-
     return json.loads(options or "{}") if isinstance(options, str) else dict(options or {})
 
 

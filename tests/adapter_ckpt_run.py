@@ -27,7 +27,7 @@ def length_reward(completions: list[str], **kwargs: Any) -> list[float]:
 def build(kind: str, base_dir: str | Path, output_dir: str | Path, *, seed: int = 0, plugins: str = "lora,adapter_ckpt",
           reward_funcs: list[Any] | None = None, options: dict[str, Any] | None = None, evaluate: bool = False,
           **args: Any) -> Any:
-    """A fresh stock trl trainer of ``kind`` (reward, dpo, rloo, grpo) on the tiny base in ``base_dir``
+    """A fresh stock trl trainer of ``kind`` (reward, dpo, rloo, grpo), fp32 on CPU, on the tiny base in ``base_dir``
     with ``plugins`` attached; the same arguments give the same run. ``evaluate``: the reward trainer
     also evaluates on its training pairs."""
     import trl
@@ -39,7 +39,7 @@ def build(kind: str, base_dir: str | Path, output_dir: str | Path, *, seed: int 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     common = dict(
         output_dir=str(output_dir), max_steps=MAX_STEPS, save_steps=SAVE_STEPS, save_strategy="steps",
-        per_device_train_batch_size=2, logging_steps=1, learning_rate=1e-2, report_to="none", use_cpu=True,
+        per_device_train_batch_size=2, logging_steps=1, learning_rate=1e-2, report_to="none", use_cpu=True, bf16=False,
         seed=seed, data_seed=seed, disable_tqdm=True,
     )
     common.update(args)

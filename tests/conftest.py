@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +23,18 @@ PLUGINS_DIR = TESTS_DIR / "plugins_for_tests"
 MAX_STEPS = 3
 TRAINER_KINDS = ("trainer", "sft", "reward", "dpo", "kto", "grpo", "rloo")
 
+# The models are tiny: a second intra-op thread only adds synchronisation, and on a machine shared
+# with other jobs it makes every op wait for a preempted thread.
+torch.set_num_threads(1)
+
 
 # ---------------------------------------------------------------- hook coverage
 
 
 def hookspec_names() -> list[str]:
-    return sorted(name for name in dir(hookspecs) if name.startswith("perl_") and callable(getattr(hookspecs, name)))
+    """Every function in perl_plugins.hookspecs marked ``@hookspec``."""
+    marker = f"{hookspecs.PROJECT}_spec"
+    return sorted(name for name, obj in vars(hookspecs).items() if callable(obj) and hasattr(obj, marker))
 
 
 class HookRecorder:
@@ -65,8 +71,9 @@ HOOKS.install()  # at import, so that hooks fired while collecting or in session
 
 
 def ran_whole_suite(config: pytest.Config, collected_files: set[Path], deselected: int, tests_dir: Path) -> bool:
-    """True when every test file under ``tests_dir`` was collected and nothing was deselected."""
-    if config.option.keyword or config.option.markexpr or deselected:
+    """True when every test file under ``tests_dir`` was collected, nothing was deselected and
+    the tests actually ran (not ``--collect-only``)."""
+    if config.option.collectonly or config.option.keyword or config.option.markexpr or deselected:
         return False
     if any("::" in arg for arg in config.args):
         return False
@@ -108,7 +115,7 @@ def hook_recorder() -> HookRecorder:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def perl_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def perl_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Keep the embedded tokenizer (and anything else cached) out of the user's cache dir."""
     path = tmp_path_factory.mktemp("perl_plugins_cache")
     with pytest.MonkeyPatch.context() as mp:
@@ -178,7 +185,9 @@ def tiny_reward_model(tokenizer, seed: int = 0):
     return LlamaForSequenceClassification(tiny_llama_config(tokenizer, num_labels=1))
 
 
-_PROMPTS = ["User: a latte please\nAgent:", "User: one espresso\nAgent:", "User: iced mocha\nAgent:", "User: tea?\nAgent:"]
+_PROMPTS = [
+    "User: a latte please\nAgent:", "User: one espresso\nAgent:", "User: iced mocha\nAgent:", "User: tea?\nAgent:"
+]
 _GOOD = [" Sure, one latte.", " One espresso, coming up.", " Iced mocha it is.", " We have green tea."]
 _BAD = [" No.", " What?", " Bye.", " Coffee only."]
 

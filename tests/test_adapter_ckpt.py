@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -60,12 +61,19 @@ def reward_adapter(tmp_path_factory, base_dir) -> Path:
     return save_reward_adapter(get_peft_model(model, config), tmp_path_factory.mktemp("reward_adapter"))
 
 
-# Each case: trainer kind and build() keywords. "reward_full" is full fine-tuning (no LoRA).
+# Each case: trainer kind and build() keywords. "reward_full" is full fine-tuning (no LoRA); GRPO
+# reuses a generation round for 2 steps, and SAVE_STEPS falls on a round boundary (see the warning
+# test below); fp8 cases keep every optimizer state in FP8/FP16 (no size threshold, eager).
+FP8 = dict(plugins="lora,fp8,adapter_ckpt", options={"fp8_min_numel": 0, "fp8_compile": False})
 CASES = {
     "reward": dict(kind="reward"),
     "reward_full": dict(kind="reward", plugins="adapter_ckpt"),
     "dpo": dict(kind="dpo", options={"adapter_ckpt_save_tokenizer": True}),
     "rloo": dict(kind="rloo", reward_adapter=True),
+    "grpo": dict(kind="grpo", steps_per_generation=2),
+    "reward_fp8": dict(kind="reward", **FP8),
+    "dpo_fp8": dict(kind="dpo", **FP8),
+    "rloo_fp8": dict(kind="rloo", reward_adapter=True, **FP8),
 }
 
 
@@ -114,7 +122,7 @@ def _files(directory: Path) -> set[str]:
 
 
 def test_checkpoint_holds_only_trainable_tensors(uninterrupted, base_dir):
-    trainer, _, out = uninterrupted("rloo")
+    _, _, out = uninterrupted("rloo")
     ckpt = out / f"checkpoint-{SAVE_STEPS}"
     assert _files(ckpt) == {
         "adapters/default/adapter_model.safetensors", "adapters/default/adapter_config.json",
@@ -157,12 +165,26 @@ def test_full_fine_tuning_and_tokenizer(uninterrupted):
 # ---------------------------------------------------------------- exact resume
 
 
-@pytest.mark.parametrize("case", ["reward", "reward_full", "dpo", "rloo"])
+@pytest.mark.parametrize("case", list(CASES))
 def test_resume_matches_uninterrupted_run(case, uninterrupted, base_dir, reward_adapter, tmp_path):
     _, full_logs, out = uninterrupted(case)
+    checkpoint = out / f"checkpoint-{SAVE_STEPS}"
     resumed = build(base_dir=base_dir, output_dir=tmp_path, **_kwargs(case, reward_adapter))
-    logs = train(resumed, str(out / f"checkpoint-{SAVE_STEPS}"))
+    logs = train(resumed, str(checkpoint))
     _assert_same_logs(_after(full_logs, SAVE_STEPS), _after(logs, SAVE_STEPS))
+    if case.endswith("fp8"):  # compact optimizer states are saved and resumed as they are
+        saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"]
+        assert {v.dtype for state in saved.values() for v in state.values() if torch.is_tensor(v)} >= {
+            torch.float8_e4m3fn, torch.float16
+        }
+        optimizer = getattr(resumed.optimizer, "optimizer", resumed.optimizer)
+        assert {s["exp_avg"].dtype for s in optimizer.state.values()} == {torch.float8_e4m3fn}
+
+
+def test_warns_when_checkpoints_split_a_generation_round(base_dir, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="perl_plugins.plugins.adapter_ckpt"):
+        build("grpo", base_dir, tmp_path, steps_per_generation=2, save_steps=1)
+    assert "inside a generation round" in caplog.text
 
 
 # ---------------------------------------------------------------- load errors
@@ -222,7 +244,7 @@ def test_refuses_fsdp(make_trainer):
 
 def test_kill_mid_save_keeps_last_complete_checkpoint(uninterrupted, base_dir, tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, SAVE_DELAY_ENV: "3", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, SAVE_DELAY_ENV: "2", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(
         [sys.executable, str(TESTS_DIR / "adapter_ckpt_run.py"), "reward", str(base_dir), str(out)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

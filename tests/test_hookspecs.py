@@ -12,7 +12,8 @@ from conftest import HookRecorder, hookspec_names, pytest_sessionfinish, ran_who
 from perl_plugins import hookimpl, hookspecs
 from perl_plugins.manager import PluginSet
 
-EXPECTED = {
+# The hooks the host was written with; more may be added (each then needs docs and a test).
+CORE = {
     "perl_plugin_options", "perl_check_trainer", "perl_configure", "perl_prepare_model", "perl_compute_loss",
     "perl_create_optimizer", "perl_save_checkpoint", "perl_load_checkpoint", "perl_on_step_end", "perl_on_log",
     "perl_shape_rewards",
@@ -20,13 +21,14 @@ EXPECTED = {
 
 
 def test_hookspec_names():
-    assert set(hookspec_names()) == EXPECTED
+    names = hookspec_names()
+    assert CORE <= set(names)
+    assert all(name.startswith("perl_") for name in names)
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("name", hookspec_names())
 def test_hookspec_documents_when_it_fires_and_what_it_returns(name):
     spec = getattr(hookspecs, name)
-    assert getattr(spec, "perl_plugins_spec", None) is not None, f"{name} is not marked @hookspec"
     doc = inspect.getdoc(spec) or ""
     assert "Fires:" in doc, f"{name}: docstring must say when it fires ('Fires: ...')"
     assert "Returns:" in doc, f"{name}: docstring must say what it returns ('Returns: ...')"
@@ -58,9 +60,11 @@ def test_recorder_records_hooks_fired_with_an_implementation(hook_recorder, monk
     assert "perl_on_log" in hook_recorder.missing() and "perl_on_step_end" not in hook_recorder.missing()
 
 
-def _session(tmp_path: Path, files: list[str], keyword: str = "", args: tuple[str, ...] = ()) -> SimpleNamespace:
+def _session(
+    tmp_path: Path, files: list[str], keyword: str = "", args: tuple[str, ...] = (), collect_only: bool = False
+) -> SimpleNamespace:
     config = SimpleNamespace(
-        option=SimpleNamespace(keyword=keyword, markexpr=""),
+        option=SimpleNamespace(keyword=keyword, markexpr="", collectonly=collect_only),
         args=list(args),
         pluginmanager=SimpleNamespace(get_plugin=lambda name: None),
     )
@@ -77,6 +81,7 @@ def test_ran_whole_suite(tmp_path):
     assert not ran_whole_suite(whole.config, {tmp_path / "test_a.py"}, 0, tmp_path)  # one file only
     assert not ran_whole_suite(whole.config, every, 2, tmp_path)  # deselected items
     assert not ran_whole_suite(_session(tmp_path, [], keyword="attach").config, every, 0, tmp_path)  # -k
+    assert not ran_whole_suite(_session(tmp_path, [], collect_only=True).config, every, 0, tmp_path)
     assert not ran_whole_suite(_session(tmp_path, [], args=("tests/test_a.py::test_x",)).config, every, 0, tmp_path)
 
 
@@ -89,7 +94,7 @@ def test_sessionfinish_fails_a_full_run_with_unexercised_hooks(monkeypatch, caps
     monkeypatch.setattr(conftest, "HOOKS", recorder)
     monkeypatch.setattr(conftest, "_deselected", 0)
 
-    recorder.called = set(EXPECTED) - {"perl_on_log"}
+    recorder.called = set(hookspec_names()) - {"perl_on_log"}
     full = _session(tests_dir, [str(f) for f in files])
     pytest_sessionfinish(full, 0)
     assert full.exitstatus == 1
@@ -99,7 +104,7 @@ def test_sessionfinish_fails_a_full_run_with_unexercised_hooks(monkeypatch, caps
     pytest_sessionfinish(partial, 0)
     assert partial.exitstatus == 0
 
-    recorder.called = set(EXPECTED)
+    recorder.called = set(hookspec_names())
     complete = _session(tests_dir, [str(f) for f in files])
     pytest_sessionfinish(complete, 0)
     assert complete.exitstatus == 0

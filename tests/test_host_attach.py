@@ -175,7 +175,8 @@ def test_hooks_run_in_plugin_order():
     calls = []
     plugins.call("perl_on_step_end", trainer=None, state=calls, control=None)
     assert calls == ["a", "b", "c"]
-    assert plugins.chain("perl_shape_rewards", "rewards", [], trainer=None, prompts=[], completions=[]) == ["a", "b", "c"]
+    chained = plugins.chain("perl_shape_rewards", "rewards", [], trainer=None, prompts=[], completions=[])
+    assert chained == ["a", "b", "c"]
     assert plugins.call("perl_create_optimizer", trainer=None, model=None) == "from b"  # first non-None result
 
 

@@ -100,10 +100,11 @@ def test_local_file_failing_to_import(trainer, plugin_file):
 @pytest.mark.parametrize("stage", ["configure", "prepare_model"])
 def test_failure_midway_restores_the_trainer(trainer, plugin_file, stage):
     before = snapshot(trainer)
-    model = trainer.model
+    model, args, learning_rate = trainer.model, trainer.args, trainer.args.learning_rate
     with pytest.raises(RuntimeError, match=f"failing in perl_{stage}"):
         attach(trainer, plugins=plugin_file("fails_midway"), fails_midway_stage=stage)
     assert_untouched(trainer, *before)
+    assert trainer.args is args and trainer.args.learning_rate == learning_rate
     assert trainer.model is model and not hasattr(trainer, "fails_midway_configured")
     assert len(train_quietly(trainer)) == 1
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import MAX_STEPS, TRAINER_KINDS, step_losses, train_quietly
 
-from perl_plugins import attach
+from perl_plugins import attach, hookimpl
 from perl_plugins.attach import trainer_family
 
 AUX_TERM = "aux_l2"
@@ -46,6 +46,7 @@ def test_loss_term_and_step_hooks(make_trainer, plugin_file, kind, lora):
     assert logs[0][base] == pytest.approx(stock_first_loss, rel=1e-6, abs=1e-7)
     assert logs[0]["loss"] != pytest.approx(stock_first_loss, rel=1e-6, abs=1e-7)
 
+    assert trainer.aux_loss_events["train_begin"] == 1
     assert trainer.aux_loss_events["step_end"] == MAX_STEPS
     assert trainer.aux_loss_events["log"] == MAX_STEPS + 1  # one per step, plus the end-of-training summary
     step_log_keys = [keys for keys in trainer.aux_loss_logged_keys if "loss" in keys]
@@ -64,17 +65,14 @@ def test_shape_rewards(make_trainer, plugin_file, kind):
 
     # Called once per generation round with (num_completions, num_reward_funcs) rewards.
     assert trainer.reward_shift_shapes and all(shape == (2, 1) for shape in trainer.reward_shift_shapes)
-    assert max(stock_rewards) < 10
     assert shaped_rewards[0] == pytest.approx(stock_rewards[0] + 100.0)  # same first generation, shifted
     assert min(shaped_rewards) >= 100.0
 
 
 class _Doubler:
-    """A plugin object: doubles rewards (used after / before ``reward_shift`` to check chain order)."""
+    """A plugin object that doubles rewards: given after ``reward_shift``, it must see shifted rewards."""
 
     PLUGIN_NAME = "doubler"
-
-    from perl_plugins import hookimpl
 
     @hookimpl
     def perl_shape_rewards(self, rewards):
@@ -141,8 +139,6 @@ def test_outputs_are_passed_to_loss_plugins(make_trainer):
     class Peek:
         PLUGIN_NAME = "peek"
 
-        from perl_plugins import hookimpl
-
         @hookimpl
         def perl_compute_loss(self, inputs, outputs, terms):
             seen.append((outputs.logits.shape[0], inputs["input_ids"].shape[0], terms.base_name))
@@ -176,8 +172,6 @@ def test_outputs_requested_only_when_a_plugin_takes_them(make_trainer, plugin_fi
 
     class Peek:
         PLUGIN_NAME = "peek"
-
-        from perl_plugins import hookimpl
 
         @hookimpl
         def perl_compute_loss(self, outputs):

@@ -21,8 +21,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,11 @@ TRAINER_STATE = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME
 _PEFT_PREFIX = "base_model.model."
 _PEFT_WRAPPERS = {"base_layer", "original_module"}
 _CHECKPOINT_RE = re.compile(r"checkpoint-\d+")
+
+logger = logging.getLogger(__name__)
+# model -> (exclusions, fingerprint): frozen base weights do not change during a run, and hashing
+# a 100M-parameter base costs more than writing its adapter checkpoint.
+_RUN_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -113,6 +120,14 @@ def fingerprint(model: nn.Module, exclusions: list[str]) -> dict[str, Any]:
     return base_fingerprint(model, exclude=excluded.__contains__)
 
 
+def _run_fingerprint(model: nn.Module, exclusions: list[str]) -> dict[str, Any]:
+    """:func:`fingerprint`, computed at the first save of a model and reused by later ones."""
+    cached = _RUN_FINGERPRINTS.get(model)
+    if cached is None or cached[0] != exclusions:
+        cached = _RUN_FINGERPRINTS[model] = (exclusions, fingerprint(model, exclusions))
+    return cached[1]
+
+
 def write_model_state(model: nn.Module, directory: Path) -> dict[str, Any]:
     """Write every trainable tensor of ``model`` into ``directory``; returns manifest metadata."""
     adapters, others = trainable_state(model)
@@ -126,23 +141,20 @@ def write_model_state(model: nn.Module, directory: Path) -> dict[str, Any]:
     exclusions = fingerprint_exclusions(model, others)
     base = model.get_base_model() if is_peft_model(model) else model
     return {
-        "base_fingerprint": fingerprint(model, exclusions),
+        "base_fingerprint": _run_fingerprint(model, exclusions),
         "fingerprint_exclusions": exclusions,
         "model": {
             "class": type(base).__name__,
             "base": getattr(base.config, "_name_or_path", "") or None,
             "config": json.loads(base.config.to_json_string(use_diff=False)),
             "active_adapter": model.active_adapter if adapters else None,
-            "adapters": {name: {"trainable": any(t.requires_grad for t in _params_of(model, state))}
-                         for name, state in adapters.items()},
+            "adapters": {
+                name: {"trainable": any(p.requires_grad for n, p in model.named_parameters() if f".{name}." in n)}
+                for name in adapters
+            },
             "trainable_tensors": sorted(others),
         },
     }
-
-
-def _params_of(model: nn.Module, state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    ptrs = {t.data_ptr() for t in state.values()}
-    return [p for p in model.parameters() if p.data_ptr() in ptrs]
 
 
 def check_base(model: nn.Module, checkpoint_dir: str | os.PathLike, manifest: dict[str, Any]) -> None:
@@ -169,15 +181,15 @@ def read_model_state(model: nn.Module, checkpoint_dir: str | os.PathLike, *, str
     from peft import set_peft_model_state_dict
 
     for name in model_adapters:
-        state = load_tensors_checked(directory, f"{ADAPTERS_DIR}/{name}/{ADAPTER_WEIGHTS}")
+        state = load_tensors(directory / ADAPTERS_DIR / name / ADAPTER_WEIGHTS)  # MissingFileError names it
         _check_keys(directory, f"adapter {name!r}", state.keys(), adapter_state(model, name).keys())
         result = set_peft_model_state_dict(model, state, adapter_name=name)
         if result.unexpected_keys:
             raise CheckpointError(f"{directory}: adapter {name!r} has keys the model lacks: {result.unexpected_keys[:5]}")
-    _, expected_others = trainable_state(model)
+    expected_others = trainable_state(model)[1] if strict else {}
     file = directory / TRAINABLE_FILE
     if not file.is_file():
-        if strict and expected_others:
+        if expected_others:
             raise MissingFileError(TRAINABLE_FILE, directory)
         return
     others = load_tensors(file)
@@ -186,12 +198,6 @@ def read_model_state(model: nn.Module, checkpoint_dir: str | os.PathLike, *, str
     result = model.load_state_dict(others, strict=False)
     if result.unexpected_keys:
         raise CheckpointError(f"{directory}: {TRAINABLE_FILE} has tensors the model lacks: {result.unexpected_keys[:5]}")
-
-
-def load_tensors_checked(directory: Path, rel: str) -> dict[str, torch.Tensor]:
-    if not (directory / rel).is_file():
-        raise MissingFileError(rel, directory)
-    return load_tensors(directory / rel)
 
 
 def _check_keys(directory: Path, what: str, found: Any, expected: Any) -> None:
@@ -337,6 +343,24 @@ def perl_check_trainer(trainer: Any, options: dict[str, Any]) -> None:
         raise PluginIncompatibleError("adapter_ckpt does not support DeepSpeed yet (it writes its own checkpoints).")
     if trainer.args.save_on_each_node:
         raise PluginIncompatibleError("adapter_ckpt writes each checkpoint from one process: unset save_on_each_node.")
+    _warn_inside_generation_round(trainer)
+
+
+def _warn_inside_generation_round(trainer: Any) -> None:
+    """GRPO/RLOO reuse one generation round for ``steps_per_generation * num_iterations`` micro-steps
+    and keep it only in memory: a checkpoint inside a round resumes with a fresh generation."""
+    args = trainer.args
+    steps_per_generation = getattr(args, "steps_per_generation", None)
+    if not steps_per_generation or args.save_strategy != "steps" or args.save_steps < 1:
+        return
+    every = steps_per_generation * getattr(trainer, "num_iterations", 1)
+    if (int(args.save_steps) * args.gradient_accumulation_steps) % every:
+        logger.warning(
+            "adapter_ckpt: %s generates every %d micro-steps (steps_per_generation * num_iterations), but "
+            "save_steps=%d x gradient_accumulation_steps=%d is not a multiple of it: resuming from a checkpoint "
+            "inside a generation round regenerates completions, so it will not repeat the uninterrupted run.",
+            type(trainer).__name__, every, args.save_steps, args.gradient_accumulation_steps,
+        )
 
 
 @hookimpl

@@ -113,8 +113,10 @@ def tokenize_groups(
 
     def encode(row: dict[str, Any]) -> dict[str, Any]:
         if len(row["responses"]) != len(row["scores"]) or len(row["responses"]) < 1:
-            raise ValueError(f"RRHF group needs one score per response, got {len(row['responses'])} responses "
-                             f"and {len(row['scores'])} scores.")
+            raise ValueError(
+                f"RRHF group needs one score per response, got {len(row['responses'])} responses "
+                f"and {len(row['scores'])} scores."
+            )
         prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
         responses = [tokenizer(r, add_special_tokens=False)["input_ids"] + eos for r in row["responses"]]
         if max_length is not None:
@@ -171,7 +173,9 @@ def _pad_token_id(trainer: Any) -> int:
     if pad is None:
         pad = trainer.model.config.get_text_config().pad_token_id
     if pad is None:
-        raise PluginIncompatibleError("rrhf: no pad token: give the trainer a processing_class with a pad or eos token.")
+        raise PluginIncompatibleError(
+            "rrhf: no pad token: give the trainer a processing_class with a pad or eos token."
+        )
     return pad
 
 
@@ -185,8 +189,8 @@ def perl_check_trainer(trainer: Any, options: dict[str, Any]) -> None:
     family = trainer_family(trainer)
     if family != "Trainer":
         raise PluginIncompatibleError(
-            f"rrhf adds its ranking loss to a stock transformers.Trainer on a causal LM, not to {type(trainer).__name__} "
-            "(its data are groups of scored responses: see perl_plugins.plugins.rrhf.tokenize_groups)."
+            "rrhf adds its ranking loss to a stock transformers.Trainer on a causal LM, not to "
+            f"{type(trainer).__name__} (its data are groups of scored responses: see perl_plugins.plugins.rrhf.tokenize_groups)."
         )
     if trainer.model.get_output_embeddings() is None:
         raise PluginIncompatibleError(f"rrhf needs a causal LM with an LM head, got {type(trainer.model).__name__}.")

@@ -1,4 +1,4 @@
-"""Test plugin: adds a weighted L2 term over the trainable weights and counts step/log hooks."""
+"""Test plugin: adds a weighted L2 term over the trainable weights and counts train/step/log hooks."""
 
 from __future__ import annotations
 
@@ -37,6 +37,12 @@ def perl_compute_loss(model: Any, terms: Any, options: dict[str, Any]) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     value = sum(p.pow(2).mean() for p in params) / len(params)
     terms.add(TERM, value, options["aux_loss"].aux_loss_weight)
+
+
+@hookimpl
+def perl_on_train_begin(trainer: Any, model: Any) -> None:
+    trainer.aux_loss_events["train_begin"] += 1
+    assert model is trainer.model_wrapped
 
 
 @hookimpl

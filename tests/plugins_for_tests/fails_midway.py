@@ -1,4 +1,5 @@
-"""Test plugin: changes the trainer in ``perl_configure``, then fails in ``fails_midway_stage``."""
+"""Test plugin: changes the trainer and its arguments in ``perl_configure``, then fails in
+``fails_midway_stage``."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ def perl_plugin_options() -> type:
 def perl_configure(trainer: Any, options: dict[str, Any]) -> None:
     trainer.fails_midway_configured = True
     trainer.model = nn.Linear(1, 1)  # replaced attribute: must be restored
+    trainer.args.learning_rate = 123.0  # changed in place: must be restored too
     if options["fails_midway"].fails_midway_stage == "configure":
         raise RuntimeError("fails_midway: failing in perl_configure")
 

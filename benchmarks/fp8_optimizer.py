@@ -1,0 +1,184 @@
+"""FP8AdamW benchmark: optimizer-state bytes, optimizer.step() time and final loss against peers.
+
+Model: the ~20.5M-parameter Llama ``perl_plugins.embedded.tiny_config("bench20m")`` (random init,
+fp32, CPU), trained as a causal LM on Taskmaster coffee dialogs with the embedded byte-level BPE
+tokenizer; the same data order for every optimizer. Optimizers: ``torch.optim.AdamW`` (fp32,
+foreach), ``FP8AdamW`` (default: fp8 m + fp16 v, and the 2-byte mode), torchao ``AdamWFp8`` and
+``AdamW8bit``. Per optimizer:
+
+* ``state_bytes_per_param``: bytes of all optimizer state tensors / number of parameters;
+* ``step_time_ratio``: median optimizer.step() wall time / median step time of
+  ``torch.optim.AdamW(fused=True)`` on a shadow copy of the parameters with the same gradients,
+  the two steps alternating (and alternating which goes first) so both see the same machine load;
+  the first WARMUP steps (compilation) are excluded; ``step_cpu_time_ratio``: the same with
+  process CPU time, less sensitive to other processes on a shared machine;
+* ``final_loss_rel_diff``: (held-out loss - AdamW's) / AdamW's, after the same steps. The extra
+  case ``adamw_fused`` (``torch.optim.AdamW(fused=True)`` training the model: the same math in
+  another operation order) shows how far fp32 rounding differences alone move that number.
+
+Runs single-threaded by default (``--threads``): on 2 cores shared with other jobs, OpenMP barriers
+waiting for a preempted thread made every 2-thread timing (fused AdamW included) 5-20x slower
+and meaningless.
+
+Usage: ``python benchmarks/fp8_optimizer.py [--steps 200] [--threads 1]``; the last line printed
+is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+WARMUP = 5
+GOALS = {"fp8adamw_bytes": 3.05, "fp8adamw_2byte_bytes": 2.1, "step_time_ratio": 1.2, "final_loss_rel_diff": 0.01}
+
+
+def token_batches(
+    seq_len: int, batch: int, steps: int, eval_batches: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Dialog text tokenized, concatenated (EOS between dialogs), cut into fixed-order batches."""
+    from perl_plugins.data.taskmaster import DEFAULT_DIALOGS_FILE, load_dialog_texts
+    from perl_plugins.embedded import build_tokenizer
+
+    tok = build_tokenizer()
+    ids: list[int] = []
+    for text in load_dialog_texts(DEFAULT_DIALOGS_FILE):
+        ids += tok(text)["input_ids"] + [tok.eos_token_id]
+    rows = torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
+    rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))]
+    needed = (steps + eval_batches) * batch
+    if len(rows) < needed:
+        rows = rows.repeat(math.ceil(needed / len(rows)), 1)  # more steps than one epoch holds
+    held_out, train = rows[: eval_batches * batch], rows[eval_batches * batch :]
+    return list(train[: steps * batch].split(batch)), list(held_out.split(batch))
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in the optimizer state, looking inside tensor subclasses (torchao)."""
+
+    def nbytes(t: torch.Tensor) -> int:
+        if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor:
+            names, _ = t.__tensor_flatten__()
+            return sum(nbytes(getattr(t, n)) for n in names)
+        return t.untyped_storage().nbytes() if t.numel() else 0
+
+    return sum(nbytes(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)  # torchao keeps lr as a tensor and refuses a float
+        else:
+            group["lr"] = lr
+
+
+def run(
+    name: str, make: Callable[[Any], torch.optim.Optimizer], data: tuple, args: argparse.Namespace
+) -> dict[str, Any]:
+    from transformers import LlamaForCausalLM
+
+    from perl_plugins.embedded import tiny_config
+
+    train, held_out = data
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config("bench20m"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    shadow = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    fused = torch.optim.AdamW(shadow, lr=args.lr, fused=True)
+    optimizer = make(params)
+    times: dict[str, list[float]] = {"opt": [], "fused": []}
+    cpu: dict[str, list[float]] = {"opt": [], "fused": []}
+    first_step_s = 0.0
+    losses = []
+    for step, batch in enumerate(train):
+        set_lr(optimizer, args.lr * min(1.0, (step + 1) / args.warmup_steps))
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        losses.append(loss.item())
+        for p, s in zip(params, shadow):
+            s.grad = p.grad  # fused AdamW reads the same gradients; it never writes them
+        order = [("opt", optimizer), ("fused", fused)]
+        for key, opt in order if step % 2 else order[::-1]:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            opt.step()
+            elapsed = time.perf_counter() - start
+            if key == "opt" and step == 0:
+                first_step_s = elapsed
+            if step >= WARMUP:
+                times[key].append(elapsed)
+                cpu[key].append(time.process_time() - start_cpu)
+    with torch.no_grad():
+        final = statistics.fmean(model(input_ids=b, labels=b).loss.item() for b in held_out)
+    opt_ms, fused_ms = (1e3 * statistics.median(times[k]) for k in ("opt", "fused"))
+    n = sum(p.numel() for p in params)
+    print(f"{name}: loss {losses[0]:.3f} -> {losses[-1]:.3f}, held-out {final:.4f}, step {opt_ms:.1f} ms "
+          f"vs fused {fused_ms:.1f} ms, first step {first_step_s:.1f} s", flush=True)
+    return {
+        "state_bytes_per_param": round(state_bytes(optimizer) / n, 4),
+        "step_time_ratio": round(opt_ms / fused_ms, 3),
+        "step_cpu_time_ratio": round(statistics.median(cpu["opt"]) / statistics.median(cpu["fused"]), 3),
+        "step_ms": round(opt_ms, 2),
+        "fused_adamw_step_ms": round(fused_ms, 2),
+        "first_step_s": round(first_step_s, 2),
+        "final_loss": round(final, 5),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup-steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from perl_plugins.fp8_optim import FP8AdamW
+
+    data = token_batches(args.seq_len, args.batch, args.steps, eval_batches=8)
+
+    def torchao(cls_name: str) -> Callable[[Any], torch.optim.Optimizer]:
+        def make(params: Any) -> torch.optim.Optimizer:
+            import torchao.optim
+
+            return getattr(torchao.optim, cls_name)(params, lr=args.lr, weight_decay=1e-2)
+
+        return make
+
+    cases: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
+        "adamw": lambda ps: torch.optim.AdamW(ps, lr=args.lr, foreach=True),
+        "adamw_fused": lambda ps: torch.optim.AdamW(ps, lr=args.lr, fused=True),
+        "fp8adamw": lambda ps: FP8AdamW(ps, lr=args.lr),
+        "fp8adamw_2byte": lambda ps: FP8AdamW(ps, lr=args.lr, second_moment="fp8"),
+        "torchao_fp8": torchao("AdamWFp8"),
+        "torchao_8bit": torchao("AdamW8bit"),
+    }
+    results: dict[str, Any] = {}
+    for name, make in cases.items():
+        try:
+            results[name] = run(name, make, data, args)
+        except Exception as e:  # a peer that cannot run on CPU is recorded, not fatal
+            results[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+            print(f"{name}: failed: {results[name]['error']}", flush=True)
+    reference = results["adamw"]["final_loss"]
+    for r in results.values():
+        if "final_loss" in r:
+            r["final_loss_rel_diff"] = round((r["final_loss"] - reference) / reference, 5)
+    results["config"] = {"steps": args.steps, "batch": args.batch, "seq_len": args.seq_len, "lr": args.lr,
+                         "threads": torch.get_num_threads(), "warmup_steps_untimed": WARMUP, "goals": GOALS}
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

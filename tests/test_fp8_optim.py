@@ -1,0 +1,280 @@
+"""FP8AdamW: the step against a direct fp32 re-computation, trajectories, state formats, checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from perl_plugins.fp8_optim import BLOCK, E4M3, FP8AdamW, describe
+
+LR, WD, B1, B2, EPS = 1e-2, 0.1, 0.9, 0.999, 1e-8
+
+
+def _pow2(amax: torch.Tensor, fmax: float) -> torch.Tensor:
+    return torch.exp2(torch.floor(torch.log2(fmax / amax)))
+
+
+def _reference_step(p, g, state, t, second_moment):
+    """The FP8-LM step written out: dequantize, AdamW in fp32, requantize with fresh scales."""
+    m = state["exp_avg"].float() / state["exp_avg_scale"]
+    if second_moment == "fp16":
+        v = state["exp_avg_sq"].float() / state["exp_avg_sq_scale"]
+    else:
+        v = ((state["exp_avg_sq"].float().view(-1, BLOCK) / state["exp_avg_sq_scale"][:, None]) ** 2).flatten()
+    p = p.flatten() * (1 - LR * WD)
+    m = B1 * m + (1 - B1) * g.flatten()
+    v = B2 * v + (1 - B2) * g.flatten() ** 2
+    p = p - LR * (m / (1 - B1**t)) / (torch.sqrt(v / (1 - B2**t)) + EPS)
+    m_scale = _pow2(m.abs().amax(), 448.0)
+    out = {"exp_avg": (m * m_scale).to(E4M3), "exp_avg_scale": m_scale}
+    # A positive second moment never rounds to 0: it is clamped to the smallest positive code.
+    if second_moment == "fp16":
+        v_scale = _pow2(v.amax(), 65504.0)
+        v_q = torch.where(v > 0, (v * v_scale).clamp_min(2.0**-24), 0.0).half()
+        out |= {"exp_avg_sq": v_q, "exp_avg_sq_scale": v_scale}
+    else:
+        r = v.sqrt().view(-1, BLOCK)
+        v_scale = _pow2(r.amax(dim=1), 448.0)
+        r_q = torch.where(r > 0, (r * v_scale[:, None]).clamp_min(2.0**-9), 0.0).flatten().to(E4M3)
+        out |= {"exp_avg_sq": r_q, "exp_avg_sq_scale": v_scale}
+    return p, out
+
+
+@pytest.mark.parametrize("second_moment", ["fp16", "fp8"])
+def test_step_matches_fp32_recomputation(second_moment):
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8, 512))
+    opt = FP8AdamW([p], lr=LR, weight_decay=WD, eps=EPS, second_moment=second_moment, min_numel=0, compile=False)
+    for t in range(1, 4):
+        p.grad = torch.randn_like(p) * torch.logspace(-4, 0, 512)  # several binades per block
+        state = opt.state[p] or opt._init_state(p)  # the zero states a first step starts from
+        opt.state[p] = state
+        before = {k: v.clone() for k, v in state.items() if torch.is_tensor(v)}
+        expected_p, expected = _reference_step(p.detach().clone(), p.grad, before, t, second_moment)
+        opt.step()
+        assert state["step"] == t
+        torch.testing.assert_close(p.detach().flatten(), expected_p, rtol=1e-6, atol=1e-7)
+        for key in ("exp_avg_scale", "exp_avg_sq_scale"):
+            assert torch.equal(state[key], expected[key]), key
+        for key in ("exp_avg", "exp_avg_sq"):
+            got, want = state[key].float(), expected[key].float()
+            assert state[key].dtype == expected[key].dtype
+            assert torch.equal(got, want), key
+
+
+def _train(make_optimizer, steps: int = 300, dtype=torch.float32) -> float:
+    """Fit a noisy teacher on fresh batches; held-out loss (noise floor 0.01)."""
+    teacher = torch.randn(64, 8, generator=torch.Generator().manual_seed(1)) / 8
+    data = torch.Generator().manual_seed(2)
+
+    def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(n, 64, generator=data)
+        return x, torch.tanh(x @ teacher) + 0.1 * torch.randn(n, 8, generator=data)
+
+    x_eval, y_eval = batch(2048)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 8)).to(dtype)
+    opt = make_optimizer(model.parameters())
+    for _ in range(steps):
+        x, y = batch(64)
+        loss = torch.nn.functional.mse_loss(model(x.to(dtype)).float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return torch.nn.functional.mse_loss(model(x_eval.to(dtype)).float(), y_eval).item()
+
+
+@pytest.mark.parametrize("second_moment", ["fp16", "fp8"])
+def test_trajectory_tracks_torch_adamw(second_moment):
+    reference = _train(lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=WD))
+    kwargs = dict(lr=1e-3, weight_decay=WD, second_moment=second_moment, min_numel=0, compile=False)
+    fp8 = _train(lambda ps: FP8AdamW(ps, **kwargs))
+    assert reference < 0.05  # it learned (the target's variance is ~0.4, its noise 0.01)
+    assert abs(fp8 - reference) / reference < 0.02
+
+
+def test_master_weights_keep_small_bf16_updates():
+    """At a small lr, bf16 rounding swallows most updates; fp16 master weights keep them."""
+    kwargs = dict(lr=3e-4, weight_decay=0.0, min_numel=0, compile=False)
+    reference = _train(lambda ps: torch.optim.AdamW(ps, lr=3e-4, weight_decay=0.0), steps=200)
+    plain = _train(lambda ps: FP8AdamW(ps, **kwargs), steps=200, dtype=torch.bfloat16)
+    master = _train(lambda ps: FP8AdamW(ps, master_weights=True, **kwargs), steps=200, dtype=torch.bfloat16)
+    assert abs(master - reference) / reference < 0.05
+    assert abs(master - reference) < 0.5 * abs(plain - reference)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _model_params():
+    torch.manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(64, 256)), torch.nn.Parameter(torch.randn(100))]
+
+
+def _step(opt, params):
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+
+
+@pytest.mark.parametrize(
+    ("second_moment", "v_dtype", "bytes_per_param"), [("fp16", torch.float16, 3.0), ("fp8", E4M3, 2.0 + 4 / BLOCK)]
+)
+def test_state_formats_and_bytes(second_moment, v_dtype, bytes_per_param):
+    big, small = _model_params()
+    opt = FP8AdamW([big, small], second_moment=second_moment, compile=False)
+    planned = opt.summary()
+    _step(opt, [big, small])
+    s_big, s_small = opt.state[big], opt.state[small]
+    assert s_big["exp_avg"].dtype == E4M3 and s_big["exp_avg_sq"].dtype == v_dtype
+    assert s_small["exp_avg"].dtype == s_small["exp_avg_sq"].dtype == torch.float32  # under min_numel
+    big_bytes = sum(t.nbytes for t in s_big.values() if torch.is_tensor(t))
+    assert math.isclose(big_bytes / big.numel(), bytes_per_param, abs_tol=1e-3)
+    actual = sum(t.nbytes for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    assert planned["state_bytes"] == actual
+    assert sum(planned["tensors_by_format"].values()) == 2
+    line = describe(planned)
+    assert "bytes/param" in line and "\n" not in line
+
+
+def test_block_mode_falls_back_for_sizes_off_the_block_grid():
+    p = torch.nn.Parameter(torch.randn(4099))
+    opt = FP8AdamW([p], second_moment="fp8", compile=False)
+    _step(opt, [p])
+    assert opt.state[p]["exp_avg_sq"].dtype == torch.float16
+    assert "fp8/fp16" in opt.summary()["tensors_by_format"]
+
+
+@pytest.mark.parametrize("second_moment", ["fp16", "fp8"])
+def test_state_dict_round_trip_is_bit_exact(tmp_path, second_moment):
+    params = _model_params()
+    opt = FP8AdamW(params, second_moment=second_moment, min_numel=1000, compile=False)
+    for _ in range(3):
+        _step(opt, params)
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    saved = torch.load(tmp_path / "opt.pt", weights_only=True)
+    assert saved["state"][0]["exp_avg"].dtype == E4M3  # compact on disk, not upcast
+    assert saved["state"][0]["exp_avg_sq"].dtype == (torch.float16 if second_moment == "fp16" else E4M3)
+
+    clones = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    restored = FP8AdamW(clones, second_moment=second_moment, min_numel=1000, compile=False)
+    restored.load_state_dict(saved)
+    for p, q in zip(params, clones):
+        a, b = opt.state[p], restored.state[q]
+        assert a.keys() == b.keys()
+        for key in a:
+            if torch.is_tensor(a[key]):
+                assert a[key].dtype == b[key].dtype and torch.equal(_bits(a[key]), _bits(b[key])), key
+            else:
+                assert a[key] == b[key]
+    torch.manual_seed(5)
+    _step(opt, params)
+    torch.manual_seed(5)
+    _step(restored, clones)
+    for p, q in zip(params, clones):
+        assert torch.equal(p, q)
+
+
+def test_master_weights_formats_and_round_trip(tmp_path):
+    big = torch.nn.Parameter(torch.randn(64, 64, dtype=torch.bfloat16))
+    small = torch.nn.Parameter(torch.randn(8, dtype=torch.bfloat16))
+    full = torch.nn.Parameter(torch.randn(64, 64))
+    opt = FP8AdamW([big, small, full], master_weights=True, min_numel=100, compile=False)
+    _step(opt, [big, small, full])
+    assert opt.state[big]["master"].dtype == torch.float16  # scaled fp16 for compact tensors
+    assert opt.state[small]["master"].dtype == torch.float32  # fp32 under min_numel
+    assert "master" not in opt.state[full]  # an fp32 parameter is its own master copy
+    master = opt.state[big]["master"].view_as(big).float() / opt.state[big]["master_scale"]
+    torch.testing.assert_close(big.detach().float(), master, rtol=2.0**-8, atol=0.0)  # p = bf16(new weights)
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    clones = [torch.nn.Parameter(p.detach().clone()) for p in (big, small, full)]
+    restored = FP8AdamW(clones, master_weights=True, min_numel=100, compile=False)
+    restored.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    for p, q in zip((big, small), clones):
+        assert torch.equal(restored.state[q]["master"], opt.state[p]["master"])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_gradient_skips_that_tensor_only(bad):
+    a, b = (torch.nn.Parameter(torch.randn(64, 128)) for _ in range(2))
+    opt = FP8AdamW([a, b], min_numel=0, compile=False)
+    _step(opt, [a, b])
+    a_before, b_before = a.detach().clone(), b.detach().clone()
+    states_before = {k: v.clone() for k, v in opt.state[a].items() if torch.is_tensor(v)}
+    a.grad = torch.randn_like(a)
+    a.grad[3, 7] = bad
+    b.grad = torch.randn_like(b)
+    opt.step()
+    assert torch.equal(a, a_before) and not torch.equal(b, b_before)
+    for key, value in states_before.items():
+        assert torch.equal(_bits(opt.state[a][key]), _bits(value)), key
+    assert opt.state[a]["step"] == 1 and opt.state[b]["step"] == 2
+    assert opt.nonfinite_skips == 1
+    assert torch.isfinite(b).all()
+
+
+def test_nonfinite_gradient_raises_when_asked():
+    a, b = torch.nn.Parameter(torch.randn(10)), torch.nn.Parameter(torch.randn(32, 32))
+    opt = FP8AdamW([a, b], nonfinite="raise", min_numel=0, compile=False)
+    a.grad, b.grad = torch.randn(10), torch.full((32, 32), float("nan"))
+    before = b.detach().clone()
+    with pytest.raises(FloatingPointError, match=r"parameter 1 of shape \(32, 32\)"):
+        opt.step()
+    assert torch.equal(b, before)
+
+
+@pytest.mark.parametrize("second_moment", ["fp16", "fp8"])
+def test_zero_gradient_keeps_the_previous_scale(second_moment):
+    p = torch.nn.Parameter(torch.randn(4, BLOCK))
+    opt = FP8AdamW([p], weight_decay=0.0, second_moment=second_moment, min_numel=0, compile=False)
+    p.grad = torch.zeros_like(p)
+    before = p.detach().clone()
+    opt.step()
+    state = opt.state[p]
+    assert torch.equal(p, before)  # no decay, no moment: nothing moves
+    assert (state["exp_avg_scale"] == 1).all() and (state["exp_avg_sq_scale"] == 1).all()
+    if second_moment == "fp8":  # blockwise: a zero block keeps its scale, the others get fresh ones
+        p.grad = torch.randn_like(p)
+        p.grad[0] = 0
+        opt.step()
+        scales = state["exp_avg_sq_scale"]
+        assert scales[0] == 1 and (scales[1:] > 1).all()
+    assert all(torch.isfinite(v.float()).all() for v in state.values() if torch.is_tensor(v))
+
+
+def test_compiled_step_equals_eager():
+    results = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(16, BLOCK)), torch.nn.Parameter(torch.randn(16, BLOCK))]
+        opts = [
+            FP8AdamW(params[:1], second_moment="fp16", min_numel=0, compile=compile),
+            FP8AdamW(params[1:], second_moment="fp8", min_numel=0, compile=compile),
+        ]
+        for step in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            params[0].grad[0, 0] = float("nan") if step == 1 else params[0].grad[0, 0]
+            for opt in opts:
+                opt.step()
+        assert opts[0].nonfinite_skips == 1 and opts[0].state[params[0]]["step"] == 2
+        results.append((params, opts))
+    (eager_params, eager_opts), (comp_params, comp_opts) = results
+    for p, q in zip(eager_params, comp_params):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+    for eo, co, p, q in zip(eager_opts, comp_opts, eager_params, comp_params):
+        for key, value in eo.state[p].items():
+            if torch.is_tensor(value):
+                assert (value.float() == co.state[q][key].float()).float().mean() > 0.999, key
+
+
+def test_bad_arguments():
+    p = [torch.nn.Parameter(torch.randn(3))]
+    with pytest.raises(ValueError, match="second_moment"):
+        FP8AdamW(p, second_moment="fp4")
+    with pytest.raises(ValueError, match="nonfinite"):
+        FP8AdamW(p, nonfinite="ignore")

@@ -1,0 +1,197 @@
+"""RLAIF pieces: soft labels from a labeller whose log-probs the test fixes, position-swap
+averaging, the labeller's token choice and padding, and the soft-label reward loss."""
+
+from __future__ import annotations
+
+import math
+
+import datasets
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_lm, tiny_reward_model, train_quietly
+
+from perl_plugins import attach
+from perl_plugins.recipes.rlaif import (
+    CUE,
+    CausalLMLabeller,
+    SoftLabelLoss,
+    candidate_pairs,
+    labeller_metrics,
+    labelling_prompt,
+    option_token_ids,
+    soft_labels,
+)
+
+PREAMBLE = "Which reply is better?"
+PAIRS = [
+    ("User: a latte please", " Sure, one latte.", " No."),
+    ("User: tea?", " Coffee only.", " We have green tea."),
+]
+
+
+class FixedLabeller:
+    """Log-probs of ("1", "2") looked up by (reply shown first, reply shown second)."""
+
+    def __init__(self, table: dict[tuple[str, str], tuple[float, float]]) -> None:
+        self.table = table
+        self.seen: list[str] = []
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        self.seen.extend(texts)
+        out = []
+        for text in texts:
+            key = next(k for k in self.table if f"Response 1: {k[0].strip()}\nResponse 2: {k[1].strip()}\n" in text)
+            out.append(self.table[key])
+        return torch.tensor(out)
+
+
+def test_soft_label_is_the_mean_of_both_orders():
+    a, b = (math.log(0.7), math.log(0.1)), (-1.0, -3.0)  # order (r1, r2): "1" vs "2"; order (r2, r1)
+    c, d = (-0.5, -0.2), (-2.0, -2.5)
+    labeller = FixedLabeller({PAIRS[0][1:]: a, PAIRS[0][:0:-1]: b, PAIRS[1][1:]: c, PAIRS[1][:0:-1]: d})
+    labels = soft_labels(labeller, PAIRS, PREAMBLE)
+    for label, first, swapped in zip(labels, (a, c), (b, d)):
+        p_first = torch.tensor(first).softmax(-1)[0].item()  # response 1 shown first: labeller says "1"
+        p_second = torch.tensor(swapped).softmax(-1)[1].item()  # shown second: labeller says "2"
+        assert label["p_1_preferred_order_12"] == pytest.approx(p_first)
+        assert label["p_1_preferred_order_21"] == pytest.approx(p_second)
+        assert label["p_1_preferred"] == pytest.approx((p_first + p_second) / 2)
+    # The first pair: softmax over just "1" and "2" (0.7 vs 0.1 -> 7/8), not the raw probability 0.7.
+    assert labels[0]["p_1_preferred_order_12"] == pytest.approx(7 / 8)
+    assert len(labeller.seen) == 4 and all(text.startswith(PREAMBLE) and text.endswith(CUE) for text in labeller.seen)
+
+
+def test_position_bias_cancels():
+    always_first = (math.log(0.8), math.log(0.2))  # prefers whatever is shown first
+    labeller = FixedLabeller({k: always_first for _, *r in PAIRS for k in (tuple(r), tuple(r[::-1]))})
+    labels = soft_labels(labeller, PAIRS, PREAMBLE)
+    assert [label["p_1_preferred"] for label in labels] == pytest.approx([0.5, 0.5])
+    rows = [{**label, "thumbs_1": 1.0, "thumbs_2": 0.0} for label in labels]
+    metrics = labeller_metrics(rows)
+    assert metrics["labeller_position_bias"] == pytest.approx(0.3)
+    assert metrics["labeller_confidence"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_real_preference_survives_position_bias():
+    # Prefers the longer reply by 2 nats and the first position by 1 nat.
+    def logps(first: str, second: str) -> tuple[float, float]:
+        return (1.0 + 2.0 * (len(first) > len(second)), 2.0 * (len(second) > len(first)))
+
+    labeller = FixedLabeller({k: logps(*k) for _, *r in PAIRS for k in (tuple(r), tuple(r[::-1]))})
+    labels = soft_labels(labeller, PAIRS, PREAMBLE)
+    sigmoid = torch.sigmoid
+    assert labels[0]["p_1_preferred"] == pytest.approx(
+        ((sigmoid(torch.tensor(3.0)) + sigmoid(torch.tensor(1.0))) / 2).item()
+    )
+    assert labels[0]["p_1_preferred"] > 0.5 > labels[1]["p_1_preferred"]  # the longer reply wins in both pairs
+    rows = [{**label, "thumbs_1": t1, "thumbs_2": t2} for label, (t1, t2) in zip(labels, [(1, 0), (1, 0)])]
+    assert labeller_metrics(rows)["labeller_human_agreement"] == pytest.approx(0.5)
+
+
+def test_option_tokens_of_the_embedded_tokenizer(tokenizer):
+    one, two = option_token_ids(tokenizer)
+    assert one != two and tokenizer.decode([one]) == "1" and tokenizer.decode([two]) == "2"
+    with pytest.raises(ValueError, match="change the cue"):
+        option_token_ids(tokenizer, cue="Response ")  # " 1" is one token: the cue's space merges with it
+
+
+def test_labeller_reads_the_last_token_despite_padding(tokenizer):
+    model = tiny_lm(tokenizer).eval()
+    texts = [labelling_prompt(PREAMBLE, c, r1, r2) for c, r1, r2 in PAIRS] + ["short " + CUE]
+    labeller = CausalLMLabeller(model, tokenizer, batch_size=3)
+    got = labeller(texts)
+    ids = option_token_ids(tokenizer)
+    for text, row in zip(texts, got):
+        single = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            expected = model(**single).logits[0, -1].log_softmax(-1)[ids]
+        assert torch.allclose(row, expected, atol=1e-5)
+
+
+def test_candidate_pairs_come_from_one_context():
+    rows = datasets.Dataset.from_dict(
+        {
+            "prompt": ["A", "A", "A", "B", "C", "C"],
+            "completion": [" x", " y", " z", " solo", " u", " u"],
+            "label": [1, 0, 1, 1, 1, 0],
+        }
+    )
+    pairs = candidate_pairs(rows, per_context=2, limit=10, seed=0)
+    assert sorted((p["prompt"], p["response_1"], p["response_2"]) for p in pairs) == [
+        ("A", " x", " y"),
+        ("A", " x", " z"),
+    ]
+    assert {(p["thumbs_1"], p["thumbs_2"]) for p in pairs} == {(1.0, 0.0), (1.0, 1.0)}
+
+
+def test_soft_label_loss_replaces_bradley_terry(tokenizer, tmp_path):
+    from trl import RewardConfig, RewardTrainer
+
+    ids = [
+        tokenizer(f"User: hi\nAgent: {w}{tokenizer.eos_token}", add_special_tokens=False)["input_ids"]
+        for w in ("Sure thing", "No", "Hello there", "What")
+    ]
+    data = datasets.Dataset.from_dict({"chosen_ids": ids[:2], "rejected_ids": ids[2:], "soft_label": [0.9, 0.2]})
+    args = RewardConfig(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = RewardTrainer(
+        model=tiny_reward_model(tokenizer), args=args, train_dataset=data, processing_class=tokenizer
+    )
+    attach(trainer, plugins=[SoftLabelLoss()])
+    batch = trainer.data_collator([data[0], data[1]])
+    assert batch["soft_label"].tolist() == pytest.approx([0.9, 0.2])
+    model = trainer.model.eval()
+    with torch.no_grad():
+        total = trainer.compute_loss(model, dict(batch))
+        rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+    d = rewards[:2] - rewards[2:]
+    p = torch.tensor([0.9, 0.2])
+    expected = -(p * F.logsigmoid(d) + (1 - p) * F.logsigmoid(-d)).mean()
+    assert total.item() == pytest.approx(expected.item(), rel=1e-5)
+    # With hard labels (p = 1) it is the stock Bradley-Terry loss.
+    batch["soft_label"] = torch.ones(2)
+    with torch.no_grad():
+        assert trainer.compute_loss(model, dict(batch)).item() == pytest.approx(
+            -F.logsigmoid(d).mean().item(), rel=1e-5
+        )
+
+
+def test_soft_label_loss_keeps_grms_weighting(tokenizer, tmp_path):
+    """With ``grm`` the soft-label loss takes the reward loss's place at weight 1 - alpha."""
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    from perl_plugins.embedded import resolve_model
+
+    ids = [
+        tokenizer(f"User: hi\nAgent: {w}{tokenizer.eos_token}", add_special_tokens=False)["input_ids"]
+        for w in ("Sure thing", "No", "Hello there", "What")
+    ]
+    data = datasets.Dataset.from_dict({"chosen_ids": ids[:2], "rejected_ids": ids[2:], "soft_label": [0.9, 0.2]})
+    args = RewardConfig(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    # A checkpoint with an LM head, which GRM's regularizer reads.
+    model = AutoModelForSequenceClassification.from_pretrained(resolve_model(None, "tiny"), num_labels=1)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    attach(trainer, plugins=["grm", SoftLabelLoss()], grm_alpha=0.25, grm_head="linear")
+    logs = train_quietly(trainer)
+    assert len(logs) == 2
+    for entry in logs:
+        expected = 0.75 * entry["soft_label_loss"] + 0.25 * entry["grm_reg_loss"]
+        assert entry["loss"] == pytest.approx(expected, rel=1e-4)
