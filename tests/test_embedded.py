@@ -149,7 +149,8 @@ def test_resolve_model(cache):
 
 
 def test_shipped_base_seam(cache, tmp_path, monkeypatch):
-    assert E.default_model_source("demo") is None  # nothing shipped yet: random init
+    monkeypatch.setattr(E, "ASSETS_BASE_DIR", tmp_path / "absent")
+    assert E.default_model_source("demo") is None  # no shipped base: random init
     base = E.save_default(tmp_path / "base", size="tiny")  # stands in for a pre-trained base
     monkeypatch.setattr(E, "ASSETS_BASE_DIR", base)
     assert E.default_model_source("demo") == base and E.default_model_source("tiny") is None
