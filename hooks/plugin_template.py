@@ -87,6 +87,12 @@ def perl_check_trainer(trainer: Any, options: dict[str, Any]) -> None:
 #     return None
 
 
+# Once per train(), after the model was wrapped (DDP / DeepSpeed) and the optimizer built.
+# @perl_plugins.hookimpl
+# def perl_on_train_begin(trainer, model, options):
+#     print(f"training {type(model).__name__} with {type(trainer.optimizer).__name__}")
+
+
 # After every optimizer step; set control.should_training_stop = True to stop.
 # @perl_plugins.hookimpl
 # def perl_on_step_end(trainer, state, control, options):
