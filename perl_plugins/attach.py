@@ -208,6 +208,19 @@ def _wrap_load_checkpoint(trainer: Trainer, plugin_set: PluginSet) -> None:
             stock(resume_from_checkpoint, model)
 
     trainer._load_from_checkpoint = _load_from_checkpoint
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        # DeepSpeed resumes from its engine shards inside the training loop and never calls
+        # _load_from_checkpoint: plugins see the checkpoint before the engine reads it.
+        stock_loop = trainer._inner_training_loop
+
+        def _inner_training_loop(*args, resume_from_checkpoint=None, **kwargs):
+            if resume_from_checkpoint is not None:
+                plugin_set.call(
+                    "perl_load_checkpoint", trainer=trainer, model=trainer.model, checkpoint_dir=resume_from_checkpoint
+                )
+            return stock_loop(*args, resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+        trainer._inner_training_loop = _inner_training_loop
 
 
 def _wrap_calculate_rewards(trainer: Trainer, plugin_set: PluginSet) -> None:

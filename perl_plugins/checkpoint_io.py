@@ -61,6 +61,7 @@ __all__ = [
     "atomic_checkpoint_dir",
     "library_versions",
     "is_complete",
+    "read_manifest",
     "latest_complete_checkpoint",
     "verify_checkpoint",
     "save_tensors",
@@ -182,7 +183,7 @@ def is_complete(path: str | os.PathLike) -> bool:
     if path.name.startswith(TMP_PREFIX):
         return False
     try:
-        _read_manifest(path)
+        read_manifest(path)
     except CheckpointError:
         return False
     return True
@@ -207,7 +208,7 @@ def verify_checkpoint(path: str | os.PathLike, *, expected_base: dict | None = N
     warning and otherwise ignored (e.g. files another tool added later).
     """
     path = Path(path)
-    manifest = _read_manifest(path)
+    manifest = read_manifest(path)
     if manifest["format"] != MANIFEST_FORMAT:
         raise CheckpointError(f"{path}: unsupported manifest format {manifest['format']!r} (want {MANIFEST_FORMAT})")
     if expected_base is not None:
@@ -348,7 +349,7 @@ def _checkpoint_dirs(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
+def read_manifest(path: Path) -> dict[str, Any]:
     try:
         manifest = json.loads((path / MANIFEST_NAME).read_text())
     except FileNotFoundError:

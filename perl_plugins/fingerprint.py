@@ -25,8 +25,9 @@ to the plain model's (peft's ``base_model.model.`` prefix and ``base_layer`` /
 ``original_module`` wrapper segments are removed), so the same base gives the
 same fingerprint with or without peft adapters attached.
 
-Limitations: parameters must be materialised, ordinary tensors.  Meta tensors,
-ZeRO-3 / FSDP shards (DTensor) and bitsandbytes-quantised weights fingerprint
+Limitations: parameters must be materialised tensors.  DeepSpeed ZeRO-3 shards are
+gathered one parameter at a time (a collective: every process must fingerprint);
+meta tensors, FSDP shards (DTensor) and bitsandbytes-quantised weights fingerprint
 their local representation, so compute the fingerprint where the full base
 weights are present (e.g. before sharding).  Loading the same base in another
 dtype gives another id, on purpose: the bytes the adapter trained against differ.
@@ -40,6 +41,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from perl_plugins.zero_state import gathered
 
 __all__ = ["VOLATILE_CONFIG_KEYS", "base_fingerprint", "describe_base", "fingerprint_differences"]
 
@@ -121,17 +124,18 @@ def base_fingerprint(
     weights = hashlib.sha256()
     for name in sorted(base_params):  # sorted: wrapping modules must not change the order
         param = base_params[name]
-        entry = f"{name}|{tuple(param.shape)}|{param.dtype}\n".encode()
-        layout.update(entry)
-        weights.update(entry)
-        weights.update(_tensor_digest(param.detach()))
+        with gathered([param]):  # a ZeRO-3 shard is hashed whole, one parameter at a time
+            entry = f"{name}|{tuple(param.shape)}|{param.dtype}\n".encode()
+            layout.update(entry)
+            weights.update(entry)
+            weights.update(_tensor_digest(param.detach()))
 
     layout_sha, weights_sha = layout.hexdigest(), weights.hexdigest()
     return {
         "id": hashlib.sha256(f"{config_sha}{layout_sha}{weights_sha}".encode()).hexdigest()[:16],
         "name": raw_config.get("_name_or_path") or None,
         "architecture": type(model).__name__,
-        "num_params": sum(p.numel() for p in base_params.values()),
+        "num_params": sum(getattr(p, "ds_numel", p.numel()) for p in base_params.values()),
         "num_tensors": len(base_params),
         "config_sha256": config_sha,
         "layout_sha256": layout_sha,

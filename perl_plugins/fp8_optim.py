@@ -351,6 +351,58 @@ class FP8AdamW(torch.optim.Optimizer):
                     k: v.to(device=p.device, copy=True) if isinstance(v, Tensor) else v for k, v in saved.items()
                 }
 
+    def dequantized_state(self, p: Tensor) -> dict[str, Any]:
+        """``p``'s state in full precision: ``step`` and flat fp32 ``exp_avg`` / ``exp_avg_sq`` (and
+        ``master``), whatever their stored format; empty before p's first step. With
+        :meth:`load_dequantized_state` it moves states between layouts (e.g. out of a ZeRO partition)."""
+        state = self.state.get(p)
+        if not state:
+            return {}
+        m, v = state["exp_avg"].float(), state["exp_avg_sq"].float()
+        if "exp_avg_scale" in state:
+            m = m / state["exp_avg_scale"]
+            v_scale = state["exp_avg_sq_scale"]
+            if v_scale.dim() == 0:
+                v = v / v_scale
+            else:
+                v = (v.view(-1, BLOCK) / v_scale[:, None]).square().flatten()
+        out = {"step": state["step"], "exp_avg": m, "exp_avg_sq": v}
+        if "master" in state:
+            out["master"] = state["master"].float() / state.get("master_scale", 1.0)
+        return out
+
+    def load_dequantized_state(self, p: Tensor, values: dict[str, Any]) -> None:
+        """Set ``p``'s state from full-precision ``values`` (as :meth:`dequantized_state` returns them),
+        quantized into p's own layout with fresh scales, as a step would store them."""
+        state = self._init_state(p)
+        state["step"] = int(values["step"])
+        m, v = values["exp_avg"].float().flatten(), values["exp_avg_sq"].float().flatten()
+        if "exp_avg_scale" not in state:
+            state["exp_avg"].copy_(m)
+            state["exp_avg_sq"].copy_(v)
+        else:
+            scale = _pow2_scale(m.abs().amax(), E4M3_MAX, state["exp_avg_scale"])
+            state["exp_avg"].copy_(_scaled(m, scale, E4M3_MAX))
+            state["exp_avg_scale"].copy_(scale)
+            v_scale = state["exp_avg_sq_scale"]
+            if v_scale.dim() == 0:
+                scale = _pow2_scale(v.amax(), FP16_MAX, v_scale)
+                state["exp_avg_sq"].copy_(_scaled(v, scale, FP16_MAX, FP16_TINY))
+            else:
+                r = v.sqrt().view(-1, BLOCK)
+                scale = _pow2_scale(r.amax(dim=1), E4M3_MAX, v_scale)
+                state["exp_avg_sq"].copy_(_scaled(r, scale[:, None], E4M3_MAX, E4M3_TINY).flatten())
+            v_scale.copy_(scale)
+        if "master" in values and "master" in state:
+            w = values["master"].float().flatten()
+            if "master_scale" in state:
+                scale = _pow2_scale(w.abs().amax(), FP16_MAX, state["master_scale"])
+                state["master"].copy_(_scaled(w, scale, FP16_MAX))
+                state["master_scale"].copy_(scale)
+            else:
+                state["master"].copy_(w)
+        self.state[p] = state
+
     def summary(self) -> dict[str, Any]:
         """State formats and sizes for all parameters (as they are, or will be after the first step)."""
         formats: dict[str, int] = {}

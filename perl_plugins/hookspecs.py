@@ -112,7 +112,9 @@ def perl_load_checkpoint(trainer: Any, model: Any, checkpoint_dir: str, options:
     """Restore model-side state from a checkpoint when resuming.
 
     Fires: when ``train(resume_from_checkpoint=...)`` loads the model state, in place of
-    ``Trainer._load_from_checkpoint``.
+    ``Trainer._load_from_checkpoint``. Under DeepSpeed it fires before the engine is built and
+    before DeepSpeed reads its own shards of the checkpoint (which it always does): a plugin
+    checks the checkpoint there, and ``model`` is the model DeepSpeed is about to wrap.
     Returns: ``True`` when this plugin restored it (the stock loader is skipped), ``None``
     otherwise. First result wins.
     """

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
+from .zero_state import gathered
+
 HEAD_ATTR = "score"
 HEAD_SPEC_FILE = "perl_reward_head.json"
 HEAD_KINDS = ("linear", "mlp")
@@ -102,19 +104,31 @@ def base_description(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def save_reward_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default") -> Path:
-    """Save one reward adapter (LoRA weights and ``score`` head via peft) plus a head spec
-    recording the head kind and the base it was trained on."""
+def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default", *, write: bool = True) -> Path:
+    """Save one peft adapter (with its ``modules_to_save``) as a flat peft adapter directory. Under
+    DeepSpeed ZeRO-3 every process calls it (the adapter's shards are gathered) and only those with
+    ``write`` write files."""
     path = Path(path)
-    model.save_pretrained(str(path), selected_adapters=[adapter_name])
-    # peft nests non-default adapters in a sub-folder; keep one flat directory per reward adapter.
+    own = [p for n, p in model.named_parameters() if adapter_name in n.split(".")]
+    with gathered(own):
+        if write:
+            model.save_pretrained(str(path), selected_adapters=[adapter_name])
+    # peft nests non-default adapters in a sub-folder; keep one flat directory per adapter.
     nested = path / adapter_name
-    if adapter_name != "default" and nested.is_dir():
+    if write and adapter_name != "default" and nested.is_dir():
         for item in nested.iterdir():
             item.replace(path / item.name)
         nested.rmdir()
+    return path
+
+
+def save_reward_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default", *, write: bool = True) -> Path:
+    """:func:`save_adapter` plus a head spec recording the head kind and the base it was trained on
+    (a fingerprint: under ZeRO-3 every process calls this)."""
     spec = {"head": head_kind(getattr(unwrap(model), HEAD_ATTR)), "base": base_description(model)}
-    (path / HEAD_SPEC_FILE).write_text(json.dumps(spec, indent=2))
+    path = save_adapter(model, path, adapter_name, write=write)
+    if write:
+        (path / HEAD_SPEC_FILE).write_text(json.dumps(spec, indent=2))
     return path
 
 
@@ -146,7 +160,7 @@ def check_reward_adapter(model: nn.Module, path: str | Path) -> dict[str, Any]:
                 f"given is {actual['name_or_path'] or actual['model_type']!r} (hidden {actual['hidden_size']}, "
                 f"fingerprint {actual['fingerprint'][:12]})."
             )
-    shapes = {name: param.shape for name, param in unwrap(model).named_parameters()}
+    shapes = {name: getattr(param, "ds_shape", param.shape) for name, param in unwrap(model).named_parameters()}
     with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as f:
         for key in f.keys():
             if "lora_A" not in key:

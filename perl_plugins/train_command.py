@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,18 +172,24 @@ def save_outputs(command: str, trainer: Any) -> dict[str, Any]:
     """Save the trained model (a reward adapter keeps its head spec) and return final metrics."""
     from .attach import trainer_family
     from .reward_metrics import evaluate_pairs
-    from .reward_model import save_reward_adapter
+    from .reward_model import save_adapter, save_reward_adapter
 
     output_dir = trainer.args.output_dir
-    if command == "reward" and hasattr(trainer.model, "peft_config"):
-        save_reward_adapter(trainer.model, output_dir, trainer.model.active_adapter)
+    writer = trainer.args.should_save  # with several processes, the main one writes
+    model = trainer.model
+    if hasattr(model, "peft_config"):  # the trained adapter only: a frozen reward adapter is an input
+        save = save_reward_adapter if command == "reward" else save_adapter
+        save(model, output_dir, model.active_adapter, write=writer)
+        if writer and trainer.processing_class is not None:
+            trainer.processing_class.save_pretrained(output_dir)
     else:
-        trainer.save_model(output_dir)
+        trainer.save_model(output_dir)  # handles DDP and DeepSpeed itself
     metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
     if command == "reward" and trainer.eval_dataset is not None and trainer_family(trainer) == "RewardTrainer":
         pairs = trainer.eval_dataset  # the stock RewardTrainer logs pair accuracy; add AUC
         metrics.update(evaluate_pairs(trainer.model, trainer.processing_class, pairs, trainer.args.max_length))
-    Path(output_dir, "final_metrics.json").write_text(json.dumps(metrics, indent=2))
+    if writer:
+        Path(output_dir, "final_metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
@@ -195,5 +200,6 @@ def run(command: str, argv: Sequence[str]) -> dict[str, Any]:
     resume = training_args.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
     metrics = save_outputs(command, trainer)
-    print(json.dumps({"command": command, "output_dir": training_args.output_dir, "metrics": metrics}), file=sys.stdout)
+    if trainer.is_world_process_zero():
+        print(json.dumps({"command": command, "output_dir": training_args.output_dir, "metrics": metrics}))
     return metrics

@@ -14,6 +14,13 @@ and renamed, so a crash never leaves a directory that passes as complete. Layout
       optimizer.pt  scheduler.pt  rng_state.pth | rng_state_<rank>.pth  trainer_state.json
       tokenizer/                     # only with adapter_ckpt_save_tokenizer
       perl_manifest.json             # written last
+
+Under DeepSpeed (ZeRO-1/2/3) every process also writes its engine's shards (``global_step<N>/``,
+``latest``), from which DeepSpeed resumes exactly at the same stage and world size; adapters and
+trainable tensors are gathered from the ZeRO partitions (fp32 master copies), and ``optimizer.pt``
+holds the optimizer state gathered per parameter (``adapter_ckpt_portable_optimizer``), so the same
+checkpoint also resumes without DeepSpeed on any number of processes. The manifest records the
+engine and world size, and a resume that DeepSpeed could not honour is refused before anything loads.
 """
 
 from __future__ import annotations
@@ -44,11 +51,13 @@ from perl_plugins.checkpoint_io import (
     library_versions,
     load_tensors,
     prune_checkpoints,
+    read_manifest,
     save_rng_state,
     save_tensors,
     verify_checkpoint,
 )
 from perl_plugins.errors import PluginIncompatibleError
+from perl_plugins.zero_state import engine_name, full_values, portable_optimizer_state, zero_stage
 
 ADAPTERS_DIR = "adapters"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -56,6 +65,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 TRAINABLE_FILE = "trainable.safetensors"
 TOKENIZER_DIR = "tokenizer"
 TRAINER_STATE = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME
+OPTIMIZER_FILE = "optimizer.pt"  # transformers.trainer.OPTIMIZER_NAME
 _PEFT_PREFIX = "base_model.model."
 _PEFT_WRAPPERS = {"base_layer", "original_module"}
 _CHECKPOINT_RE = re.compile(r"checkpoint-\d+")
@@ -75,6 +85,12 @@ class AdapterCkptOptions:
         default=True,
         metadata={"help": "On resume, check every file's sha256 and the base-model fingerprint before loading."},
     )
+    adapter_ckpt_portable_optimizer: bool = field(
+        default=True,
+        metadata={"help": "Under DeepSpeed, also gather the ZeRO-partitioned optimizer state into optimizer.pt, so "
+                  "the checkpoint resumes without DeepSpeed at any world size (costs a gather of the trainable "
+                  "parameters' optimizer state at each save)."},
+    )
 
 
 # ---------------------------------------------------------------- trainable tensors
@@ -86,20 +102,28 @@ def is_peft_model(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-def adapter_state(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
-    """One adapter's tensors (LoRA weights and ``modules_to_save`` heads), peft's key names."""
+def adapter_state(
+    model: nn.Module, adapter: str, values: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """One adapter's tensors (LoRA weights and ``modules_to_save`` heads), peft's key names; taken
+    from ``values`` (full copies by parameter name, see :func:`full_values`) when given."""
     from peft import get_peft_model_state_dict
 
     # No embedding copies: a checkpoint holds what trains; a base with a resized vocabulary is the base.
-    return get_peft_model_state_dict(model, adapter_name=adapter, save_embedding_layers=False)
+    return get_peft_model_state_dict(model, state_dict=values, adapter_name=adapter, save_embedding_layers=False)
 
 
-def trainable_state(model: nn.Module) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+def trainable_state(
+    model: nn.Module, values: dict[str, torch.Tensor] | None = None
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """``(adapters, others)``: every peft adapter's state dict by adapter name, and every other
-    trainable parameter (by ``named_parameters`` name) that no adapter state already holds."""
-    adapters = {name: adapter_state(model, name) for name in model.peft_config} if is_peft_model(model) else {}
+    trainable parameter (by ``named_parameters`` name) that no adapter state already holds; from
+    ``values`` when given (distinct tensors, by parameter name), else from the model itself."""
+    adapters = {name: adapter_state(model, name, values) for name in model.peft_config} if is_peft_model(model) else {}
     held = {t.data_ptr() for state in adapters.values() for t in state.values()}
-    others = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad and p.data_ptr() not in held}
+    source = values if values is not None else {n: p.detach() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    others = {n: t for n, t in source.items() if n in trainable and t.data_ptr() not in held}
     return adapters, others
 
 
@@ -128,9 +152,22 @@ def _run_fingerprint(model: nn.Module, exclusions: list[str]) -> dict[str, Any]:
     return cached[1]
 
 
-def write_model_state(model: nn.Module, directory: Path) -> dict[str, Any]:
-    """Write every trainable tensor of ``model`` into ``directory``; returns manifest metadata."""
-    adapters, others = trainable_state(model)
+def collect_model_state(model: nn.Module, *, zero: bool = False) -> dict[str, Any]:
+    """Every tensor a checkpoint of ``model`` holds, and its manifest metadata. With ``zero`` (a
+    DeepSpeed run) the tensors are full copies gathered from ZeRO partitions: call it on every
+    process."""
+    values = full_values(model) if zero else None
+    adapters, others = trainable_state(model, values)
+    exclusions = fingerprint_exclusions(model, others)
+    return {"adapters": adapters, "others": others, "exclusions": exclusions,
+            "fingerprint": _run_fingerprint(model, exclusions)}
+
+
+def write_model_state(model: nn.Module, directory: Path, collected: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write every trainable tensor of ``model`` (or what :func:`collect_model_state` collected)
+    into ``directory``; returns manifest metadata."""
+    collected = collected or collect_model_state(model)
+    adapters, others, exclusions = collected["adapters"], collected["others"], collected["exclusions"]
     for name, state in adapters.items():
         adapter_dir = directory / ADAPTERS_DIR / name
         adapter_dir.mkdir(parents=True)
@@ -138,10 +175,9 @@ def write_model_state(model: nn.Module, directory: Path) -> dict[str, Any]:
         model.peft_config[name].save_pretrained(str(adapter_dir))
     if others:
         save_tensors(directory / TRAINABLE_FILE, others, metadata={"format": "pt"})
-    exclusions = fingerprint_exclusions(model, others)
     base = model.get_base_model() if is_peft_model(model) else model
     return {
-        "base_fingerprint": _run_fingerprint(model, exclusions),
+        "base_fingerprint": collected["fingerprint"],
         "fingerprint_exclusions": exclusions,
         "model": {
             "class": type(base).__name__,
@@ -283,15 +319,24 @@ def save_checkpoint(trainer: Any, model: nn.Module, checkpoint_dir: str, opts: A
     run_dir = os.path.dirname(checkpoint_dir)
     _update_best_checkpoint(trainer, run_dir)
     writer = args.should_save
+    zero = zero_stage(trainer) is not None
+    portable = zero and opts.adapter_ckpt_portable_optimizer and not args.save_only_model
     metadata: dict[str, Any] = {}
     with (atomic_checkpoint_dir(checkpoint_dir, metadata) if writer else contextlib.nullcontext()) as tmp:
         tmp = _shared_path(trainer, tmp)
         if not args.save_only_model:
-            trainer._save_optimizer_and_scheduler(str(tmp))  # optimizer.pt (state dtypes kept), scheduler.pt
+            # optimizer.pt (state dtypes kept) and scheduler.pt; under DeepSpeed, every process
+            # writes its engine's shards (global_step*/), which resume at the same world size.
+            trainer._save_optimizer_and_scheduler(str(tmp))
+            if portable:
+                state = portable_optimizer_state(trainer)  # every process takes part in the gather
+                if writer:
+                    torch.save(state, tmp / OPTIMIZER_FILE)
             trainer._save_scaler(str(tmp))
             save_rng_state(tmp, args.process_index, world_size=args.world_size)  # every process, its own file
+        collected = collect_model_state(model, zero=True) if zero else None  # a collective under ZeRO
         if writer:
-            metadata.update(write_model_state(model, tmp))
+            metadata.update(write_model_state(model, tmp, collected))
             if opts.adapter_ckpt_save_tokenizer and trainer.processing_class is not None:
                 trainer.processing_class.save_pretrained(str(tmp / TOKENIZER_DIR))
             if getattr(trainer, "use_adaptive_entropy", False):  # GRPO reads it back in _load_optimizer_and_scheduler
@@ -306,6 +351,8 @@ def save_checkpoint(trainer: Any, model: nn.Module, checkpoint_dir: str, opts: A
                 trainer_family=trainer_family(trainer),
                 global_step=trainer.state.global_step,
                 world_size=args.world_size,
+                engine=engine_name(trainer),
+                portable_optimizer=portable or (not zero and not args.save_only_model),
             )
         if args.world_size > 1:
             trainer.accelerator.wait_for_everyone()  # every rank's RNG file is in before the commit
@@ -319,12 +366,43 @@ def save_checkpoint(trainer: Any, model: nn.Module, checkpoint_dir: str, opts: A
     return Path(checkpoint_dir)
 
 
-def load_checkpoint(model: nn.Module, checkpoint_dir: str | os.PathLike, *, verify: bool = True) -> None:
-    """Verify ``checkpoint_dir`` (files, base model) and load its trainable tensors into ``model``."""
-    manifest = verify_checkpoint(checkpoint_dir) if verify else None
-    if manifest is not None:
-        check_base(model, checkpoint_dir, manifest)
+def check_checkpoint(model: nn.Module, checkpoint_dir: str | os.PathLike, *, verify: bool = True) -> dict[str, Any]:
+    """Verify ``checkpoint_dir`` (files, base model; only the manifest's presence without
+    ``verify``) and return its manifest."""
+    if not verify:
+        return read_manifest(Path(checkpoint_dir))
+    manifest = verify_checkpoint(checkpoint_dir)
+    check_base(model, checkpoint_dir, manifest)
+    return manifest
+
+
+def load_checkpoint(model: nn.Module, checkpoint_dir: str | os.PathLike, *, verify: bool = True) -> dict[str, Any]:
+    """Verify ``checkpoint_dir`` and load its trainable tensors into ``model``; returns the manifest."""
+    manifest = check_checkpoint(model, checkpoint_dir, verify=verify)
     read_model_state(model, checkpoint_dir)
+    return manifest
+
+
+def check_resume_engine(trainer: Any, checkpoint_dir: str | os.PathLike, manifest: dict[str, Any]) -> None:
+    """Refuse a resume that would lose state: DeepSpeed reads only its own shards, written at its own
+    world size; without DeepSpeed a DeepSpeed checkpoint needs its gathered optimizer.pt."""
+    saved, saved_world = manifest.get("engine", "single"), manifest.get("world_size", 1)
+    current, world = engine_name(trainer), trainer.args.world_size
+    if zero_stage(trainer) is not None and (saved, saved_world) != (current, world):
+        raise CheckpointError(
+            f"{checkpoint_dir} was written by {saved} at world size {saved_world}; DeepSpeed resumes only its own "
+            f"shards of the same ZeRO stage and world size, and this run is {current} at world size {world}. "
+            "Resume with the checkpoint's DeepSpeed config and world size, or without DeepSpeed"
+            + (" (adapters and the gathered optimizer.pt are then loaded)." if manifest.get("portable_optimizer")
+               else ".")
+        )
+    if zero_stage(trainer) is None and saved.startswith("deepspeed") and not trainer.args.save_only_model:
+        if not (Path(checkpoint_dir) / OPTIMIZER_FILE).is_file():
+            raise CheckpointError(
+                f"{checkpoint_dir} was written by {saved} without a gathered {OPTIMIZER_FILE} "
+                f"(adapter_ckpt_portable_optimizer=false): resume it under DeepSpeed {saved} at world size "
+                f"{saved_world}, where the engine's own shards hold the optimizer state."
+            )
 
 
 # ---------------------------------------------------------------- hooks
@@ -339,8 +417,6 @@ def perl_plugin_options() -> type:
 def perl_check_trainer(trainer: Any, options: dict[str, Any]) -> None:
     if getattr(trainer, "is_fsdp_enabled", False):
         raise PluginIncompatibleError("adapter_ckpt does not support FSDP (sharded parameters and optimizer states).")
-    if getattr(trainer, "is_deepspeed_enabled", False):
-        raise PluginIncompatibleError("adapter_ckpt does not support DeepSpeed yet (it writes its own checkpoints).")
     if trainer.args.save_on_each_node:
         raise PluginIncompatibleError("adapter_ckpt writes each checkpoint from one process: unset save_on_each_node.")
     _warn_inside_generation_round(trainer)
@@ -365,7 +441,8 @@ def _warn_inside_generation_round(trainer: Any) -> None:
 
 @hookimpl
 def perl_configure(trainer: Any, options: dict[str, Any]) -> None:
-    if trainer.args.load_best_model_at_end:
+    # Under DeepSpeed the stock _load_best_model reads the engine shards each checkpoint holds.
+    if trainer.args.load_best_model_at_end and zero_stage(trainer) is None:
         opts: AdapterCkptOptions = options["adapter_ckpt"]
 
         def _load_best_model() -> None:  # the stock one looks for full weights or a top-level adapter
@@ -384,7 +461,12 @@ def perl_save_checkpoint(trainer: Any, model: Any, checkpoint_dir: str, options:
 @hookimpl
 def perl_load_checkpoint(trainer: Any, model: Any, checkpoint_dir: str, options: dict[str, Any]) -> bool:
     # Runs before the stock resume path reads optimizer.pt, scheduler.pt, RNG and trainer state
-    # (with torch.load(weights_only=True)), so every file is verified before any is used.
+    # (with torch.load(weights_only=True)), and under DeepSpeed before the engine reads its shards,
+    # so every file is verified before any is used.
+    verify = options["adapter_ckpt"].adapter_ckpt_verify
     model = trainer.accelerator.unwrap_model(model)
-    load_checkpoint(model, checkpoint_dir, verify=options["adapter_ckpt"].adapter_ckpt_verify)
+    manifest = check_checkpoint(model, checkpoint_dir, verify=verify)
+    check_resume_engine(trainer, checkpoint_dir, manifest)
+    if zero_stage(trainer) is None:  # DeepSpeed loads the trainable weights from its shards itself
+        read_model_state(model, checkpoint_dir)
     return True

@@ -3,9 +3,11 @@ scaled FP16 second moment; a 2-byte mode with a block-scaled FP8 second moment) 
 trainer's own lr / betas / eps / weight decay, over the trainable parameters only (with ``lora``:
 the adapters), and an FP8 gradient all-reduce for multi-process DDP (``fp8_comm``).
 
-It fails loudly: another optimizer requested (``--optim``, ``optimizers=``,
-``optimizer_cls_and_kwargs``), a DeepSpeed config that builds its own optimizer, or ``fp8_comm``
-without DDP raise a clear error; it never trains with something else in silence.
+Under DeepSpeed ZeRO-1/2/3, FP8AdamW is passed to DeepSpeed as its client optimizer and steps each
+process's flat fp32 partition. It fails loudly: another optimizer requested (``--optim``,
+``optimizers=``, ``optimizer_cls_and_kwargs``), a DeepSpeed config that builds its own optimizer
+or offloads it (ZeRO-Offload), or ``fp8_comm`` without DDP raise a clear error; it never trains
+with something else in silence.
 """
 
 from __future__ import annotations
@@ -83,6 +85,13 @@ def perl_check_trainer(trainer: Any, options: dict[str, Any]) -> None:
             f"fp8: --optim {optim} was requested, but the fp8 plugin trains with FP8AdamW; "
             "remove --optim or the fp8 plugin."
         )
+    config = getattr(args, "hf_deepspeed_config", None)
+    if config is not None and config.is_offload():
+        raise PluginIncompatibleError(
+            "fp8: the DeepSpeed config offloads the optimizer or parameters (ZeRO-Offload), which steps on the CPU "
+            "with DeepSpeed's own CPU Adam; FP8AdamW cannot be that optimizer. Remove offload_optimizer / "
+            "offload_param from the config, or drop the fp8 plugin."
+        )
     if _deepspeed_builds_optimizer(args):
         raise PluginIncompatibleError(
             "fp8: the DeepSpeed config defines its own 'optimizer', so DeepSpeed would build it instead of "
@@ -91,7 +100,7 @@ def perl_check_trainer(trainer: Any, options: dict[str, Any]) -> None:
     if options["fp8"].fp8_comm:
         if args.world_size < 2:
             raise PluginIncompatibleError("fp8_comm=true needs multi-process DDP training; this run has one process.")
-        if args.deepspeed or getattr(trainer, "is_fsdp_enabled", False):
+        if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
             raise PluginIncompatibleError(
                 "fp8_comm is a DDP communication hook; DeepSpeed and FSDP reduce gradients themselves."
             )
@@ -119,18 +128,25 @@ def perl_create_optimizer(trainer: Any, model: Any, options: dict[str, Any]) -> 
         nonfinite=opts.fp8_nonfinite,
         compile=opts.fp8_compile,
     )
-    logger.warning("fp8: %s", describe(optimizer.summary()))
+    return optimizer
+
+
+def innermost_optimizer(optimizer: Any) -> Any:
+    """The optimizer that steps, under accelerate's and DeepSpeed's wrappers (each keeps it in ``.optimizer``)."""
+    while getattr(optimizer, "optimizer", None) is not None and not isinstance(optimizer, FP8AdamW):
+        optimizer = optimizer.optimizer
     return optimizer
 
 
 @hookimpl
 def perl_on_train_begin(trainer: Any, model: Any, options: dict[str, Any]) -> None:
-    if not isinstance(trainer.optimizer, FP8AdamW) and not isinstance(
-        getattr(trainer.optimizer, "optimizer", None), FP8AdamW
-    ):
+    optimizer = innermost_optimizer(trainer.optimizer)
+    if not isinstance(optimizer, FP8AdamW):
         raise PluginIncompatibleError(
             f"fp8: training was about to start with {type(trainer.optimizer).__name__}, not FP8AdamW."
         )
+    # Under DeepSpeed ZeRO it steps this process's flat partitions: the summary describes those.
+    logger.warning("fp8: %s", describe(optimizer.summary()))
     if not options["fp8"].fp8_comm:
         return
     from torch.nn.parallel import DistributedDataParallel
@@ -145,8 +161,7 @@ def perl_on_train_begin(trainer: Any, model: Any, options: dict[str, Any]) -> No
 
 @hookimpl
 def perl_on_log(trainer: Any, logs: dict[str, float], options: dict[str, Any]) -> None:
-    optimizer = trainer.optimizer
-    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+    optimizer = innermost_optimizer(trainer.optimizer)
     if isinstance(optimizer, FP8AdamW):
         logs["fp8/nonfinite_skips"] = optimizer.nonfinite_skips
     state = getattr(trainer, "perl_fp8_comm", None)
