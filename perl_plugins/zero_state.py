@@ -138,6 +138,15 @@ def portable_optimizer_state(trainer: Any) -> dict[str, Any]:
     zero_opt = trainer.model_wrapped.optimizer
     basic = zero_opt.optimizer
     stage = zero_stage(trainer)
+    needed = ["fp32_partitioned_groups_flat", "grad_position"]
+    if stage != 3:
+        needed = ["single_partition_of_fp32_groups", "bit16_groups"]
+    if not all(hasattr(zero_opt, name) for name in needed):
+        raise RuntimeError(
+            f"adapter_ckpt gathers optimizer state from DeepSpeed 0.19's ZeRO optimizers, but this "
+            f"{type(zero_opt).__name__} lacks {needed}: set adapter_ckpt_portable_optimizer=false (the checkpoint "
+            "then resumes only under DeepSpeed at the same world size), or use deepspeed 0.19."
+        )
     model = trainer.model
     stock, trainer.optimizer = trainer.optimizer, None
     try:  # the exact optimizer (class, groups, hyper-parameters) a run without DeepSpeed gets

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -327,3 +329,41 @@ def test_export_merge_refuses_other_base(uninterrupted, tmp_path, capsys):
     argv = ["export", str(out / "checkpoint-4"), "--merge", "--base", str(other), "--out", str(tmp_path / "m")]
     assert cli_main(argv) == 2
     assert "was saved for base model" in capsys.readouterr().err
+
+
+def _run_like(engine: str, world_size: int) -> SimpleNamespace:
+    """What check_resume_engine reads of a trainer: its DeepSpeed stage (if any) and world size."""
+    stage = int(engine.removeprefix("deepspeed_zero")) if engine.startswith("deepspeed") else None
+    plugin = SimpleNamespace(zero_stage=stage)
+    return SimpleNamespace(
+        is_deepspeed_enabled=stage is not None,
+        accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)),
+        args=SimpleNamespace(world_size=world_size, save_only_model=False),
+    )
+
+
+@pytest.mark.parametrize(
+    ("saved", "current", "has_optimizer", "error"),
+    [
+        (("deepspeed_zero3", 2), ("deepspeed_zero3", 2), True, None),
+        (("deepspeed_zero3", 2), ("single", 1), True, None),  # adapters + gathered optimizer.pt
+        (("deepspeed_zero2", 2), ("ddp", 4), True, None),
+        (("ddp", 2), ("single", 1), True, None),
+        (("deepspeed_zero3", 2), ("deepspeed_zero3", 1), True, "written by deepspeed_zero3 at world size 2"),
+        (("deepspeed_zero2", 2), ("deepspeed_zero3", 2), True, "same ZeRO stage and world size"),
+        (("ddp", 2), ("deepspeed_zero2", 2), True, "written by ddp at world size 2"),
+        (("deepspeed_zero2", 2), ("single", 1), False, "adapter_ckpt_portable_optimizer=false"),
+    ],
+)
+def test_resume_engine_rules(tmp_path, saved, current, has_optimizer, error):
+    from perl_plugins.checkpoint_io import CheckpointError
+    from perl_plugins.plugins.adapter_ckpt import check_resume_engine
+
+    if has_optimizer:
+        (tmp_path / "optimizer.pt").write_bytes(b"")
+    manifest = {"engine": saved[0], "world_size": saved[1], "portable_optimizer": has_optimizer}
+    if error is None:
+        check_resume_engine(_run_like(*current), tmp_path, manifest)
+    else:
+        with pytest.raises(CheckpointError, match=re.escape(error)):
+            check_resume_engine(_run_like(*current), tmp_path, manifest)

@@ -278,3 +278,50 @@ def test_bad_arguments():
         FP8AdamW(p, second_moment="fp4")
     with pytest.raises(ValueError, match="nonfinite"):
         FP8AdamW(p, nonfinite="ignore")
+
+
+@pytest.mark.parametrize(("second_moment", "min_numel"), [("fp16", 0), ("fp8", 0), ("fp16", 10**9)])
+def test_dequantized_state_is_the_stored_values_over_their_scales(second_moment, min_numel):
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4, 512))
+    opt = FP8AdamW([p], second_moment=second_moment, min_numel=min_numel, compile=False)
+    for _ in range(2):
+        p.grad = torch.randn_like(p) * torch.logspace(-4, 0, 512)
+        opt.step()
+    state, full = opt.state[p], opt.dequantized_state(p)
+    assert full["step"] == 2 and full["exp_avg"].dtype == full["exp_avg_sq"].dtype == torch.float32
+    if min_numel:  # fp32 states are their own full precision
+        assert torch.equal(full["exp_avg"], state["exp_avg"]) and torch.equal(full["exp_avg_sq"], state["exp_avg_sq"])
+        return
+    assert torch.equal(full["exp_avg"], state["exp_avg"].float() / state["exp_avg_scale"])
+    if second_moment == "fp16":
+        expected_v = state["exp_avg_sq"].float() / state["exp_avg_sq_scale"]
+    else:  # sqrt(v) per 256-value block
+        expected_v = ((state["exp_avg_sq"].float().view(-1, BLOCK) / state["exp_avg_sq_scale"][:, None]) ** 2).flatten()
+    assert torch.equal(full["exp_avg_sq"], expected_v)
+
+
+@pytest.mark.parametrize("second_moment", ["fp16", "fp8"])
+def test_load_dequantized_state_requantizes_like_a_step(second_moment):
+    """Loading a state's own full-precision values reproduces those values (a scale may double where
+    rounding lowered a block's stored maximum: a fresh scale is derived from the values as stored),
+    and fresh values get power-of-two scales from their amax, as a step would store them."""
+    torch.manual_seed(1)
+    p = torch.nn.Parameter(torch.randn(2, 512))
+    opt = FP8AdamW([p], second_moment=second_moment, min_numel=0, compile=False)
+    for _ in range(3):
+        p.grad = torch.randn_like(p) * torch.logspace(-3, 0, 512)
+        opt.step()
+    q = torch.nn.Parameter(p.detach().clone())
+    other = FP8AdamW([q], second_moment=second_moment, min_numel=0, compile=False)
+    other.load_dequantized_state(q, opt.dequantized_state(p))
+    assert other.state[q].keys() == opt.state[p].keys() and other.state[q]["step"] == 3
+    assert all(other.state[q][k].dtype == v.dtype for k, v in opt.state[p].items() if torch.is_tensor(v))
+    before, after = opt.dequantized_state(p), other.dequantized_state(q)
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(after[key], before[key], rtol=1e-6, atol=0.0)
+    m = torch.randn(1024) * 1e-3
+    other.load_dequantized_state(q, {"step": 7, "exp_avg": m, "exp_avg_sq": m.square()})
+    scale = other.state[q]["exp_avg_scale"]
+    assert torch.equal(scale, torch.exp2(torch.floor(torch.log2(448.0 / m.abs().amax()))))
+    torch.testing.assert_close(other.dequantized_state(q)["exp_avg"], m, rtol=2.0**-3, atol=0.0)

@@ -49,3 +49,18 @@ def test_fp8_comm_needs_multi_process_ddp(make_trainer):
 def test_bad_fp8_options(make_trainer):
     with pytest.raises(PluginOptionError, match="fp8_second_moment"):
         attach(make_trainer("trainer"), plugins="fp8", fp8_second_moment="fp4")
+
+
+def test_deepspeed_configs_fp8adamw_cannot_serve_are_refused(make_trainer):
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    trainer = make_trainer("trainer")
+    offload = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    trainer.args.hf_deepspeed_config = HfTrainerDeepSpeedConfig(offload)
+    with pytest.raises(PluginIncompatibleError, match="ZeRO-Offload"):
+        attach(trainer, plugins="fp8")
+    own = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, "zero_optimization": {"stage": 2}}
+    trainer.args.hf_deepspeed_config = HfTrainerDeepSpeedConfig(own)
+    with pytest.raises(PluginIncompatibleError, match="'optimizer' section"):
+        attach(trainer, plugins="fp8")
+    assert not hasattr(trainer, "perl_plugins")
