@@ -80,6 +80,7 @@ def attach(trainer: Trainer, plugins: str | Sequence[Any] | None = None, **optio
     plugin_set.configure_options(options)
     if not plugin_set.plugins:
         return trainer
+    _check_world_size(trainer)
     plugin_set.call("perl_check_trainer", trainer=trainer)
 
     snapshot, args_snapshot = dict(vars(trainer)), dict(vars(trainer.args))
@@ -94,6 +95,19 @@ def attach(trainer: Trainer, plugins: str | Sequence[Any] | None = None, **optio
         vars(trainer.args).update(args_snapshot)
         raise
     return trainer
+
+
+def _check_world_size(trainer: Trainer) -> None:
+    """Refuse a launch whose processes would each train alone: e.g. ``accelerate launch`` or
+    ``torchrun`` on CPU without ``use_cpu=True``, where every process sees world size 1, trains on
+    all the data and writes the same checkpoints."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and trainer.args.world_size == 1:
+        raise PluginIncompatibleError(
+            f"This process was launched as one of {launched} (WORLD_SIZE={launched}), but its trainer runs alone "
+            "(world size 1): every process would train its own copy and overwrite the others' checkpoints. "
+            "Without GPUs pass use_cpu=True (--use_cpu true) so the processes train together over gloo."
+        )
 
 
 def _install(trainer: Trainer, plugin_set: PluginSet) -> None:

@@ -209,3 +209,10 @@ def test_options_must_be_a_dataclass(trainer):
 
     with pytest.raises(PluginLoadError, match="not_dataclass.*dataclass"):
         attach(trainer, plugins=[NotDataclass()])
+
+
+def test_processes_that_would_each_train_alone_are_refused(trainer, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # launched as 2 processes; the trainer (no use_cpu on CPU) sees 1
+    with pytest.raises(PluginIncompatibleError, match="use_cpu=True"):
+        attach(trainer, plugins="lora")
+    assert not hasattr(trainer, "perl_plugins")
