@@ -40,8 +40,8 @@ ARGS = {
     "rloo": ["--per_device_train_batch_size", "4", "--num_generations", "4", "--max_completion_length", "12",
              "--max_train_samples", "32"],
 }
-# fp32 on CPU; 4 steps with checkpoints at 2 and 4.
-COMMON = ["--use_cpu", "true", "--bf16", "false", "--max_steps", "4", "--save_steps", "2", "--logging_steps", "1",
+# On CPU, fp32 unless a test asks for bf16; 4 steps with checkpoints at 2 and 4.
+COMMON = ["--use_cpu", "true", "--max_steps", "4", "--save_steps", "2", "--logging_steps", "1",
           "--report_to", "none", "--eval_strategy", "no", "--disable_tqdm", "true", "--learning_rate", "1e-3"]
 ADAPTER = Path("adapters") / "default" / "adapter_model.safetensors"
 
@@ -65,14 +65,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launcher(engine: str) -> list[str]:
+def _launcher(engine: str, precision: str) -> list[str]:
     if engine == "single":
         return [sys.executable, "-m"]
     accelerate = [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_processes", "2",
-                  "--mixed_precision", "no", "--main_process_port", str(_free_port())]
+                  "--mixed_precision", precision, "--main_process_port", str(_free_port())]
     if engine == "zero3":
         return [*accelerate, "--use_deepspeed", "--deepspeed_config_file", str(ZERO3_JSON), "-m"]
-    config = {"ddp": "ddp.yaml", "zero2": "deepspeed_zero2.yaml"}[engine]
+    config = {"ddp": "ddp.yaml", "zero2": "deepspeed_zero2.yaml", "zero3_yaml": "deepspeed_zero3.yaml"}[engine]
     return [*accelerate, "--config_file", str(CONFIGS / config), "-m"]
 
 
@@ -84,12 +84,13 @@ class Launcher:
         self.runs: dict[str, Run] = {}
 
     def __call__(self, name: str, engine: str, command: str, *extra: str, plugins: str | None = None,
-                 resume: Path | None = None, expect_failure: bool = False) -> Run | str:
+                 resume: Path | None = None, expect_failure: bool = False, bf16: bool = False) -> Run | str:
         if name in self.runs:
             return self.runs[name]
         out = self.root / name
-        argv = [*_launcher(engine), "perl_plugins.cli", command, "--plugins", plugins or PLUGINS[command],
-                *ARGS[command], *COMMON, "--output_dir", str(out), *extra]
+        argv = [*_launcher(engine, "bf16" if bf16 else "no"), "perl_plugins.cli", command,
+                "--plugins", plugins or PLUGINS[command], *ARGS[command], *COMMON, "--bf16", str(bf16).lower(),
+                "--output_dir", str(out), *extra]
         if resume is not None:
             argv += ["--resume_from_checkpoint", str(resume)]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -229,6 +230,15 @@ def test_zero3_checkpoint_resumes_on_one_process_without_deepspeed(launch: Launc
         assert all(torch.equal(loaded[k], v) if torch.is_tensor(v) else loaded[k] == v for k, v in state.items())
     steps = [e["step"] for e in single.log()]
     assert steps == [1, 2, 3, 4] and all(torch.isfinite(torch.tensor(e["loss"])) for e in single.log())
+
+
+def test_zero3_bf16_with_the_shipped_config_resumes_exactly(launch: Launcher) -> None:
+    """bf16 under ZeRO-3: the base is partitioned in bf16 at load; the lora plugin casts the new
+    adapters and heads to bf16 too (ZeRO-3 needs one dtype), and checkpoints keep fp32 masters."""
+    full = launch("zero3_bf16_reward", "zero3_yaml", "reward", bf16=True)
+    resumed = launch("zero3_bf16_reward_resumed", "zero3_yaml", "reward", bf16=True, resume=full.out / "checkpoint-2")
+    assert_resumed_exactly(full, resumed)
+    assert {t.dtype for t in load_file(full.out / "checkpoint-2" / ADAPTER).values()} == {torch.float32}
 
 
 def test_deepspeed_refuses_a_checkpoint_it_cannot_resume(launch: Launcher) -> None:
