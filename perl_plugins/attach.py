@@ -173,7 +173,7 @@ def _wrap_compute_loss(trainer: Trainer, attached: AttachedPlugins) -> None:
         plugin_set.call("perl_compute_loss", trainer=trainer, model=model, inputs=inputs, outputs=outputs, terms=terms)
         if len(terms.names()) > 1:
             attached.recorder.record(terms, model.training)
-        total = terms.total()
+        total = terms.total(_added_terms_scale(trainer, model, num_items_in_batch))
         return (total, outputs) if return_outputs else total
 
     stock_log = trainer.log
@@ -184,6 +184,21 @@ def _wrap_compute_loss(trainer: Trainer, attached: AttachedPlugins) -> None:
 
     trainer.compute_loss = compute_loss
     trainer.log = log
+
+
+def _added_terms_scale(trainer: Trainer, model: Any, num_items_in_batch: Any) -> float:
+    """Plugins add per-micro-batch means. Where the stock loss is already normalized over the whole
+    accumulation window (num_items_in_batch, or a trainer that scales itself), the trainer will not
+    divide the total by the accumulation steps, so the added terms are divided here; otherwise the
+    trainer divides all terms alike (Trainer.training_step's rule)."""
+    if not model.training:
+        return 1.0
+    scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
+    if scaled is None:
+        scaled = (getattr(trainer, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None) or (
+            getattr(trainer, "compute_loss_func", None) is not None
+        )
+    return 1.0 / getattr(trainer, "current_gradient_accumulation_steps", 1) if scaled else 1.0
 
 
 def _wrap_create_optimizer(trainer: Trainer, plugin_set: PluginSet) -> None:

@@ -37,12 +37,16 @@ class LossTerms:
     def names(self) -> list[str]:
         return list(self._terms)
 
-    def total(self) -> torch.Tensor:
-        """The loss to back-propagate. A lone unit-weight term is returned as is (bitwise stock)."""
+    def total(self, added_scale: float = 1.0) -> torch.Tensor:
+        """The loss to back-propagate. A lone unit-weight term is returned as is (bitwise stock).
+
+        ``added_scale`` multiplies every term but the stock one: the host passes
+        ``1 / accumulation steps`` where the trainer does not divide the total itself."""
         items = list(self._terms.values())
         if len(items) == 1 and items[0][1] == 1.0:
             return items[0][0]
-        return sum(weight * value for value, weight in items)
+        (base, base_weight), *added = items
+        return base_weight * base + sum(added_scale * weight * value for value, weight in added)
 
     def detached(self) -> dict[str, float]:
         """Unweighted values of every term, for logging."""

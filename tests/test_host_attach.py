@@ -335,3 +335,45 @@ def test_plugin_arguments_with_trl_parser_and_yaml(plugin_file, tmp_path, cli_ov
     training_args, args = trl.TrlParser((trl.SFTConfig, make_plugin_arguments(path))).parse_args_and_config(argv)
     assert training_args.output_dir == str(tmp_path / "out")
     assert args.attach_kwargs() == ([path], {"aux_loss_weight": 0.75 if cli_override else 0.125})
+
+
+@pytest.mark.parametrize("kind", ["trainer", "sft", "dpo", "reward"])
+def test_added_terms_follow_gradient_accumulation(kind, make_trainer, plugin_file):
+    """An added per-micro-batch term counts once per optimizer step, with or without accumulation:
+    whether the trainer divides the total by the accumulation steps (dpo, reward) or its stock loss
+    is already normalized over the window (num_items_in_batch: trainer, sft). With plain SGD and no
+    clipping the update is linear in the gradient, so the weights a term moves in one step (with
+    minus without it) are the same for 1 micro-batch of 4 rows and 2 accumulated ones of 2 (the
+    aux term depends on the weights only)."""
+
+    def weights(batch_size: int, accumulation: int, weight: float) -> dict[str, torch.Tensor]:
+        trainer = make_trainer(kind, max_steps=1, per_device_train_batch_size=batch_size, max_grad_norm=0.0,
+                               gradient_accumulation_steps=accumulation, optim="sgd", learning_rate=0.5)
+        attach(trainer, plugins=[plugin_file("aux_loss")], aux_loss_weight=weight)
+        train_quietly(trainer)
+        return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+    def moved_by_term(batch_size: int, accumulation: int) -> dict[str, torch.Tensor]:
+        with_term, without = weights(batch_size, accumulation, 50.0), weights(batch_size, accumulation, 0.0)
+        return {n: with_term[n] - without[n] for n in with_term}
+
+    whole, accumulated = moved_by_term(4, 1), moved_by_term(2, 2)
+    assert max(d.abs().max() for d in whole.values()) > 1e-4  # the term does move the weights
+    for name, delta in whole.items():
+        torch.testing.assert_close(accumulated[name], delta, rtol=1e-3, atol=1e-7, msg=name)
+
+
+def test_loss_terms_total_is_the_weighted_sum_with_added_terms_scaled():
+    from perl_plugins.loss_terms import LossTerms
+
+    base, extra, other = torch.tensor(2.0), torch.tensor(3.0), torch.tensor(5.0)
+    terms = LossTerms("dpo_loss", base)
+    assert terms.total() is base  # alone at weight 1: the stock tensor itself
+    terms.add("extra", extra, 0.5)
+    terms.add("other", other)
+    terms.reweight("dpo_loss", 0.9)
+    assert terms.total().item() == pytest.approx(0.9 * 2 + 0.5 * 3 + 5)
+    assert terms.total(added_scale=0.25).item() == pytest.approx(0.9 * 2 + 0.25 * (0.5 * 3 + 5))
+    assert terms.detached() == {"dpo_loss": 2.0, "extra": 3.0, "other": 5.0}
+    with pytest.raises(KeyError, match="already added"):
+        terms.add("extra", extra)

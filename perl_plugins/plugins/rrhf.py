@@ -224,8 +224,4 @@ def perl_compute_loss(
     mask = inputs["rrhf_response_mask"]
     logps = response_logps(outputs.logits, inputs["input_ids"], mask)
     rank = rrhf_rank_loss(logps, mask[:, 1:].sum(-1), inputs["rrhf_scores"], inputs["rrhf_groups"])
-    weight = opts.rrhf_weight
-    if model.training and trainer.model_accepts_loss_kwargs and "labels" in inputs:
-        # The stock loss is already divided over the accumulation window (num_items_in_batch); match it.
-        weight /= getattr(trainer, "current_gradient_accumulation_steps", 1)
-    terms.add("rrhf_rank_loss", rank, weight)
+    terms.add("rrhf_rank_loss", rank, opts.rrhf_weight)  # the host scales it for gradient accumulation
