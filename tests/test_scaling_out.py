@@ -7,7 +7,8 @@ ZeRO-3 runs use ``tests/ds_zero3_partition_all.json``: its persistence threshold
 tensor; ZeRO-3 would otherwise keep the tiny model's tensors (under 1e5 values) whole on each
 process, and the gathering code would go untested.
 
-``PERL_PLUGINS_TEST_FULL_MATRIX=1`` also runs every other (engine, command) pair with a resume.
+``PERL_PLUGINS_TEST_FULL_MATRIX=1`` also runs every other (engine, command) pair with a resume, and
+ZeRO-1 (`accelerate launch --use_deepspeed --zero_stage 1`) with dpo.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def _launcher(engine: str, precision: str) -> list[str]:
                   "--mixed_precision", precision, "--main_process_port", str(_free_port())]
     if engine == "zero3":
         return [*accelerate, "--use_deepspeed", "--deepspeed_config_file", str(ZERO3_JSON), "-m"]
+    if engine == "zero1":
+        return [*accelerate, "--use_deepspeed", "--zero_stage", "1", "-m"]
     config = {"ddp": "ddp.yaml", "zero2": "deepspeed_zero2.yaml", "zero3_yaml": "deepspeed_zero3.yaml"}[engine]
     return [*accelerate, "--config_file", str(CONFIGS / config), "-m"]
 
@@ -251,6 +254,7 @@ def test_deepspeed_refuses_a_checkpoint_it_cannot_resume(launch: Launcher) -> No
 
 _IN_CI = {("ddp", "reward"), ("ddp", "rloo"), ("zero2", "dpo"), ("zero3", "reward")}
 _MATRIX = [(e, c) for e in ("ddp", "zero2", "zero3") for c in ("reward", "dpo", "rloo") if (e, c) not in _IN_CI]
+_MATRIX.append(("zero1", "dpo"))
 
 
 @pytest.mark.skipif(not os.environ.get("PERL_PLUGINS_TEST_FULL_MATRIX"), reason="set PERL_PLUGINS_TEST_FULL_MATRIX=1")
