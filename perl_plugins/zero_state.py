@@ -66,7 +66,9 @@ def full_values(model: nn.Module) -> dict[str, torch.Tensor]:
     values: dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            values[name] = safe_get_full_fp32_param(param).detach().clone()
+            master = safe_get_full_fp32_param(param)  # None without a ZeRO optimizer (stage 0)
+            with gathered([param] if master is None else []):
+                values[name] = (param if master is None else master).detach().clone()
         elif _is_adapter_name(name):
             with gathered([param]):
                 values[name] = param.detach().clone()

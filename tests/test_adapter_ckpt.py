@@ -367,3 +367,13 @@ def test_resume_engine_rules(tmp_path, saved, current, has_optimizer, error):
     else:
         with pytest.raises(CheckpointError, match=re.escape(error)):
             check_resume_engine(_run_like(*current), tmp_path, manifest)
+
+
+def test_deepspeed_without_zero_needs_the_portable_optimizer_off():
+    from perl_plugins.plugins.adapter_ckpt import AdapterCkptOptions, perl_check_trainer
+
+    trainer = _run_like("deepspeed_zero0", 2)
+    trainer.args.save_on_each_node = False
+    with pytest.raises(PluginIncompatibleError, match="stage 0"):
+        perl_check_trainer(trainer, {"adapter_ckpt": AdapterCkptOptions()})
+    perl_check_trainer(trainer, {"adapter_ckpt": AdapterCkptOptions(adapter_ckpt_portable_optimizer=False)})

@@ -419,6 +419,11 @@ def perl_check_trainer(trainer: Any, options: dict[str, Any]) -> None:
         raise PluginIncompatibleError("adapter_ckpt does not support FSDP (sharded parameters and optimizer states).")
     if trainer.args.save_on_each_node:
         raise PluginIncompatibleError("adapter_ckpt writes each checkpoint from one process: unset save_on_each_node.")
+    if zero_stage(trainer) == 0 and options["adapter_ckpt"].adapter_ckpt_portable_optimizer:
+        raise PluginIncompatibleError(
+            "adapter_ckpt gathers optimizer state from ZeRO stages 1-3; this DeepSpeed config has stage 0. Use a ZeRO "
+            "stage, or set adapter_ckpt_portable_optimizer=false (checkpoints then resume only under DeepSpeed)."
+        )
     _warn_inside_generation_round(trainer)
 
 
