@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -234,6 +235,17 @@ def resolve_model(name_or_path: str | None, size: str = "tiny") -> str:
     source = default_model_source(size)
     if source is not None:
         return str(source)
-    key = json.dumps([_tokenizer_dir().name, config.to_json_string()])
-    final = cache_root() / f"model-{size}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-    return str(_materialize(final, lambda tmp: save_default(tmp, size)))
+    # In a multi-process launch only the first process of each node writes the cache (elsewhere
+    # save_pretrained writes no weights); the others find the finished copy.
+    with _local_main_process_first():
+        key = json.dumps([_tokenizer_dir().name, config.to_json_string()])
+        final = cache_root() / f"model-{size}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+        return str(_materialize(final, lambda tmp: save_default(tmp, size)))
+
+
+def _local_main_process_first() -> contextlib.AbstractContextManager:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return contextlib.nullcontext()
+    from accelerate import PartialState
+
+    return PartialState().local_main_process_first()

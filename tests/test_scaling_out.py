@@ -34,12 +34,14 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "accelerate"
 ZERO3_JSON = ROOT / "tests" / "ds_zero3_partition_all.json"
 STATE_DUMP = ROOT / "tests" / "plugins_for_tests" / "state_dump.py"
-PLUGINS = {"reward": "lora,grm,fp8,adapter_ckpt", "dpo": "lora,fp8,adapter_ckpt", "rloo": "lora,fp8,adapter_ckpt"}
+PLUGINS = {"reward": "lora,grm,fp8,adapter_ckpt", "dpo": "lora,fp8,adapter_ckpt", "rloo": "lora,fp8,adapter_ckpt",
+           "sft": "lora,fp8,adapter_ckpt"}
 ARGS = {
     "reward": ["--per_device_train_batch_size", "4", "--max_train_samples", "64"],
     "dpo": ["--per_device_train_batch_size", "2", "--max_train_samples", "32", "--max_length", "128"],
     "rloo": ["--per_device_train_batch_size", "4", "--num_generations", "4", "--max_completion_length", "12",
              "--max_train_samples", "32"],
+    "sft": ["--per_device_train_batch_size", "2", "--max_train_samples", "16", "--max_length", "64"],
 }
 # On CPU, fp32 unless a test asks for bf16; 4 steps with checkpoints at 2 and 4.
 COMMON = ["--use_cpu", "true", "--max_steps", "4", "--save_steps", "2", "--logging_steps", "1",
@@ -181,6 +183,15 @@ def test_ddp_rloo_with_fp8_comm_and_shared_base_reward_resumes_exactly(launch: L
     ratios = [e["fp8/comm_bytes_ratio"] for e in full.log()]
     assert ratios and all(0.24 < r < 0.26 for r in ratios)  # FP8 payload: a quarter of fp32
     assert set(full.manifest()["plugins"]) == {"lora", "fp8", "adapter_ckpt"}
+
+
+def test_processes_share_one_freshly_written_embedded_model(launch: Launcher) -> None:
+    """Both processes resolve the random-init embedded model into an empty cache at once: the first
+    writes it, the other waits and loads the same complete copy."""
+    run = launch("ddp_sft_tiny", "ddp", "sft", "--model_size", "tiny")
+    models = list((launch.root / "cache").glob("model-tiny-*"))
+    assert len(models) == 1 and {"config.json", "model.safetensors"} <= {f.name for f in models[0].iterdir()}
+    assert [e["step"] for e in run.log()] == [1, 2, 3, 4]
 
 
 # ---------------------------------------------------------------- DeepSpeed ZeRO-2
