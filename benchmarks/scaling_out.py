@@ -48,6 +48,11 @@ def run(engine: str, out: Path, args: argparse.Namespace) -> dict:
             "wall_s": time.perf_counter() - start}
 
 
+def _held(r: dict) -> float:
+    """Parameters, optimizer state and ZeRO's fp32 master partitions a process holds."""
+    return r["param_bytes"] + r["optimizer_state_bytes"] + r["fp32_master_bytes"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="bench20m", help="embedded model size (perl_plugins.embedded.tiny_config)")
@@ -67,6 +72,7 @@ def main() -> None:
             if engine == "ddp":
                 continue
             summary[f"{engine}_vs_ddp"] = {
+                "held_bytes": _held(r) / _held(ddp),
                 "param_bytes": r["param_bytes"] / ddp["param_bytes"],
                 "optimizer_state_bytes": r["optimizer_state_bytes"] / ddp["optimizer_state_bytes"],
                 "peak_rss": r["peak_rss_mb"] / ddp["peak_rss_mb"],

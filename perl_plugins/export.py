@@ -85,6 +85,13 @@ def export_merged(
     checkpoint: Path, out: Path, manifest: dict[str, Any], base: str | None = None, adapter: str | None = None
 ) -> Path:
     """Save the base with the adapter merged in (and trainable tensors loaded) as a plain model."""
+    if "grm" in (manifest.get("plugins") or {}):
+        raise ExportError(
+            f"{checkpoint} was trained with the grm plugin: its reward model carries the base's LM head (for the "
+            f"regularizer) and possibly grm's MLP score head, which a stock {manifest['model']['class']} has no "
+            "place for. Export the adapter (without --merge) and score with "
+            "perl_plugins.reward_model.load_reward_adapter."
+        )
     model = build_model(checkpoint, manifest, base, adapter)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()

@@ -377,3 +377,15 @@ def test_deepspeed_without_zero_needs_the_portable_optimizer_off():
     with pytest.raises(PluginIncompatibleError, match="stage 0"):
         perl_check_trainer(trainer, {"adapter_ckpt": AdapterCkptOptions()})
     perl_check_trainer(trainer, {"adapter_ckpt": AdapterCkptOptions(adapter_ckpt_portable_optimizer=False)})
+
+
+def test_export_merge_refuses_a_grm_reward_model(uninterrupted, tmp_path, capsys):
+    _, _, out = uninterrupted("reward")
+    ckpt = tmp_path / "checkpoint-4"
+    shutil.copytree(out / "checkpoint-4", ckpt)
+    manifest = json.loads((ckpt / MANIFEST_NAME).read_text())
+    manifest["plugins"]["grm"] = {"grm_head": "mlp"}  # metadata only: the files' hashes still verify
+    (ckpt / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert cli_main(["export", str(ckpt), "--merge", "--out", str(tmp_path / "merged")]) == 2
+    assert "trained with the grm plugin" in capsys.readouterr().err
+    assert cli_main(["export", str(ckpt), "--out", str(tmp_path / "adapter")]) == 0  # the adapter still exports
