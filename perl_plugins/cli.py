@@ -100,11 +100,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command not in TRAINERS:
             print(f"perl-plugins: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
             return 2
-        run(command, rest)
+        try:
+            run(command, rest)
+        finally:
+            _end_process_group()
         return 0
     except PluginError as exc:
         print(f"perl-plugins: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _end_process_group() -> None:
+    """Tear down a multi-process launch's process group before the interpreter exits (its
+    communication threads must not outlive it)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -98,8 +98,10 @@ class Launcher:
                 "--output_dir", str(out), *extra]
         if resume is not None:
             argv += ["--resume_from_checkpoint", str(resume)]
+        # One inductor compile thread: FP8AdamW's compiled step would otherwise start a pool of compile
+        # workers in each process, on a 2-core machine.
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-               "PERL_PLUGINS_CACHE": str(self.root / "cache")}
+               "TORCHINDUCTOR_COMPILE_THREADS": "1", "PERL_PLUGINS_CACHE": str(self.root / "cache")}
         start = time.perf_counter()
         proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         wall = time.perf_counter() - start
