@@ -23,8 +23,10 @@ def _held(trainer: Any) -> dict[str, int]:
     local = [getattr(p, "ds_tensor", p) for p in params]
     basic = innermost_optimizer(trainer.optimizer)
     state = [v for s in basic.state.values() for v in s.values() if hasattr(v, "numel")]
-    zero = getattr(getattr(trainer.model_wrapped, "optimizer", None), "single_partition_of_fp32_groups", None)
-    zero = zero or getattr(getattr(trainer.model_wrapped, "optimizer", None), "fp32_partitioned_groups_flat", None) or []
+    # ZeRO's fp32 master partitions: stage 1/2 and stage 3 name them differently; DDP has none.
+    engine_optimizer = getattr(trainer.model_wrapped, "optimizer", None)
+    zero = getattr(engine_optimizer, "single_partition_of_fp32_groups", None)
+    zero = zero or getattr(engine_optimizer, "fp32_partitioned_groups_flat", [])
     return {"param_bytes": _bytes(local), "optimizer_state_bytes": _bytes(state), "fp32_master_bytes": _bytes(zero)}
 
 

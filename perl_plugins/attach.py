@@ -10,11 +10,13 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from transformers import Trainer, TrainerCallback
 
 from .errors import PluginIncompatibleError
 from .loss_terms import LossTermRecorder, LossTerms
 from .manager import PluginSet
+from .zero_state import zero_stage
 
 # Name of the stock loss term per trainer family (first match in the MRO wins).
 _BASE_LOSS_NAMES = {
@@ -115,6 +117,7 @@ def _install(trainer: Trainer, plugin_set: PluginSet) -> None:
     trainer.perl_plugins = attached
     plugin_set.call("perl_configure", trainer=trainer)
     _prepare_models(trainer, plugin_set)
+    _one_dtype_for_zero3(trainer)
     if plugin_set.implements("perl_compute_loss"):
         _wrap_compute_loss(trainer, attached)
     if plugin_set.implements("perl_create_optimizer"):
@@ -150,6 +153,19 @@ def _prepare_models(trainer: Trainer, plugin_set: PluginSet) -> None:
             else f
             for f in funcs
         ]
+
+
+def _one_dtype_for_zero3(trainer: Trainer) -> None:
+    """Under ZeRO-3 with bf16/fp16 the base was partitioned in that dtype at load, while modules
+    added since (peft keeps new adapters in fp32) were not; ZeRO-3 needs one dtype and keeps fp32
+    masters of what trains, so those are cast, losing nothing."""
+    if zero_stage(trainer) != 3:
+        return
+    dtype = trainer.accelerator.state.deepspeed_plugin.hf_ds_config.dtype()
+    if dtype in (torch.bfloat16, torch.float16):
+        for param in trainer.model.parameters():
+            if not hasattr(param, "ds_id") and param.dtype != dtype:
+                param.data = param.data.to(dtype)
 
 
 def _wrap_compute_loss(trainer: Trainer, attached: AttachedPlugins) -> None:

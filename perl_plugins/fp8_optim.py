@@ -81,21 +81,24 @@ def _write(dst: Tensor, new: Tensor, deferred: list[Tensor]) -> None:
         dst.copy_(new)
 
 
+def _dequantized(m: Tensor, m_scale: Tensor | None, v: Tensor, v_scale: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The stored moments in fp32 (``v`` as (blocks, BLOCK) in the 2-byte mode)."""
+    if m_scale is None:
+        return m.float(), v.float()
+    m32 = m.float() * (1 / m_scale)
+    if v_scale.dim() == 0:
+        return m32, v.float() * (1 / v_scale)
+    r = v.float() * (1 / v_scale)[:, None]
+    return m32, r * r
+
+
 def _moments(
     g: Tensor, m: Tensor, m_scale: Tensor | None, v: Tensor, v_scale: Tensor | None, hp: Tensor
 ) -> tuple[Tensor, Tensor]:
     """The new fp32 moments from the stored ones (dequantized) and the gradient."""
     b1, one_minus_b1, b2, one_minus_b2 = hp[2:6].unbind()
     g32 = g.float()
-    if m_scale is None:
-        m32, v32 = m, v
-    else:
-        m32 = m.float() * (1 / m_scale)
-        if v_scale.dim() == 0:
-            v32 = v.float() * (1 / v_scale)
-        else:
-            r = v.float() * (1 / v_scale)[:, None]
-            v32 = r * r
+    m32, v32 = _dequantized(m, m_scale, v, v_scale)
     return b1 * m32 + one_minus_b1 * g32, b2 * v32 + one_minus_b2 * (g32 * g32)
 
 
@@ -358,15 +361,10 @@ class FP8AdamW(torch.optim.Optimizer):
         state = self.state.get(p)
         if not state:
             return {}
-        m, v = state["exp_avg"].float(), state["exp_avg_sq"].float()
-        if "exp_avg_scale" in state:
-            m = m / state["exp_avg_scale"]
-            v_scale = state["exp_avg_sq_scale"]
-            if v_scale.dim() == 0:
-                v = v / v_scale
-            else:
-                v = (v.view(-1, BLOCK) / v_scale[:, None]).square().flatten()
-        out = {"step": state["step"], "exp_avg": m, "exp_avg_sq": v}
+        v_scale = state.get("exp_avg_sq_scale")
+        v = state["exp_avg_sq"].view(-1, BLOCK) if v_scale is not None and v_scale.dim() == 1 else state["exp_avg_sq"]
+        m, v = _dequantized(state["exp_avg"], state.get("exp_avg_scale"), v, v_scale)
+        out = {"step": state["step"], "exp_avg": m, "exp_avg_sq": v.flatten()}
         if "master" in state:
             out["master"] = state["master"].float() / state.get("master_scale", 1.0)
         return out

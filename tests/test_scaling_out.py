@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -47,6 +48,7 @@ ARGS = {
 COMMON = ["--use_cpu", "true", "--max_steps", "4", "--save_steps", "2", "--logging_steps", "1",
           "--report_to", "none", "--eval_strategy", "no", "--disable_tqdm", "true", "--learning_rate", "1e-3"]
 ADAPTER = Path("adapters") / "default" / "adapter_model.safetensors"
+_NATIVE_ABORT = "terminate called without an active exception"
 
 
 @dataclass
@@ -104,6 +106,12 @@ class Launcher:
                "TORCHINDUCTOR_COMPILE_THREADS": "1", "PERL_PLUGINS_CACHE": str(self.root / "cache")}
         start = time.perf_counter()
         proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0 and _NATIVE_ABORT in proc.stderr and not expect_failure:
+            # A rare native abort of one process (seen about once in 150 launches, never reproduced on
+            # demand): run the launch once more from scratch, and say so.
+            print(f"[scaling-out] {name}: a process aborted ({_NATIVE_ABORT!r}); launching again")
+            shutil.rmtree(out, ignore_errors=True)
+            proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         wall = time.perf_counter() - start
         if expect_failure:
             assert proc.returncode != 0, f"{name} should have failed"

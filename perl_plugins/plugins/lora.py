@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 import torch.nn as nn
 
 from perl_plugins import hookimpl
@@ -21,7 +20,6 @@ from perl_plugins.attach import trainer_family
 from perl_plugins.errors import PluginIncompatibleError
 from perl_plugins.reward_model import check_reward_adapter, load_reward_adapter, score_texts
 from perl_plugins.roles import Roles
-from perl_plugins.zero_state import zero_stage
 
 _RL = {"GRPOTrainer", "RLOOTrainer"}
 _HAS_REFERENCE = {"DPOTrainer", "KTOTrainer", *_RL}
@@ -190,18 +188,4 @@ def perl_prepare_model(trainer: Any, model: Any, role: str, options: dict[str, A
     trainer.perl_roles = Roles(peft_model, adapters)
     for reward in rewards:
         reward.bind(trainer.perl_roles, trainer.processing_class)
-    _match_zero3_dtype(trainer, peft_model)
     return peft_model
-
-
-def _match_zero3_dtype(trainer: Any, model: nn.Module) -> None:
-    """Under ZeRO-3 with bf16/fp16 the base is partitioned in that dtype at load, while peft keeps
-    new adapters (and heads) in fp32; ZeRO-3 needs one dtype. It keeps fp32 master copies of what
-    trains, so casting the not-yet-partitioned tensors loses nothing."""
-    if zero_stage(trainer) != 3:
-        return
-    dtype = trainer.accelerator.state.deepspeed_plugin.hf_ds_config.dtype()
-    if dtype in (torch.bfloat16, torch.float16):
-        for param in model.parameters():
-            if not hasattr(param, "ds_id") and param.dtype != dtype:
-                param.data = param.data.to(dtype)
