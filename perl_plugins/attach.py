@@ -139,6 +139,11 @@ def _prepare_models(trainer: Trainer, plugin_set: PluginSet) -> None:
     model = plugin_set.chain("perl_prepare_model", "model", trainer.model, trainer=trainer, role="policy")
     if model is not trainer.model:
         trainer.model = trainer.model_wrapped = model
+    if getattr(trainer.args, "disable_dropout", False):
+        from trl.trainer import disable_dropout_in_model
+
+        # trl disabled dropout in __init__, before plugins added modules (adapters, heads): do the same for those.
+        disable_dropout_in_model(trainer.model)
     if getattr(trainer, "ref_model", None) is not None:
         trainer.ref_model = plugin_set.chain(
             "perl_prepare_model", "model", trainer.ref_model, trainer=trainer, role="reference"
@@ -177,6 +182,12 @@ def _wrap_compute_loss(trainer: Trainer, attached: AttachedPlugins) -> None:
     # outputs only when the caller or some plugin's perl_compute_loss takes them.
     impls = plugin_set.hook.perl_compute_loss.get_hookimpls()
     plugins_want_outputs = any("outputs" in impl.argnames for impl in impls)
+    if family == "Trainer" and base_name == "reward_loss":
+        # A one-label classifier's loss (BCE or MSE) is a per-micro-batch mean that ignores
+        # num_items_in_batch, yet the Trainer would take it as normalized over the accumulation
+        # window (the model accepts loss kwargs) and never divide it: say so, as trl's RewardTrainer
+        # does, and the Trainer divides the stock loss and the added terms alike.
+        trainer.model_accepts_loss_kwargs = False
 
     def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
         private = attached.private_inputs

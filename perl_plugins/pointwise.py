@@ -84,7 +84,7 @@ def pointwise_trainer(
     **trainer_kwargs: Any,
 ) -> Trainer:
     """A stock ``Trainer`` for thumbs up/down rows (``prompt``, ``completion``, ``label``)."""
-    return Trainer(
+    trainer = Trainer(
         model=model,
         args=args,
         train_dataset=tokenize_pointwise(train_dataset, tokenizer, max_length),
@@ -94,3 +94,6 @@ def pointwise_trainer(
         compute_metrics=reward_metrics,
         **trainer_kwargs,
     )
+    # The BCE ignores num_items_in_batch: the Trainer must divide it by the accumulation steps itself.
+    trainer.model_accepts_loss_kwargs = False
+    return trainer

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, LlamaForSequenceClassification, TrainingArguments
+from transformers import AutoModelForCausalLM, LlamaForSequenceClassification, TrainerCallback, TrainingArguments
 from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
 
 from perl_plugins import PluginIncompatibleError, PluginOptionError, attach
@@ -114,7 +114,9 @@ def test_grm_with_lora_trains_adapters_and_freezes_lm_head(base_dir, tokenizer, 
 
 
 def test_grm_logs_both_terms_and_mlp_head_shape(base_dir, tokenizer, tmp_path):
-    trainer = attach(reward_trainer(base_dir, tokenizer, tmp_path), plugins="lora,grm", grm_reg="dpo_noref")
+    trainer = attach(
+        reward_trainer(base_dir, tokenizer, tmp_path, disable_dropout=False), plugins="lora,grm", grm_reg="dpo_noref"
+    )
     head = trainer.model.get_base_model().score.modules_to_save["default"]
     assert isinstance(head, nn.Sequential)
     assert [type(m) for m in head] == [nn.Dropout, nn.Linear, nn.ReLU, nn.Linear]
@@ -198,3 +200,109 @@ def test_pairwise_regularizers_refuse_pointwise_rows_and_other_trainers(base_dir
     )
     with pytest.raises(PluginIncompatibleError, match="reward models"):
         attach(dpo, plugins="grm")
+
+
+# Chosen and rejected share the start of the response (as the coffee pairs' ' API call: {...' do).
+SHARED_START = Dataset.from_dict(
+    {
+        "prompt": ["User: the menu?\nAgent:", "User: a mocha\nAgent:"],
+        "chosen": [' API call: {"get_menu_items": "all"}', ' API call: {"order": "mocha"}'],
+        "rejected": [' API call: {"get_menu": 1}', ' API call: {"order": "latte"}'],
+    }
+)
+
+
+def _direct_response_logps(base_dir, ids: list[int], start: int) -> torch.Tensor:
+    """sum_{t >= start} log p(ids[t] | ids[:t]) from a plain causal-LM forward of the same base."""
+    lm = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    with torch.no_grad():
+        logp = lm(torch.tensor([ids])).logits[0].log_softmax(-1)
+    return sum(logp[t - 1, ids[t]] for t in range(start, len(ids)))
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+@pytest.mark.parametrize("reg", ["sft", "dpo_noref"])
+def test_pair_regularizer_masks_the_prompt_not_the_shared_start_of_the_responses(base_dir, tokenizer, tmp_path, reg):
+    args = RewardConfig(str(tmp_path / "rm"), per_device_train_batch_size=2, use_cpu=True, report_to="none")
+    trainer = RewardTrainer(
+        model=reward_classifier(base_dir), args=args, train_dataset=SHARED_START, processing_class=tokenizer
+    )
+    attach(trainer, plugins="grm", grm_reg=reg, grm_alpha=1.0, grm_head="linear", grm_beta=0.1)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.eval()
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, batch)
+    got = trainer.perl_plugins.recorder._values["eval"]["grm_reg_loss"][-1]
+
+    expected, shared_prefix_version = [], []
+    for row, prompt in zip(trainer.train_dataset, SHARED_START["prompt"]):
+        chosen, rejected = row["chosen_ids"], row["rejected_ids"]
+        prompt_len = len(tokenizer(prompt)["input_ids"])  # trl's tokenization of the prompt column
+        shared = _common_prefix(chosen, rejected)
+        assert chosen[:prompt_len] == tokenizer(prompt)["input_ids"] and shared > prompt_len + 3
+        if reg == "sft":
+            expected.append(-F.logsigmoid(0.1 * _direct_response_logps(base_dir, chosen, prompt_len)))
+        else:
+            for start, out in ((prompt_len, expected), (shared, shared_prefix_version)):
+                margin = _direct_response_logps(base_dir, chosen, start) - _direct_response_logps(base_dir, rejected, start)
+                out.append(-F.logsigmoid(0.1 * margin))
+    assert got == pytest.approx(torch.stack(expected).mean().item(), rel=1e-4)
+    if reg == "dpo_noref":  # the shared start cancels in the margin: unaffected by where the prompt ends
+        assert got == pytest.approx(torch.stack(shared_prefix_version).mean().item(), rel=1e-4)
+
+
+class _GradCapture(TrainerCallback):
+    def __init__(self, model):
+        self.model, self.grads = model, {}
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.grads = {n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("plugins", ["grm", "lora,grm"])
+def test_pointwise_grm_gradients_do_not_depend_on_gradient_accumulation(base_dir, tokenizer, tmp_path, plugins):
+    """One micro-batch of 4 rows and two of 2 give the same first gradient: the stock BCE ignores
+    num_items_in_batch, so the added regularizer must be scaled exactly as that loss is."""
+    rows = Dataset.from_dict(
+        {
+            "prompt": ["User: a latte please\nAgent:", "User: tea?\nAgent:", "User: mocha\nAgent:", "User: hi\nAgent:"],
+            "completion": [" Sure, one latte.", " No.", " One mocha.", " What?"],
+            "label": [1, 1, 0, 1],
+        }
+    )
+
+    def first_gradients(batch_size: int, accumulation: int) -> dict[str, torch.Tensor]:
+        args = TrainingArguments(
+            str(tmp_path / f"ga{accumulation}"), max_steps=1, per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation, max_grad_norm=0.0, use_cpu=True, report_to="none",
+            save_strategy="no", seed=0,
+        )
+        torch.manual_seed(0)
+        trainer = pointwise_trainer(reward_classifier(base_dir), tokenizer, args, rows)
+        lora = {"lora_dropout": 0.0} if "lora" in plugins else {}
+        attach(trainer, plugins=plugins, grm_alpha=0.5, grm_head="linear", **lora)
+        capture = _GradCapture(trainer.model)
+        trainer.add_callback(capture)
+        trainer.train()
+        return capture.grads
+
+    whole, accumulated = first_gradients(4, 1), first_gradients(2, 2)
+    assert whole.keys() == accumulated.keys() and whole
+    for name in whole:
+        torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_modules_plugins_add_follow_the_trainers_disable_dropout(base_dir, tokenizer, tmp_path, disable):
+    trainer = attach(reward_trainer(base_dir, tokenizer, tmp_path, disable_dropout=disable), plugins="lora,grm")
+    rates = {m.p for m in trainer.model.modules() if isinstance(m, nn.Dropout)}
+    assert rates == {0} if disable else {0.05, 0.1} <= rates  # lora_dropout, the MLP head's dropout
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    with torch.no_grad():
+        first, second = (trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                         for _ in range(2))
+    assert torch.equal(first, second) == disable  # chosen and rejected rows see no independent masks

@@ -9,9 +9,17 @@ stays the reward loss; this plugin re-weights it by ``1 - alpha`` and adds ``alp
 - ``dpo``:       L_reg = -mean log sigmoid(beta * ((logp_c - logp_r) - (ref_c - ref_r)))
 - ``dpo_noref``: the same with the reference terms 0
 
-logp is the SUM of the log-probabilities of the response tokens (prompt masked), read off the LM
-head on the hidden states of the reward forward pass (captured with a forward hook: no second
-pass). With LoRA the reference is the same model with adapters disabled; without, a frozen copy.
+logp is the SUM of the log-probabilities of the response tokens, read off the LM head on the
+hidden states of the reward forward pass (captured with a forward hook: no second pass). The
+response starts where the ``prompt`` column's tokens end (capped at the tokens chosen and rejected
+share; without a prompt column, at the shared tokens). On pointwise rows ``sft`` is the mean over
+*all* rows of the per-row term, 0 on thumbs-down rows: a per-row mean like the stock BCE, so
+gradient accumulation adds micro-batches up to the same loss. With LoRA the reference is the same
+model with adapters disabled; without, a frozen copy.
+
+Dropout: the MLP head's Dropout(0.1) follows the trainer's ``disable_dropout`` (trl's reward trainer
+defaults to True and disables the base's dropout before plugins add modules; the host then sets
+the added ones to 0 as well), so chosen and rejected rows of a pair see no independent masks.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from trl.data_utils import common_prefix_length
 
 from perl_plugins import hookimpl
 from perl_plugins.attach import trainer_family
@@ -178,14 +187,25 @@ class _CompletionMaskCollator:
         return batch
 
 
-def _common_prefix_length(example: dict[str, Any]) -> dict[str, int]:
-    # The prompt of a pair is the tokens chosen and rejected share: exact at the token level.
-    n = 0
-    for a, b in zip(example["chosen_ids"], example["rejected_ids"]):
-        if a != b:
-            break
-        n += 1
-    return {"prompt_len": n}
+def _prompt_ids(tokenizer: Any, prompt: str | list[dict[str, Any]]) -> list[int]:
+    """The prompt as trl tokenizes text: plain text with the tokenizer's special tokens (as
+    RewardTrainer encodes prompt + response), a conversation through its chat template up to the
+    generation prompt."""
+    if isinstance(prompt, str):
+        return tokenizer(text=prompt)["input_ids"]
+    return tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+
+
+def _pair_prompt_length(example: dict[str, Any], tokenizer: Any) -> dict[str, int]:
+    """Where the responses start: after the prompt's own tokens, never past the tokens chosen and
+    rejected share (responses often share their start, e.g. ' API call: {', which is response).
+    Without a ``prompt`` column (trl's implicit-prompt pairs) the shared tokens are the prompt."""
+    shared = common_prefix_length(example["chosen_ids"], example["rejected_ids"])
+    if example.get("prompt") is None:
+        return {"prompt_len": shared}
+    # A prompt's last token may merge with the response's first: the prompt ends where the ids differ.
+    prompt_len = common_prefix_length(_prompt_ids(tokenizer, example["prompt"]), example["chosen_ids"])
+    return {"prompt_len": min(prompt_len, shared)}
 
 
 class _GRMState:
@@ -240,9 +260,10 @@ def perl_check_trainer(trainer: Any, options: dict[str, Any]) -> None:
 def perl_configure(trainer: Any, options: dict[str, Any]) -> None:
     pairwise = _is_pairwise(trainer)
     if pairwise:
-        trainer.train_dataset = trainer.train_dataset.map(_common_prefix_length, desc="GRM prompt lengths")
+        lengths = {"function": _pair_prompt_length, "fn_kwargs": {"tokenizer": trainer.processing_class}}
+        trainer.train_dataset = trainer.train_dataset.map(**lengths, desc="GRM prompt lengths")
         if trainer.eval_dataset is not None:
-            trainer.eval_dataset = trainer.eval_dataset.map(_common_prefix_length, desc="GRM prompt lengths")
+            trainer.eval_dataset = trainer.eval_dataset.map(**lengths, desc="GRM prompt lengths")
     trainer._set_signature_columns_if_needed()
     trainer._signature_columns = [*trainer._signature_columns, "prompt_len"]
     trainer.data_collator = _CompletionMaskCollator(trainer.data_collator, pairwise)
@@ -298,10 +319,9 @@ def perl_compute_loss(trainer: Any, inputs: dict[str, Any], outputs: Any, terms:
         regularizer = grm_regularizer(
             logp_chosen, logp_rejected, ref_chosen, ref_rejected, reg=opts.grm_reg, beta=opts.grm_beta
         )
-    else:  # pointwise: sft on thumbs-up completions only
+    else:  # pointwise: sft on thumbs-up completions only, 0 on thumbs-down rows
         liked = inputs["labels"].view(-1) > 0.5
-        regularizer = (
-            grm_regularizer(logps[liked], reg="sft", beta=opts.grm_beta) if liked.any() else logps.sum() * 0.0
-        )
+        # A mean over all rows, as the BCE: micro-batches then add up to the same loss as one batch.
+        regularizer = torch.where(liked, -F.logsigmoid(opts.grm_beta * logps), 0.0).mean()
     terms.reweight(terms.base_name, 1.0 - opts.grm_alpha)
     terms.add("grm_reg_loss", regularizer, opts.grm_alpha)

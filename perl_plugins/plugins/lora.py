@@ -31,7 +31,10 @@ class LoraOptions:
     # rank/alpha/dropout/targets share trl ModelConfig's flag names and meaning (--lora_r ...).
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (PERL's ranks are unverified; GRM used 32)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (effective scale alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_dropout: float = field(
+        default=0.05,
+        metadata={"help": "Dropout on the LoRA input; 0 where the trainer disables dropout (trl's disable_dropout)."},
+    )
     lora_target_modules: list[str] | None = field(
         default=None,
         metadata={
