@@ -108,7 +108,9 @@ def fp8_allreduce_hook(state: FP8CommState, bucket: dist.GradBucket) -> torch.fu
     if sum(sizes) != buffer.numel() or any(g.data_ptr() != buffer[i:].data_ptr() for g, i in zip(grads, starts)):
         raise RuntimeError("fp8_allreduce_hook: the bucket's gradients are not consecutive views of its buffer")
 
-    scales = torch.tensor([state.propose(k, g) for k, g in zip(keys, grads)], dtype=torch.float32)
+    # On the bucket's device: NCCL (accelerate's default on GPUs) cannot reduce a CPU tensor.
+    proposals = [state.propose(k, g) for k, g in zip(keys, grads)]
+    scales = torch.tensor(proposals, dtype=torch.float32, device=buffer.device)
     dist.all_reduce(scales, op=dist.ReduceOp.MIN, group=group)
     mus = scales.tolist()
     for k, mu in zip(keys, mus):

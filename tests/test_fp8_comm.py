@@ -66,3 +66,39 @@ def test_two_rank_ddp_training_matches_fp32_allreduce(tmp_path):
     assert abs(fp8["eval_loss"] - fp32["eval_loss"]) / fp32["eval_loss"] < 0.02
     assert fp8["bytes_sent"] <= 0.27 * fp8["bytes_fp32"]
     assert fp8["rank_param_diff"] == 0.0  # every rank applied the same averaged gradient
+
+
+def test_every_collective_gets_tensors_on_the_buckets_device(monkeypatch):
+    """NCCL (accelerate's default on GPUs) refuses CPU tensors: the scale vote must travel on the
+    bucket's device. A bucket on the meta device stands in for a GPU bucket on a CPU-only machine;
+    the fake collective records the devices it is handed and stops the hook (meta holds no values)."""
+    import torch.distributed as dist
+
+    from perl_plugins.fp8_comm import fp8_allreduce_hook
+
+    buffer = torch.zeros(6, device="meta")
+
+    class Bucket:
+        def buffer(self):
+            return buffer
+
+        def gradients(self):
+            return [buffer[:4], buffer[4:]]
+
+        def parameters(self):
+            return [torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(2))]
+
+    class Handed(Exception):
+        pass
+
+    def collective(tensors, *args, **kwargs):
+        raise Handed({t.device for t in (tensors if isinstance(tensors, list) else [tensors])})
+
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "all_reduce", collective)
+    monkeypatch.setattr(dist, "all_gather", collective)
+    state = FP8CommState()
+    monkeypatch.setattr(state, "propose", lambda key, grad: 256.0)
+    with pytest.raises(Handed) as handed:
+        fp8_allreduce_hook(state, Bucket())
+    assert handed.value.args[0] == {buffer.device}
