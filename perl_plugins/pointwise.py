@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, Trainer, TrainingArguments
 
 from .reward_metrics import reward_metrics
+from .reward_model import reward_ids
 
 
 def reward_classifier(model_name_or_path: str, **kwargs: Any) -> PreTrainedModel:
@@ -36,15 +37,13 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 def tokenize_pointwise(dataset: datasets.Dataset, tokenizer: Any, max_length: int | None = None) -> datasets.Dataset:
     """``prompt``/``completion``/``label`` rows -> ``input_ids``, float ``labels`` and ``prompt_len``
-    (prompt tokens, for regularizers that score the completion only). EOS is appended as trl's
-    RewardTrainer does, so pointwise and pairwise reward models read the same final token."""
-    eos = tokenizer.eos_token or ""
+    (prompt tokens, for regularizers that score the completion only). Ids are made as trl's
+    RewardTrainer makes them (:func:`~perl_plugins.reward_model.reward_ids`: special tokens, EOS
+    appended), so pointwise and pairwise reward models, and scoring, read the same final token."""
 
     def encode(row: dict[str, Any]) -> dict[str, Any]:
-        text = row["prompt"] + row["completion"]
-        ids = tokenizer(text if text.endswith(eos) else text + eos, add_special_tokens=False)["input_ids"]
-        prompt_ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-        prompt_len = _common_prefix(prompt_ids, ids)
+        ids = reward_ids(tokenizer, row["prompt"] + row["completion"])
+        prompt_len = _common_prefix(tokenizer(text=row["prompt"])["input_ids"], ids)
         if max_length is not None and len(ids) > max_length:
             # Cut the oldest context: the reward reads the last token, the completion must stay whole.
             prompt_len = max(0, prompt_len - (len(ids) - max_length))
@@ -84,6 +83,8 @@ def pointwise_trainer(
     **trainer_kwargs: Any,
 ) -> Trainer:
     """A stock ``Trainer`` for thumbs up/down rows (``prompt``, ``completion``, ``label``)."""
+    # As trl's RewardTrainer: the classifier pools at the last token that is not the collator's pad.
+    model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
     trainer = Trainer(
         model=model,
         args=args,

@@ -3,14 +3,22 @@
 The head is called ``score``, as in transformers' ``*ForSequenceClassification`` models, and the
 backbone keeps its name too, so a LoRA reward adapter trained on a stock sequence-classification
 model (its head saved through peft's ``modules_to_save``) loads unchanged onto the causal LM the
-policy uses: one base, several roles. Scoring pools the head output at the last non-padding
-token exactly as transformers does, so a reloaded reward adapter scores bit-identically.
+policy uses: one base, several roles.
+
+Train and score read the reward at the same token. Texts become ids as trl's RewardTrainer makes
+them (:func:`reward_ids`: plain text + EOS with the tokenizer's special tokens, a BOS where it adds
+one; a conversation through its chat template), and the head output is pooled at the last token
+that is not the *training* pad id (transformers' rule). trl sets that pad id on the reward model's
+config, which a policy's base does not share (Llama-3 and Mistral have none), so a reward adapter
+records it, with the text rule, in ``perl_reward_head.json`` (:class:`RewardEncoding`); without a
+record the last attended token is read, never the last position of a padded row.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,23 +78,74 @@ def decoder(model: nn.Module) -> nn.Module:
     return getattr(base, base.base_model_prefix)
 
 
-def pool_last_token(values: torch.Tensor, input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
-    """``values[b, t]`` at the rightmost non-padding token of each row (transformers' rule, so the
-    same ids give the same reward whether scored here or by a classification model)."""
+@dataclass(frozen=True)
+class RewardEncoding:
+    """How reward training turned texts into ids and where it read the reward.
+
+    ``pad_token_id``: the pad id of training: the reward is read at the last token that is not it
+    (transformers' rule; with pad = EOS that is the token before the appended EOS); ``None``: at
+    the last attended token. ``add_special_tokens``: plain texts were tokenized with the tokenizer's
+    special tokens (trl's RewardTrainer does). ``append_eos``: EOS was appended to plain texts.
+    """
+
+    pad_token_id: int | None
+    add_special_tokens: bool = True
+    append_eos: bool = True
+
+
+# Set by load_reward_adapter on the peft model: adapter name -> the encoding it was trained with.
+_ENCODINGS_ATTR = "perl_reward_encodings"
+
+
+def reward_encoding(model: nn.Module) -> RewardEncoding:
+    """The encoding of ``model``'s active reward: the one recorded with a loaded reward adapter,
+    else the model's own config (a reward model in training: trl set its pad id)."""
+    recorded = getattr(model, _ENCODINGS_ATTR, {}).get(getattr(model, "active_adapter", None))
+    if recorded is not None:
+        return recorded
+    return RewardEncoding(pad_token_id=unwrap(model).config.get_text_config().pad_token_id)
+
+
+def reward_ids(
+    tokenizer: Any, example: str | list[dict[str, Any]], max_length: int | None = None, encoding: RewardEncoding | None = None
+) -> list[int]:
+    """The ids a reward model trains and is scored on, made as trl's RewardTrainer makes them: a
+    conversation (list of messages) through the chat template, nothing appended; plain text with
+    EOS appended (unless it ends with one) and the tokenizer's special tokens. Past ``max_length``
+    the oldest tokens are cut: the reward reads the last ones."""
+    encoding = encoding or RewardEncoding(pad_token_id=None)
+    if isinstance(example, str):
+        eos = tokenizer.eos_token or ""
+        if encoding.append_eos and not example.endswith(eos):
+            example = example + eos
+        ids = tokenizer(text=example, add_special_tokens=encoding.add_special_tokens)["input_ids"]
+    else:
+        ids = tokenizer.apply_chat_template(example, tokenize=True, return_dict=True)["input_ids"]
+    return ids[-max_length:] if max_length is not None and len(ids) > max_length else list(ids)
+
+
+def pool_last_token(
+    values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int | None
+) -> torch.Tensor:
+    """``values[b, t]`` at the rightmost token of each row that is not ``pad_token_id`` (transformers'
+    rule, so the same ids give the same reward here and in a classification model), or, without a
+    pad id, at the rightmost attended token."""
     batch = torch.arange(input_ids.shape[0], device=values.device)
-    if pad_token_id is None:
-        return values[batch, -1]
-    non_pad = (input_ids != pad_token_id).to(values.device, torch.int32)
+    keep = attention_mask if pad_token_id is None else input_ids != pad_token_id
     positions = torch.arange(input_ids.shape[-1], device=values.device, dtype=torch.int32)
-    return values[batch, (positions * non_pad).argmax(-1)]
+    return values[batch, (positions * keep.to(values.device, torch.int32)).argmax(-1)]
 
 
-def score(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Rewards, shape ``(batch,)``, from the active adapter's view of ``model`` and its ``score`` head."""
+def score(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, encoding: RewardEncoding | None = None
+) -> torch.Tensor:
+    """Rewards, shape ``(batch,)``, from the active adapter's view of ``model`` and its ``score``
+    head, pooled as ``encoding`` says (default: :func:`reward_encoding`)."""
     base = unwrap(model)
+    encoding = encoding or reward_encoding(model)
     hidden = decoder(base)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     values = getattr(base, HEAD_ATTR)(hidden).squeeze(-1)
-    return pool_last_token(values, input_ids, base.config.get_text_config().pad_token_id)
+    return pool_last_token(values, input_ids, attention_mask, encoding.pad_token_id)
 
 
 def base_description(model: nn.Module) -> dict[str, Any]:
@@ -123,9 +182,14 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
 
 
 def save_reward_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default", *, write: bool = True) -> Path:
-    """:func:`save_adapter` plus a head spec recording the head kind and the base it was trained on
-    (a fingerprint: under ZeRO-3 every process calls this)."""
-    spec = {"head": head_kind(getattr(unwrap(model), HEAD_ATTR)), "base": base_description(model)}
+    """:func:`save_adapter` plus a head spec recording the head kind, the base it was trained on (a
+    fingerprint: under ZeRO-3 every process calls this) and its :class:`RewardEncoding` (the pad id
+    is the trained model's, which trl set from the tokenizer)."""
+    spec = {
+        "head": head_kind(getattr(unwrap(model), HEAD_ATTR)),
+        "base": base_description(model),
+        "encoding": asdict(reward_encoding(model)),
+    }
     path = save_adapter(model, path, adapter_name, write=write)
     if write:
         (path / HEAD_SPEC_FILE).write_text(json.dumps(spec, indent=2))
@@ -191,28 +255,34 @@ def load_reward_adapter(model: nn.Module, path: str | Path, adapter_name: str = 
     getattr(base, HEAD_ATTR).requires_grad_(False)
     if isinstance(model, PeftModel):
         model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=False)
-        return model
-    return PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, is_trainable=False)
+    else:
+        model = PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, is_trainable=False)
+    # Adapters saved before the encoding was recorded: read the last attended token.
+    recorded = spec.get("encoding") or {"pad_token_id": None}
+    encodings = {**getattr(model, _ENCODINGS_ATTR, {}), adapter_name: RewardEncoding(**recorded)}
+    setattr(model, _ENCODINGS_ATTR, encodings)
+    return model
 
 
 def score_texts(
-    model: nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int = 16, max_length: int | None = None
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str | list[dict[str, Any]]],
+    batch_size: int = 16,
+    max_length: int | None = None,
+    encoding: RewardEncoding | None = None,
 ) -> torch.Tensor:
-    """Rewards of whole texts (prompt + completion, EOS appended as in reward training), no grad."""
+    """Rewards of whole texts (prompt + completion) or conversations, no grad, encoded and pooled
+    as in reward training (``encoding``, default :func:`reward_encoding`); right-padded batches."""
     device = unwrap(model).get_input_embeddings().weight.device
-    eos = tokenizer.eos_token or ""
+    encoding = encoding or reward_encoding(model)
+    pad = encoding.pad_token_id if encoding.pad_token_id is not None else (tokenizer.pad_token_id or 0)
     rewards = []
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):
-            chunk = [t if t.endswith(eos) else t + eos for t in texts[start : start + batch_size]]
-            batch = tokenizer(
-                chunk,
-                return_tensors="pt",
-                padding=True,
-                padding_side="right",
-                truncation=max_length is not None,
-                max_length=max_length,
-                add_special_tokens=False,
-            ).to(device)
-            rewards.append(score(model, batch["input_ids"], batch["attention_mask"]).float().cpu())
+            rows = [reward_ids(tokenizer, t, max_length, encoding) for t in texts[start : start + batch_size]]
+            width = max(len(r) for r in rows)
+            input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+            attention_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+            rewards.append(score(model, input_ids, attention_mask, encoding).float().cpu())
     return torch.cat(rewards) if rewards else torch.empty(0)

@@ -113,12 +113,10 @@ class AdapterReward:
     def bind(self, roles: Roles, tokenizer: Any) -> None:
         self.roles, self.tokenizer = roles, tokenizer
 
-    def texts(self, prompts: list[Any], completions: list[Any]) -> list[str]:
-        if isinstance(prompts[0], str):
-            return [p + c for p, c in zip(prompts, completions, strict=True)]
-        return [
-            self.tokenizer.apply_chat_template(p + c, tokenize=False) for p, c in zip(prompts, completions, strict=True)
-        ]
+    def texts(self, prompts: list[Any], completions: list[Any]) -> list[str | list[dict[str, Any]]]:
+        """Prompt + completion: one text, or one conversation (encoded through the chat template
+        exactly as reward training encoded conversations)."""
+        return [p + c for p, c in zip(prompts, completions, strict=True)]
 
     def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
         if self.roles is None:
