@@ -54,7 +54,7 @@ from perl_plugins.recipe_stages import trim_prompt, trim_prompts
 from perl_plugins.recipes.dpo import train_dpo
 from perl_plugins.recipes.perl import run_rl
 from perl_plugins.reporting import plot_curves, write_summary
-from perl_plugins.reward_model import save_reward_adapter
+from perl_plugins.reward_model import reward_ids, save_reward_adapter
 
 PREAMBLE = (
     "A good reply from a coffee shop agent answers the customer's last request correctly, "
@@ -283,27 +283,33 @@ class SoftLabelLoss:
         terms.add("soft_label_loss", loss, weight)
 
 
-def _pair_ids(tokenizer: Any, prompt: str, response: str, max_length: int) -> list[int]:
-    ids = tokenizer(prompt + response + (tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"]
-    return ids[-max_length:]  # the reward reads the last token: cut the oldest context
+def soft_label_pairs(tokenizer: Any, rows: list[dict[str, Any]], max_length: int) -> datasets.Dataset:
+    """AI-labelled rows -> RewardTrainer pairs oriented by the labeller: ``chosen`` is the preferred
+    response, ``soft_label`` = max(p, 1 - p) (the soft-label loss is symmetric under the swap; GRM's
+    regularizer needs the preferred one as chosen). Ids as reward training makes them, with the
+    ``prompt`` column kept so regularizers know where the responses start."""
+    chosen, rejected, labels = [], [], []
+    for row in rows:
+        p = float(row["p_1_preferred"])
+        first, second = (row["response_1"], row["response_2"]) if p >= 0.5 else (row["response_2"], row["response_1"])
+        chosen.append(reward_ids(tokenizer, row["prompt"] + first, max_length))
+        rejected.append(reward_ids(tokenizer, row["prompt"] + second, max_length))
+        labels.append(max(p, 1.0 - p))
+    return datasets.Dataset.from_dict(
+        {"prompt": [r["prompt"] for r in rows], "chosen_ids": chosen, "rejected_ids": rejected, "soft_label": labels}
+    )
 
 
 def train_soft_reward_model(
     cfg: RLAIFRecipeConfig, model_path: str, tokenizer: Any, labelled: list[dict], human_pairs: datasets.Dataset
 ) -> tuple[str, dict, list]:
     """LoRA reward model on the AI soft labels; evaluated on held-out human pairs (soft label 1)."""
-
-    def encode(prompts, firsts, seconds, labels) -> datasets.Dataset:
-        return datasets.Dataset.from_dict(
-            {
-                "chosen_ids": [_pair_ids(tokenizer, p, r, cfg.max_length) for p, r in zip(prompts, firsts)],
-                "rejected_ids": [_pair_ids(tokenizer, p, r, cfg.max_length) for p, r in zip(prompts, seconds)],
-                "soft_label": [float(x) for x in labels],
-            }
-        )
-
-    train = encode(*zip(*[(r["prompt"], r["response_1"], r["response_2"], r["p_1_preferred"]) for r in labelled]))
-    test = encode(human_pairs["prompt"], human_pairs["chosen"], human_pairs["rejected"], [1.0] * len(human_pairs))
+    train = soft_label_pairs(tokenizer, labelled, cfg.max_length)
+    human = [
+        {"prompt": p, "response_1": c, "response_2": r, "p_1_preferred": 1.0}
+        for p, c, r in zip(human_pairs["prompt"], human_pairs["chosen"], human_pairs["rejected"])
+    ]
+    test = soft_label_pairs(tokenizer, human, cfg.max_length)
     args = RewardConfig(
         output_dir=os.path.join(cfg.output_dir, "reward_model"),
         num_train_epochs=cfg.rm_epochs,

@@ -20,6 +20,7 @@ from perl_plugins.recipes.rlaif import (
     labeller_metrics,
     labelling_prompt,
     option_token_ids,
+    soft_label_pairs,
     soft_labels,
 )
 
@@ -195,3 +196,42 @@ def test_soft_label_loss_keeps_grms_weighting(tokenizer, tmp_path):
     for entry in logs:
         expected = 0.75 * entry["soft_label_loss"] + 0.25 * entry["grm_reg_loss"]
         assert entry["loss"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_grm_regularizes_the_response_the_ai_preferred(tokenizer, tmp_path):
+    """Pairs are oriented by the AI label (chosen = preferred, soft label max(p, 1 - p)), so GRM's sft
+    regularizer raises the likelihood of the preferred response, whichever slot it came in."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    from perl_plugins.embedded import resolve_model
+    from perl_plugins.reward_model import reward_ids
+
+    rows = [
+        {"prompt": "User: tea?\nAgent:", "response_1": " No.", "response_2": " Green or black?", "p_1_preferred": 0.2},
+        {"prompt": "User: a latte\nAgent:", "response_1": " Sure, one latte.", "response_2": " What?",
+         "p_1_preferred": 0.9},
+    ]
+    pairs = soft_label_pairs(tokenizer, rows, max_length=64)
+    preferred = [" Green or black?", " Sure, one latte."]
+    assert pairs["chosen_ids"] == [reward_ids(tokenizer, r["prompt"] + c) for r, c in zip(rows, preferred)]
+    assert pairs["soft_label"] == pytest.approx([0.8, 0.9]) and pairs["prompt"] == [r["prompt"] for r in rows]
+
+    path = resolve_model(None, "tiny")
+    args = RewardConfig(str(tmp_path), per_device_train_batch_size=2, report_to="none", use_cpu=True)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer)
+    attach(trainer, plugins=["grm", SoftLabelLoss()], grm_alpha=0.5, grm_head="linear", grm_beta=0.1)
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    trainer.model.eval()
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, dict(batch))
+    got = trainer.perl_plugins.recorder._values["eval"]["grm_reg_loss"][-1]
+    lm = AutoModelForCausalLM.from_pretrained(path).eval()
+    expected = []
+    for row, response in zip(rows, preferred):
+        ids, start = reward_ids(tokenizer, row["prompt"] + response), len(tokenizer(row["prompt"])["input_ids"])
+        with torch.no_grad():
+            logp = lm(torch.tensor([ids])).logits[0].log_softmax(-1)
+        expected.append(-F.logsigmoid(0.1 * sum(logp[t - 1, ids[t]] for t in range(start, len(ids)))))
+    assert got == pytest.approx(torch.stack(expected).mean().item(), rel=1e-4)
