@@ -72,7 +72,9 @@ def attach(trainer: Trainer, plugins: str | Sequence[Any] | None = None, **optio
 
     ``plugins`` is ``"grm,fp8"``, a list of names / local file paths / plugin modules, or
     ``None`` for the ``$PERL_PLUGINS`` default. ``options`` are the enabled plugins' options by
-    field name (``grm_alpha=0.01``). Every check runs before the trainer is changed.
+    field name (``grm_alpha=0.01``). Every check runs before the trainer is changed. Modules
+    plugins add to the model (adapters, heads) follow the trainer's ``disable_dropout``, as trl's
+    own model does.
     """
     if not isinstance(trainer, Trainer):
         raise PluginIncompatibleError(f"attach() needs a transformers.Trainer instance, got {type(trainer).__name__}.")
