@@ -12,6 +12,14 @@ State layout per parameter with at least ``min_numel`` values (smaller ones keep
 * ``master`` / ``master_scale`` (only with ``master_weights=True`` and a half-precision
   parameter): float16 master weights with a per-tensor scale.
 
+Under DeepSpeed ZeRO the optimizer steps one flat partition holding pieces of many tensors; one
+scale for all of them would flush a small tensor's moments next to a large one's (values below
+~amax * 4e-6 of the partition). :meth:`FP8AdamW.set_segments` gives such a flat parameter the
+boundaries of its pieces: each piece then keeps its own scales, as it would as a parameter of its
+own (in the 2-byte mode ``exp_avg`` gets one scale per 256-value block, like ``sqrt(v)``: finer
+than per piece, and independent of where pieces start). Every piece is compressed, small ones too
+(``min_numel`` applies to the flat parameter).
+
 Stored values are *scaled*: ``stored = value * scale`` and ``value = stored / scale``. Scales are
 powers of two, ``2**floor(log2(fmax / amax))`` (fmax 448 for E4M3, 65504 for fp16), recomputed
 from the fresh amax at every step, so scaling itself is exact. A zero (or non-finite) amax keeps
@@ -81,11 +89,72 @@ def _write(dst: Tensor, new: Tensor, deferred: list[Tensor]) -> None:
         dst.copy_(new)
 
 
+def _scale_kind(state: dict[str, Any], scale_key: str) -> str:
+    """How ``state[scale_key]`` applies: ``tensor`` (one scale), ``blocks`` (per BLOCK values: the
+    2-byte mode's sqrt(v), and its m in a ZeRO partition) or ``pieces`` (per set_segments piece)."""
+    scale = state[scale_key]
+    if scale.dim() == 0:
+        return "tensor"
+    return "blocks" if state["exp_avg_sq"].dtype == E4M3 and scale_key != "master_scale" else "pieces"
+
+
+def _per_value(scale: Tensor, state: dict[str, Any], kind: str) -> Tensor:
+    """A scale tensor broadcast to one scale per stored value (flat), or kept 0-d."""
+    if kind == "tensor":
+        return scale
+    if kind == "blocks":
+        return scale.repeat_interleave(BLOCK)
+    cuts = state["segment_bounds"]
+    return scale.repeat_interleave(cuts[1:] - cuts[:-1])
+
+
+def _dequantize(state: dict[str, Any], key: str) -> Tensor:
+    """``state[key]`` in fp32, flat (``exp_avg_sq`` squared back where it stores sqrt(v))."""
+    stored = state[key].float()
+    if f"{key}_scale" not in state:
+        return stored
+    kind = _scale_kind(state, f"{key}_scale")
+    value = stored * (1 / _per_value(state[f"{key}_scale"], state, kind))
+    return value * value if key == "exp_avg_sq" and kind == "blocks" else value
+
+
+def _quantize_into(state: dict[str, Any], key: str, scale_key: str, x: Tensor, fmax: float, positive: bool = False) -> None:
+    """Store flat fp32 ``x`` in ``state[key]`` with fresh power-of-two scales of its layout."""
+    kind = _scale_kind(state, scale_key)
+    tiny = (FP16_TINY if fmax == FP16_MAX else E4M3_TINY) if positive else 0.0
+    if key == "exp_avg_sq" and kind == "blocks":
+        x = x.sqrt()
+    old = state[scale_key]
+    if kind == "tensor":
+        amax = x.abs().amax()
+    elif kind == "blocks":
+        amax = x.abs().view(-1, BLOCK).amax(dim=1)
+    else:
+        cuts = state["segment_bounds"].tolist()
+        amax = torch.stack([x[a:b].abs().amax() if b > a else x.new_zeros(()) for a, b in zip(cuts[:-1], cuts[1:])])
+    scale = _pow2_scale(amax, fmax, old)
+    state[key].copy_(_scaled(x, _per_value(scale, state, kind), fmax, tiny))
+    old.copy_(scale)
+
+
+def _piece(args: tuple, index: int, start: int, numel: int) -> tuple:
+    """The pass arguments for one piece of a flat parameter: narrowed values, that piece's scales."""
+    p, g, m, m_scale, v, v_scale, w, w_scale, hp = args
+
+    def cut(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.narrow(0, start, numel)
+
+    def own(scale: Tensor | None) -> Tensor | None:
+        return None if scale is None else scale[index]  # a 0-d view: the pass writes the piece's new scale
+
+    return (cut(p), cut(g), cut(m), own(m_scale), cut(v), own(v_scale), cut(w), own(w_scale), hp)
+
+
 def _dequantized(m: Tensor, m_scale: Tensor | None, v: Tensor, v_scale: Tensor | None) -> tuple[Tensor, Tensor]:
     """The stored moments in fp32 (``v`` as (blocks, BLOCK) in the 2-byte mode)."""
     if m_scale is None:
         return m.float(), v.float()
-    m32 = m.float() * (1 / m_scale)
+    m32 = m.float() * (1 / m_scale if m_scale.dim() == 0 else (1 / m_scale)[:, None])
     if v_scale.dim() == 0:
         return m32, v.float() * (1 / v_scale)
     r = v.float() * (1 / v_scale)[:, None]
@@ -124,10 +193,12 @@ def _amax_pass(
     master weights, of the new weights; and whether all of them are finite."""
     m_new, v_new = _moments(g, m, m_scale, v, v_scale, hp)
     if v_scale is not None and v_scale.dim() == 1:  # per-block reductions for both: one loop
-        m_amax, v_amax = m_new.abs().amax(dim=1).amax(), v_new.amax(dim=1).sqrt()
+        m_amax, v_amax = m_new.abs().amax(dim=1), v_new.amax(dim=1).sqrt()
+        if m_scale.dim() == 0:
+            m_amax = m_amax.amax()
     else:
         m_amax, v_amax = m_new.abs().amax(), v_new.amax()
-    ok = torch.isfinite(m_amax) & torch.isfinite(v_amax).all()
+    ok = torch.isfinite(m_amax).all() & torch.isfinite(v_amax).all()
     w_amax = None
     if w is not None:
         w_amax = _new_weights(p, w, w_scale, m_new, v_new, hp).abs().amax()
@@ -152,7 +223,7 @@ def _apply_pass(
         _write(v, v_new, deferred)
     else:
         new_m_scale = _pow2_scale(m_amax, E4M3_MAX, m_scale)
-        _write(m, _scaled(m_new, new_m_scale, E4M3_MAX), deferred)
+        _write(m, _scaled(m_new, new_m_scale if m_scale.dim() == 0 else new_m_scale[:, None], E4M3_MAX), deferred)
         m_scale.copy_(new_m_scale)
         if v_scale.dim() == 0:
             new_v_scale = _pow2_scale(v_amax, FP16_MAX, v_scale)
@@ -245,9 +316,32 @@ class FP8AdamW(torch.optim.Optimizer):
             compile = all(compile_available(d) for d in devices)
         self.compile = compile
         self.nonfinite_skips = 0
+        self._segments: dict[Tensor, list[int]] = {}  # flat parameter -> piece boundaries (see set_segments)
 
     def _params(self) -> Iterable[Tensor]:
         return chain.from_iterable(g["params"] for g in self.param_groups)
+
+    def set_segments(self, p: Tensor, bounds: Iterable[tuple[int, int]]) -> None:
+        """Give the flat parameter ``p`` (a ZeRO partition) the ``(start, numel)`` of the pieces it
+        holds: each piece keeps its own scales. Values outside every piece (alignment padding)
+        form pieces of their own. A state ``p`` already has is re-laid out, losing only rounding."""
+        n = p.numel()
+        cuts = {0, n}
+        for start, numel in bounds:
+            if start < 0 or numel < 0 or start + numel > n:
+                raise ValueError(f"set_segments: piece ({start}, {numel}) lies outside the {n} values of the parameter")
+            cuts |= {start, start + numel}
+        cuts = sorted(cuts)
+        state = self.state.get(p, {})
+        laid_out = "segment_bounds" in state and state["segment_bounds"].tolist() == cuts  # e.g. a resumed state
+        values = {} if laid_out else self.dequantized_state(p)
+        self._segments[p] = cuts
+        if values:
+            self.load_dequantized_state(p, values)
+
+    def _segment_count(self, p: Tensor) -> int | None:
+        cuts = self._segments.get(p)
+        return len(cuts) - 1 if cuts is not None else None
 
     def _layout(self, p: Tensor) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """State tensors (shape, dtype) for ``p``: single source for allocation and summary()."""
@@ -256,24 +350,32 @@ class FP8AdamW(torch.optim.Optimizer):
         if n < self.min_numel:
             layout = {"exp_avg": ((n,), torch.float32), "exp_avg_sq": ((n,), torch.float32)}
             return layout | {"master": ((n,), torch.float32)} if master else layout
-        layout = {"exp_avg": ((n,), E4M3), "exp_avg_scale": ((), torch.float32)}
-        if self.second_moment == "fp16" or n % BLOCK:
-            layout |= {"exp_avg_sq": ((n,), torch.float16), "exp_avg_sq_scale": ((), torch.float32)}
+        pieces = self._segment_count(p)
+        per_piece = () if pieces is None else (pieces,)
+        blocks = self.second_moment == "fp8" and n % BLOCK == 0
+        if not blocks:
+            layout = {"exp_avg": ((n,), E4M3), "exp_avg_scale": (per_piece, torch.float32)}
+            layout |= {"exp_avg_sq": ((n,), torch.float16), "exp_avg_sq_scale": (per_piece, torch.float32)}
         else:
+            m_scale = () if pieces is None else (n // BLOCK,)  # pieces: m gets block scales, as sqrt(v)
+            layout = {"exp_avg": ((n,), E4M3), "exp_avg_scale": (m_scale, torch.float32)}
             layout |= {"exp_avg_sq": ((n,), E4M3), "exp_avg_sq_scale": ((n // BLOCK,), torch.float32)}
         if master:
-            layout |= {"master": ((n,), torch.float16), "master_scale": ((), torch.float32)}
+            # Block-scaled parameters step in one call: one master scale (ZeRO's fp32 partitions have no master).
+            layout |= {"master": ((n,), torch.float16), "master_scale": (() if blocks else per_piece, torch.float32)}
+        if pieces is not None:
+            layout["segment_bounds"] = ((pieces + 1,), torch.int64)
         return layout
 
     def _init_state(self, p: Tensor) -> dict[str, Any]:
         state: dict[str, Any] = {"step": 0}
         for key, (shape, dtype) in self._layout(p).items():
             state[key] = (torch.ones if key.endswith("scale") else torch.zeros)(shape, dtype=dtype, device=p.device)
+        if "segment_bounds" in state:
+            state["segment_bounds"].copy_(torch.tensor(self._segments[p]))
         w = p.detach().float().flatten()
         if "master_scale" in state:
-            scale = _pow2_scale(w.abs().amax(), FP16_MAX, state["master_scale"])
-            state["master_scale"].copy_(scale)
-            state["master"].copy_(_scaled(w, scale, FP16_MAX))
+            _quantize_into(state, "master", "master_scale", w, FP16_MAX)
         elif "master" in state:
             state["master"].copy_(w)
         return state
@@ -320,16 +422,26 @@ class FP8AdamW(torch.optim.Optimizer):
 
         Returns False, having written nothing, when the update is not finite."""
         v_scale = state.get("exp_avg_sq_scale")
-        shape = (-1, BLOCK) if v_scale is not None and v_scale.dim() == 1 else (-1,)
+        blocks = v_scale is not None and v_scale.dim() == 1 and state["exp_avg_sq"].dtype == E4M3
+        shape = (-1, BLOCK) if blocks else (-1,)
         work = p if p.is_contiguous() else p.contiguous()
         m, v, w = (state[k].view(shape) if k in state else None for k in ("exp_avg", "exp_avg_sq", "master"))
         pw = work.view(shape)
         args = (pw, p.grad.reshape(shape), m, state.get("exp_avg_scale"), v, v_scale, w, state.get("master_scale"), hp)
+        if "segment_bounds" in state and not blocks:  # one call per piece, each with its own scales
+            cuts = state["segment_bounds"].tolist()
+            pieces = [_piece(args, i, a, b - a) for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
+        else:
+            pieces = [args]
         try:
-            *amaxes, ok = passes[0](*args)
-            if not bool(ok):
+            results = [passes[0](*piece) for piece in pieces]
+            if not all(bool(ok) for *_, ok in results):
                 return False
-            deferred = passes[1](*args, *amaxes)
+            deferred = []
+            for piece, (*amaxes, _) in zip(pieces, results):
+                p_piece, v_piece, w_piece = piece[0], piece[4], piece[6]  # _apply_pass returns (v, w, p) values
+                targets = [t for t in (v_piece, w_piece, p_piece) if t is not None and _deferred(t)]
+                deferred.extend(zip(targets, passes[1](*piece, *amaxes), strict=True))
         except Exception as e:
             if not self.compile:
                 raise
@@ -337,7 +449,7 @@ class FP8AdamW(torch.optim.Optimizer):
                 "FP8AdamW: torch.compile of the optimizer step failed; pass compile=False to run "
                 "the same arithmetic eagerly (slower on CPU)"
             ) from e
-        for dst, value in zip([t for t in (v, w, pw) if t is not None and _deferred(t)], deferred, strict=True):
+        for dst, value in deferred:
             dst.copy_(value)
         if work is not p:
             p.copy_(work)
@@ -361,12 +473,10 @@ class FP8AdamW(torch.optim.Optimizer):
         state = self.state.get(p)
         if not state:
             return {}
-        v_scale = state.get("exp_avg_sq_scale")
-        v = state["exp_avg_sq"].view(-1, BLOCK) if v_scale is not None and v_scale.dim() == 1 else state["exp_avg_sq"]
-        m, v = _dequantized(state["exp_avg"], state.get("exp_avg_scale"), v, v_scale)
-        out = {"step": state["step"], "exp_avg": m, "exp_avg_sq": v.flatten()}
-        if "master" in state:
-            out["master"] = state["master"].float() / state.get("master_scale", 1.0)
+        out = {"step": state["step"]}
+        for key in ("exp_avg", "exp_avg_sq", "master"):
+            if key in state:
+                out[key] = _dequantize(state, key)
         return out
 
     def load_dequantized_state(self, p: Tensor, values: dict[str, Any]) -> None:
@@ -374,31 +484,14 @@ class FP8AdamW(torch.optim.Optimizer):
         quantized into p's own layout with fresh scales, as a step would store them."""
         state = self._init_state(p)
         state["step"] = int(values["step"])
-        m, v = values["exp_avg"].float().flatten(), values["exp_avg_sq"].float().flatten()
-        if "exp_avg_scale" not in state:
-            state["exp_avg"].copy_(m)
-            state["exp_avg_sq"].copy_(v)
-        else:
-            scale = _pow2_scale(m.abs().amax(), E4M3_MAX, state["exp_avg_scale"])
-            state["exp_avg"].copy_(_scaled(m, scale, E4M3_MAX))
-            state["exp_avg_scale"].copy_(scale)
-            v_scale = state["exp_avg_sq_scale"]
-            if v_scale.dim() == 0:
-                scale = _pow2_scale(v.amax(), FP16_MAX, v_scale)
-                state["exp_avg_sq"].copy_(_scaled(v, scale, FP16_MAX, FP16_TINY))
+        keys = ["exp_avg", "exp_avg_sq"] + (["master"] if "master" in values and "master" in state else [])
+        for key in keys:
+            x = values[key].float().flatten()
+            if f"{key}_scale" not in state:
+                state[key].copy_(x)
             else:
-                r = v.sqrt().view(-1, BLOCK)
-                scale = _pow2_scale(r.amax(dim=1), E4M3_MAX, v_scale)
-                state["exp_avg_sq"].copy_(_scaled(r, scale[:, None], E4M3_MAX, E4M3_TINY).flatten())
-            v_scale.copy_(scale)
-        if "master" in values and "master" in state:
-            w = values["master"].float().flatten()
-            if "master_scale" in state:
-                scale = _pow2_scale(w.abs().amax(), FP16_MAX, state["master_scale"])
-                state["master"].copy_(_scaled(w, scale, FP16_MAX))
-                state["master_scale"].copy_(scale)
-            else:
-                state["master"].copy_(w)
+                fmax = FP16_MAX if state[key].dtype == torch.float16 else E4M3_MAX
+                _quantize_into(state, key, f"{key}_scale", x, fmax, key == "exp_avg_sq")
         self.state[p] = state
 
     def summary(self) -> dict[str, Any]:
@@ -408,7 +501,7 @@ class FP8AdamW(torch.optim.Optimizer):
         for p in self._params():
             layout = self._layout(p)
             fmt = "/".join(
-                _format_name(layout[k][1], layout.get(f"{k}_scale"))
+                _format_name(layout[k][1], layout.get(f"{k}_scale"), layout["exp_avg_sq"][1] == E4M3 and k != "master")
                 for k in ("exp_avg", "exp_avg_sq", "master")
                 if k in layout
             )
@@ -426,10 +519,10 @@ class FP8AdamW(torch.optim.Optimizer):
         }
 
 
-def _format_name(dtype: torch.dtype, scale: tuple[tuple[int, ...], torch.dtype] | None) -> str:
+def _format_name(dtype: torch.dtype, scale: tuple[tuple[int, ...], torch.dtype] | None, blocks: bool) -> str:
     name = {E4M3: "fp8", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
     if scale is not None and scale[0]:
-        name += f"[block{BLOCK}]"
+        name += f"[block{BLOCK}]" if blocks else "[per piece]"
     return name
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["zero_stage", "engine_name", "gathered", "full_values", "portable_optimizer_state"]
+__all__ = ["zero_stage", "engine_name", "gathered", "full_values", "partition_pieces", "portable_optimizer_state"]
 
 
 def zero_stage(trainer: Any) -> int | None:
@@ -76,6 +76,27 @@ def full_values(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------- optimizer state
+
+
+def partition_pieces(trainer: Any) -> list[tuple[torch.Tensor, list[tuple[int, int]]]]:
+    """For each flat fp32 partition this process's optimizer steps, the ``(start, numel)`` of every
+    model tensor's fragment in it; empty without a ZeRO optimizer. Local: no communication."""
+    zero_opt = getattr(trainer.model_wrapped, "optimizer", None)
+    if zero_stage(trainer) == 3 and hasattr(zero_opt, "grad_position"):
+        flats = zero_opt.fp32_partitioned_groups_flat
+        pieces: list[list[tuple[int, int]]] = [[] for _ in flats]
+        for group_index, offset, numel in zero_opt.grad_position.values():
+            if numel:
+                pieces[group_index].append((offset, numel))
+        return list(zip(flats, pieces))
+    if not zero_stage(trainer) or not hasattr(zero_opt, "single_partition_of_fp32_groups"):
+        return []
+    out = []
+    for flat, group in zip(zero_opt.single_partition_of_fp32_groups, zero_opt.bit16_groups):
+        fragments = [getattr(p, "_hp_mapping", None) for p in group]  # None: none of p on this process
+        out.append((flat, [(f.hp_fragment_address.start, f.hp_fragment_address.numel) for f in fragments if f]))
+    return out
+
 
 
 def _flat_state(basic: torch.optim.Optimizer, flat: torch.Tensor) -> dict[str, Any]:

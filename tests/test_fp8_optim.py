@@ -325,3 +325,98 @@ def test_load_dequantized_state_requantizes_like_a_step(second_moment):
     scale = other.state[q]["exp_avg_scale"]
     assert torch.equal(scale, torch.exp2(torch.floor(torch.log2(448.0 / m.abs().amax()))))
     torch.testing.assert_close(other.dequantized_state(q)["exp_avg"], m, rtol=2.0**-3, atol=0.0)
+
+
+# ---------------------------------------------------------------- pieces of a ZeRO partition
+
+SIZES, MAGNITUDES = [1024, 512, 768, 256], [1.0, 1e-4, 3e-2, 1e-6]  # tensors of very different scales
+PAD = 256  # ZeRO pads partitions for alignment: values that belong to no tensor
+
+
+def _fp32_adamw_moments(grads_per_step: list[list[torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Exact AdamW moments after the given steps (moments do not depend on the weights)."""
+    out = []
+    for i in range(len(SIZES)):
+        m = v = 0.0
+        for grads in grads_per_step:
+            m, v = B1 * m + (1 - B1) * grads[i], B2 * v + (1 - B2) * grads[i] ** 2
+        out.append((m, v))
+    return out
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _flat_and_separate(second_moment: str, compile: bool, pieces: bool, steps: int = 3):
+    torch.manual_seed(0)
+    parts = [torch.randn(n) for n in SIZES]
+    separate = [torch.nn.Parameter(p.clone()) for p in parts]
+    flat = torch.nn.Parameter(torch.cat([*parts, torch.zeros(PAD)]))
+    kwargs = dict(lr=LR, weight_decay=WD, second_moment=second_moment, min_numel=0, compile=compile)
+    opt_separate, opt_flat = FP8AdamW(separate, **kwargs), FP8AdamW([flat], **kwargs)
+    starts = [sum(SIZES[:i]) for i in range(len(SIZES))]
+    if pieces:
+        opt_flat.set_segments(flat, list(zip(starts, SIZES)))
+    history = []
+    for _ in range(steps):
+        grads = [torch.randn(n) * m for n, m in zip(SIZES, MAGNITUDES)]
+        history.append(grads)
+        for p, g in zip(separate, grads):
+            p.grad = g
+        flat.grad = torch.cat([*grads, torch.zeros(PAD)])
+        opt_separate.step()
+        opt_flat.step()
+    full = opt_flat.dequantized_state(flat)
+    pieces_of = lambda t: [t[a : a + n] for a, n in zip(starts, SIZES)]  # noqa: E731
+    return opt_separate, separate, flat, full, pieces_of, history
+
+
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not __import__("perl_plugins.fp8_optim", fromlist=["x"]).compile_available(), reason="no inductor compiler"))])
+def test_pieces_of_a_flat_partition_step_as_parameters_of_their_own(compile):
+    """fp16 mode: with set_segments, each piece of a flat ZeRO-like partition gets exactly the
+    weights and states it gets as a separate parameter."""
+    opt_separate, separate, flat, full, pieces_of, _ = _flat_and_separate("fp16", compile, pieces=True)
+    for p, weights, m, v in zip(separate, pieces_of(flat.detach()), pieces_of(full["exp_avg"]), pieces_of(full["exp_avg_sq"])):
+        own = opt_separate.dequantized_state(p)
+        assert torch.equal(weights, p.detach())
+        assert torch.equal(m, own["exp_avg"]) and torch.equal(v, own["exp_avg_sq"])
+    assert opt_separate.summary()["state_bytes"] < FP8AdamW([flat], min_numel=0).summary()["state_bytes"] + 64
+
+
+@pytest.mark.parametrize("second_moment", ["fp16", "fp8"])
+def test_per_piece_scales_keep_small_tensors_moments_next_to_large_ones(second_moment):
+    """One scale for the whole partition flushes the 1e-6-scaled piece's first moment to zero;
+    per-piece (fp16 mode) or per-block (2-byte mode) scales keep every piece within fp8 rounding."""
+    *_, exact_history = _flat_and_separate(second_moment, False, pieces=True)
+    exact = _fp32_adamw_moments(exact_history)
+    # fp8 rounding (3 mantissa bits): ~4% on m; on v ~4% in fp16 mode, ~7% in the 2-byte mode (v = r**2).
+    bound_v = 0.05 if second_moment == "fp16" else 0.1
+    for pieces, bound in ((True, 0.05), (False, None)):
+        *_, full, pieces_of, _ = _flat_and_separate(second_moment, False, pieces=pieces)
+        errors = [_relative(m, m_exact) for m, (m_exact, _) in zip(pieces_of(full["exp_avg"]), exact)]
+        errors_v = [_relative(v, v_exact) for v, (_, v_exact) in zip(pieces_of(full["exp_avg_sq"]), exact)]
+        if pieces:
+            assert max(errors) < bound and max(errors_v) < bound_v, (errors, errors_v)
+        else:
+            assert errors[-1] > 0.5  # the smallest piece's m is (nearly) all flushed without pieces
+
+
+def test_set_segments_relays_out_an_existing_state():
+    """DeepSpeed may build states before the plugin registers the pieces (and restores saved ones):
+    the state is re-quantized into the per-piece layout, and a second identical call changes nothing."""
+    opt, separate, flat, full, pieces_of, _ = _flat_and_separate("fp16", False, pieces=False, steps=2)
+    starts = [sum(SIZES[:i]) for i in range(len(SIZES))]
+    opt_flat = FP8AdamW([flat], lr=LR, weight_decay=WD, min_numel=0, compile=False)
+    opt_flat.load_dequantized_state(flat, full)
+    opt_flat.set_segments(flat, list(zip(starts, SIZES)))
+    state = opt_flat.state[flat]
+    assert state["exp_avg_scale"].shape == (len(SIZES) + 1,)  # the padding is a piece of its own
+    assert state["segment_bounds"].tolist() == [*starts, sum(SIZES), sum(SIZES) + PAD]
+    again = opt_flat.dequantized_state(flat)
+    torch.testing.assert_close(again["exp_avg"], full["exp_avg"], rtol=0.07, atol=0)
+    opt_flat.set_segments(flat, list(zip(starts, SIZES)))
+    assert torch.equal(opt_flat.dequantized_state(flat)["exp_avg"], again["exp_avg"])
+    with pytest.raises(ValueError, match="outside"):
+        opt_flat.set_segments(flat, [(0, flat.numel() + 1)])

@@ -152,9 +152,11 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def assert_gathered_like_ddp(ddp_checkpoint: Path, zero_checkpoint: Path) -> None:
     """ZeRO's gathered adapters and optimizer.pt hold what the same 2 steps under DDP hold, up to
-    FP8 rounding: ZeRO quantizes one flat partition with one scale, DDP each parameter with its
-    own, so a parameter with small moments loses up to ~10% to coarser rounding under ZeRO. A
-    misplaced fragment would differ by ~140% (uncorrelated values)."""
+    FP8 rounding. DDP keeps these small tensors' moments in fp32 (under ``fp8_min_numel``); ZeRO's
+    flat partition is compressed, each tensor's fragment with its own scales (set_segments), so
+    they differ by E4M3 rounding of m (at most 2**-4 relative per value; 0.034 measured) and fp16
+    rounding of v (2**-11; 0.0003 measured). With one scale per partition m differed by up to ~10%;
+    a misplaced fragment would differ by ~140% (uncorrelated values)."""
     a, b = load_file(ddp_checkpoint / ADAPTER), load_file(zero_checkpoint / ADAPTER)
     assert a.keys() == b.keys()
     assert max(_relative(a[k], b[k]) for k in a) < 0.05
@@ -162,11 +164,14 @@ def assert_gathered_like_ddp(ddp_checkpoint: Path, zero_checkpoint: Path) -> Non
     zero = torch.load(zero_checkpoint / "optimizer.pt", weights_only=True)
     assert [len(g["params"]) for g in ddp["param_groups"]] == [len(g["params"]) for g in zero["param_groups"]]
     assert ddp["state"].keys() == zero["state"].keys() and ddp["state"]
+    worst = {"exp_avg": 0.0, "exp_avg_sq": 0.0}
     for index, state in ddp["state"].items():
         m_ddp, m_zero = _moments(state), _moments(zero["state"][index])
         assert m_zero["step"] == m_ddp["step"] == 2
-        for key in ("exp_avg", "exp_avg_sq"):
-            assert _relative(m_ddp[key], m_zero[key]) < 0.25, (index, key)
+        for key in worst:
+            worst[key] = max(worst[key], _relative(m_ddp[key], m_zero[key]))
+    print(f"[scaling-out] largest ZeRO-vs-DDP moment difference: {worst}")
+    assert worst["exp_avg"] < 2**-4 and worst["exp_avg_sq"] < 2**-10, worst
 
 
 # ---------------------------------------------------------------- DDP

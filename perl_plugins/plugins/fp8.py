@@ -4,7 +4,8 @@ trainer's own lr / betas / eps / weight decay, over the trainable parameters onl
 the adapters), and an FP8 gradient all-reduce for multi-process DDP (``fp8_comm``).
 
 Under DeepSpeed ZeRO-1/2/3, FP8AdamW is passed to DeepSpeed as its client optimizer and steps each
-process's flat fp32 partition. It fails loudly: another optimizer requested (``--optim``,
+process's flat fp32 partition, with one set of scales per tensor fragment in it (DeepSpeed's
+offsets; :meth:`FP8AdamW.set_segments`), not one per partition. It fails loudly: another optimizer requested (``--optim``,
 ``optimizers=``, ``optimizer_cls_and_kwargs``), a DeepSpeed config that builds its own optimizer
 or offloads it (ZeRO-Offload), or ``fp8_comm`` without DDP raise a clear error; it never trains
 with something else in silence.
@@ -19,6 +20,7 @@ from typing import Any
 from perl_plugins import hookimpl
 from perl_plugins.errors import PluginIncompatibleError
 from perl_plugins.fp8_optim import FP8AdamW, describe
+from perl_plugins.zero_state import partition_pieces
 
 __all__ = ["FP8AdamW", "FP8Options"]
 
@@ -145,7 +147,10 @@ def perl_on_train_begin(trainer: Any, model: Any, options: dict[str, Any]) -> No
         raise PluginIncompatibleError(
             f"fp8: training was about to start with {type(trainer.optimizer).__name__}, not FP8AdamW."
         )
-    # Under DeepSpeed ZeRO it steps this process's flat partitions: the summary describes those.
+    # Under DeepSpeed ZeRO it steps this process's flat partitions, each holding pieces of many
+    # tensors: every piece keeps its own scales, as the tensor would under DDP.
+    for flat, pieces in partition_pieces(trainer):
+        optimizer.set_segments(flat, pieces)
     logger.warning("fp8: %s", describe(optimizer.summary()))
     if not options["fp8"].fp8_comm:
         return
