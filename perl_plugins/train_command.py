@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from .data.split_checks import check_splits
 from .errors import UsageError
 
 TRAINERS = {
@@ -114,11 +115,14 @@ def parse(command: str, argv: Sequence[str]) -> tuple[Any, ...]:
         raise UsageError(f"{exc} (see `perl-plugins {command} --help`)") from None
 
 
+def _source(script_args: Any) -> str:
+    return script_args.dataset_name or script_args.taskmaster_file or "the shipped coffee feedback"
+
+
 def _datasets(command: str, script_args: Any, evaluate: bool = True) -> Any:
     from datasets import load_dataset
 
     from .data.defaults import default_dataset
-    from .data.split_checks import check_splits
 
     if script_args.dataset_name:
         data = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
@@ -132,8 +136,7 @@ def _datasets(command: str, script_args: Any, evaluate: bool = True) -> Any:
         train = train.select(range(min(len(train), script_args.max_train_samples)))
     if test is not None and script_args.max_eval_samples:
         test = test.select(range(min(len(test), script_args.max_eval_samples)))
-    source = script_args.dataset_name or script_args.taskmaster_file or "the shipped coffee feedback"
-    check_splits(train, test, source, hint="use more rows (--max_train_samples / --max_eval_samples), a larger file, "
+    check_splits(train, test, _source(script_args), hint="use more rows (--max_train_samples / --max_eval_samples), a larger file, "
                  "or --eval_strategy no to train without a held-out split")
     return train, test
 
@@ -213,6 +216,10 @@ def build_trainer(
         trainer = trainer_cls(
             model=model, args=training_args, train_dataset=train, eval_dataset=test, processing_class=tokenizer, **kwargs
         )
+        if command == "reward":  # trl's RewardTrainer drops pairs longer than max_length
+            check_splits(trainer.train_dataset, trainer.eval_dataset,
+                         f"{_source(script_args)} (pairs within --max_length {training_args.max_length})",
+                         hint="raise --max_length, lower --context_turns, or use more rows")
     return attach(trainer, plugins=plugins, **options)
 
 

@@ -96,12 +96,29 @@ def test_pair_accuracy_agrees_with_the_trainers_own(tmp_path, capsys):
     out = tmp_path / "pairs"
     code = cli_main([
         "reward", "--plugins", "lora", "--feedback", "pairs", "--output_dir", str(out), *TINY,
-        "--max_eval_samples", "8", "--per_device_eval_batch_size", "8",
+        "--max_eval_samples", "16", "--per_device_eval_batch_size", "16", "--eval_strategy", "steps", "--eval_steps", "1",
+        "--model_size", "demo",  # the default base: the issue's symptom (a tiny random model ranks alike either way)
     ])
     assert code == 0, capsys.readouterr().err
     metrics = json.loads((out / "final_metrics.json").read_text())
     assert metrics["eval_pair_accuracy"] == pytest.approx(metrics["eval_accuracy"])
-    assert 0.0 <= metrics["eval_auc"] <= 1.0
+    # recomputed from the saved reward adapter on prompt + reply (prompt once, EOS as in training)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from perl_plugins.data.defaults import default_dataset
+    from perl_plugins.embedded import resolve_model
+    from perl_plugins.reward_metrics import roc_auc
+    from perl_plugins.reward_model import load_reward_adapter, score_texts
+
+    base = resolve_model(None)
+    model = load_reward_adapter(AutoModelForCausalLM.from_pretrained(base), out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    pairs = default_dataset("reward", feedback="pairs")["test"].select(range(16))
+    chosen = score_texts(model, tokenizer, [p + c for p, c in zip(pairs["prompt"], pairs["chosen"])])
+    rejected = score_texts(model, tokenizer, [p + r for p, r in zip(pairs["prompt"], pairs["rejected"])])
+    assert metrics["eval_pair_accuracy"] == pytest.approx((chosen > rejected).float().mean().item())
+    expected_auc = roc_auc(list(chosen) + list(rejected), [1] * 16 + [0] * 16)
+    assert metrics["eval_auc"] == pytest.approx(expected_auc, abs=1e-6)
 
 
 def test_pair_metrics_score_the_trainers_token_ids(make_trainer):
@@ -190,6 +207,15 @@ def test_too_small_splits_are_refused_with_counts(small_file, feedback, tmp_path
                      "--output_dir", str(tmp_path), "--model_size", "tiny", "--max_steps", "1"])
     line = error_line(capsys, code)
     assert "small.jsonl" in line and "train" in line and any(ch.isdigit() for ch in line)
+
+
+def test_pairs_trl_drops_for_length_are_counted(tmp_path, capsys):
+    """trl's RewardTrainer drops pairs longer than max_length: an eval split emptied that way would
+    end in an empty metric after training; it is refused before."""
+    code = cli_main(["reward", "--plugins", "lora", "--feedback", "pairs", "--max_length", "16",
+                     "--output_dir", str(tmp_path), *TINY])
+    line = error_line(capsys, code)
+    assert "--max_length 16" in line and "0 training pairs" in line
 
 
 def test_recipes_refuse_too_small_splits(small_file):

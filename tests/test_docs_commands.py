@@ -200,9 +200,9 @@ def test_no_doc_suggests_accelerate_cpu_flag():
 def _tiny_flags(command: str) -> list[str]:
     """Sizes that make a line run in seconds; never a device flag."""
     tiny = ["--model_size", "tiny", "--max_steps", "1", "--max_train_samples", "8", "--max_eval_samples", "16",
-            "--per_device_train_batch_size", "2", "--save_strategy", "no", "--max_length", "128"]
+            "--per_device_train_batch_size", "2", "--save_strategy", "no"]
     if command in ("grpo", "rloo"):
-        tiny = [*tiny[:-2], "--num_generations", "2", "--max_completion_length", "4", "--max_eval_samples", "4"]
+        tiny = [*tiny, "--num_generations", "2", "--max_completion_length", "4", "--max_eval_samples", "4"]
     return tiny
 
 

@@ -16,7 +16,7 @@ def check_splits(train: Any, test: Any | None, source: str, hint: str = "use a l
     """Refuse an empty ``train`` split, and a ``test`` split (when given) with fewer than
     ``MIN_EVAL_ROWS`` rows or, for labelled rows, without both labels (its AUC would be undefined)."""
     columns = train.column_names
-    unit = "pairs" if "chosen" in columns else "prompts" if columns == ["prompt"] else "rows"
+    unit = "pairs" if any(c.startswith("chosen") for c in columns) else "prompts" if columns == ["prompt"] else "rows"
     counts = f"{source} gives {len(train)} training {unit} and {0 if test is None else len(test)} held-out {unit}"
     if len(train) == 0:
         raise SplitTooSmallError(f"Too little data: {counts}; training needs at least 1. Hint: {hint}.")
