@@ -136,8 +136,11 @@ def _datasets(command: str, script_args: Any, evaluate: bool = True) -> Any:
         train = train.select(range(min(len(train), script_args.max_train_samples)))
     if test is not None and script_args.max_eval_samples:
         test = test.select(range(min(len(test), script_args.max_eval_samples)))
-    check_splits(train, test, _source(script_args), hint="use more rows (--max_train_samples / --max_eval_samples), a larger file, "
-                 "or --eval_strategy no to train without a held-out split")
+    check_splits(
+        train, test, _source(script_args),
+        hint="use more rows (--max_train_samples / --max_eval_samples), a larger file, or --eval_strategy no to train "
+        "without a held-out split",
+    )
     return train, test
 
 
@@ -181,12 +184,12 @@ def build_trainer(
     from .plugins.lora import LoraOptions, lora_config
     from .pointwise import pointwise_trainer, reward_classifier
 
+    plugins, options = plugin_args.attach_kwargs(model_args)
+    check_request(command, script_args, training_args, plugins)
     model_path = resolve_model(model_args.model_name_or_path, script_args.model_size)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    plugins, options = plugin_args.attach_kwargs(model_args)
-    check_request(command, script_args, training_args, plugins)
     train, test = _datasets(command, script_args, evaluate)
     uses_lora = "lora" in plugins
 
