@@ -3,11 +3,11 @@
 - Tokenizer: byte-level BPE trained at first use, deterministically, on the shipped Taskmaster
   coffee text (all dialogs plus the train split of the feedback), then cached in
   ``$PERL_PLUGINS_CACHE`` or the user's cache dir (``platformdirs.user_cache_dir("perl-plugins")``).
-- Model, ``size="demo"`` (the default of ``resolve_model(None)``, the CLI and the recipes): the pre-trained base shipped in
-  ``perl_plugins/assets/base/`` (a ~5M-parameter Llama and the same tokenizer, trained on the
-  coffee text by ``recipes/pretrain_base.py``; see its ``CARD.md``). Weights are stored in float16;
-  its config says float32, so ``load_default`` and a plain ``from_pretrained`` of the path
-  ``resolve_model(None, "demo")`` returns both compute in float32.
+- Model, ``size="demo"`` (the default of ``resolve_model(None)``, the CLI and the recipes): the
+  pre-trained base shipped in ``perl_plugins/assets/base/`` (a ~5M-parameter Llama and the same
+  tokenizer, trained on the coffee text by ``recipes/pretrain_base.py``; see its ``CARD.md``).
+  Weights are stored in float16; its config says float32, so ``load_default`` and a plain
+  ``from_pretrained`` of the path ``resolve_model(None)`` returns both compute in float32.
 - Model, other sizes (``"tiny"`` for fast tests, ``"bench20m"``, ...), or ``"demo"`` when the assets
   are absent: a small Llama (``tiny_config``) with *random* weights.
 """

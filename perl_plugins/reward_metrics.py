@@ -64,7 +64,8 @@ def evaluate_trainer_pairs(trainer: Any) -> dict[str, float]:
         with torch.no_grad():
             for batch in trainer.get_eval_dataloader():
                 rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-                c, r = torch.chunk(rewards.logits.squeeze(-1).float(), chunks=2)  # the collator's chosen-then-rejected order
+                # the collator stacks the chosen rows, then the rejected ones
+                c, r = torch.chunk(rewards.logits.squeeze(-1).float(), chunks=2)
                 chosen.append(trainer.accelerator.gather_for_metrics(c).cpu())
                 rejected.append(trainer.accelerator.gather_for_metrics(r).cpu())
     finally:

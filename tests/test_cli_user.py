@@ -96,7 +96,8 @@ def test_pair_accuracy_agrees_with_the_trainers_own(tmp_path, capsys):
     out = tmp_path / "pairs"
     code = cli_main([
         "reward", "--plugins", "lora", "--feedback", "pairs", "--output_dir", str(out), *TINY,
-        "--max_eval_samples", "16", "--per_device_eval_batch_size", "16", "--eval_strategy", "steps", "--eval_steps", "1",
+        "--max_eval_samples", "16", "--per_device_eval_batch_size", "16",
+        "--eval_strategy", "steps", "--eval_steps", "1",
         "--model_size", "demo",  # the default base: the symptom (a tiny random model ranks alike either way)
     ])
     assert code == 0, capsys.readouterr().err
