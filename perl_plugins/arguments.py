@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import PluginError
+from .errors import PluginError, PluginOptionError
 from .manager import PluginSet
 from .registry import installed_plugins, split_names
 
@@ -42,6 +42,7 @@ def _attach_kwargs(self, *other_args: Any) -> tuple[list[Any], dict[str, Any]]:
     ``ModelConfig``); an option found nowhere keeps its plugin's default."""
     names = split_names(self.plugins)
     plugin_set = PluginSet.from_names([n for n in names if isinstance(n, str)])
+    _refuse_options_of_plugins_not_enabled(self, plugin_set.names)
     options = {}
     for key in plugin_set.option_fields():
         for source in (self, *other_args):
@@ -51,17 +52,38 @@ def _attach_kwargs(self, *other_args: Any) -> tuple[list[Any], dict[str, Any]]:
     return names, options
 
 
+def _refuse_options_of_plugins_not_enabled(args: Any, enabled: list[str]) -> None:
+    """An option set (away from its default) for a plugin that is not enabled would be ignored in
+    silence: refuse it, as ``attach()`` refuses unknown options, naming the plugin it belongs to."""
+    for field in dataclasses.fields(args):
+        owner = args.option_owners.get(field.name)
+        if owner is None or owner in enabled:
+            continue
+        default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+        if getattr(args, field.name) != default:
+            raise PluginOptionError(
+                f"--{field.name} is an option of plugin {owner!r}, which is not enabled (plugins: "
+                f"{', '.join(enabled) or 'none'}): add {owner} to --plugins, or drop the option."
+            )
+
+
 def make_plugin_arguments(extra_plugins: str | Sequence[str] | None = None) -> type:
     """Build a ``PluginArguments`` dataclass with the options of every installed plugin and of
     ``extra_plugins`` (local plugin files, whose options are not known until they are named)."""
-    names = list(installed_plugins()) + [n for n in split_names(extra_plugins or []) if isinstance(n, str)]
+    extras = [n for n in split_names(extra_plugins or []) if isinstance(n, str)]
+    names = list(installed_plugins()) + extras
     fields = [_plugins_field()]
     seen = {"plugins"} | _shared_option_names()
+    owners: dict[str, str] = {}  # option -> the plugin it belongs to
     for name in dict.fromkeys(names):
         try:
             plugin_set = PluginSet.from_names([name])
-            option_cls = plugin_set.option_classes[plugin_set.names[0]]
-        except PluginError as exc:  # a broken third-party plugin must not break every script
+            owner = plugin_set.names[0]
+            option_cls = plugin_set.option_classes[owner]
+        except PluginError as exc:
+            if name in extras:  # named by the user (e.g. a typo in a local path): that is the error
+                raise
+            # an installed third-party plugin that is broken must not break every script
             warnings.warn(f"perl-plugins: skipping options of plugin {name!r}: {exc}", stacklevel=2)
             continue
         if option_cls is None:
@@ -71,13 +93,15 @@ def make_plugin_arguments(extra_plugins: str | Sequence[str] | None = None) -> t
             if field.name in seen:
                 continue
             seen.add(field.name)
+            owners[field.name] = owner
             default = (
                 dataclasses.field(default_factory=field.default_factory, metadata=field.metadata)
                 if field.default is dataclasses.MISSING
                 else dataclasses.field(default=field.default, metadata=field.metadata)
             )
             fields.append((field.name, hints[field.name], default))
-    return dataclasses.make_dataclass("PluginArguments", fields, namespace={"attach_kwargs": _attach_kwargs})
+    namespace = {"attach_kwargs": _attach_kwargs, "option_owners": owners}
+    return dataclasses.make_dataclass("PluginArguments", fields, namespace=namespace)
 
 
 def __getattr__(name: str) -> Any:

@@ -82,6 +82,7 @@ def attach(trainer: Trainer, plugins: str | Sequence[Any] | None = None, **optio
         raise PluginIncompatibleError("Plugins are already attached to this trainer; attach once with every plugin.")
     plugin_set = PluginSet.from_names(plugins)
     plugin_set.configure_options(options)
+    _check_required_plugins(trainer, plugin_set)
     if not plugin_set.plugins:
         return trainer
     _check_world_size(trainer)
@@ -99,6 +100,19 @@ def attach(trainer: Trainer, plugins: str | Sequence[Any] | None = None, **optio
         vars(trainer.args).update(args_snapshot)
         raise
     return trainer
+
+
+def _check_required_plugins(trainer: Trainer, plugin_set: PluginSet) -> None:
+    """Reward functions that only work once a plugin binds them (``perl_requires_plugin``, e.g. a
+    LoRA ``AdapterReward``) would otherwise fail inside the first training step."""
+    for func in getattr(trainer, "reward_funcs", None) or ():
+        needed = getattr(func, "perl_requires_plugin", None)
+        if needed and needed not in plugin_set.names:
+            name = getattr(func, "__name__", type(func).__name__)
+            raise PluginIncompatibleError(
+                f"The reward function {name!r} ({type(func).__name__}) needs the {needed!r} plugin, which is not "
+                f"enabled (plugins: {plugin_set.names or 'none'}): add {needed} to the plugins."
+            )
 
 
 def _check_world_size(trainer: Trainer) -> None:

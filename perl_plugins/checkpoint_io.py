@@ -353,12 +353,32 @@ def read_manifest(path: Path) -> dict[str, Any]:
     try:
         manifest = json.loads((path / MANIFEST_NAME).read_text())
     except FileNotFoundError:
-        raise IncompleteCheckpointError(f"{path}: no {MANIFEST_NAME}; the save did not complete") from None
+        raise IncompleteCheckpointError(_no_manifest_message(path)) from None
     except (OSError, ValueError) as exc:
         raise IncompleteCheckpointError(f"{path}: unreadable {MANIFEST_NAME}: {exc}") from exc
     if not isinstance(manifest, dict) or "format" not in manifest or not isinstance(manifest.get("files"), dict):
         raise IncompleteCheckpointError(f"{path}: {MANIFEST_NAME} lacks 'format' or 'files'")
     return manifest
+
+
+def _no_manifest_message(path: Path) -> str:
+    """Why a directory has no manifest, told apart by what it holds."""
+    if not path.exists():
+        return f"{path} does not exist: give a checkpoint-<step> directory written with --plugins adapter_ckpt."
+    if not path.is_dir():
+        return f"{path} is a file, not a checkpoint directory."
+    if (path / "trainer_state.json").is_file():
+        return (
+            f"{path} is a checkpoint the stock Trainer wrote (no {MANIFEST_NAME}: it was saved without the "
+            "adapter_ckpt plugin). It loads as it is with from_pretrained / PeftModel.from_pretrained and resumes "
+            "without adapter_ckpt; `perl-plugins export` and adapter_ckpt resumes read only checkpoints saved "
+            "with --plugins adapter_ckpt."
+        )
+    return (
+        f"{path} holds no {MANIFEST_NAME}: it is not a checkpoint the adapter_ckpt plugin wrote, or that save was "
+        "interrupted before it completed (adapter_ckpt writes the manifest last). Give a checkpoint-<step> "
+        "directory written with --plugins adapter_ckpt."
+    )
 
 
 def _relative_files(root: Path) -> list[str]:

@@ -105,7 +105,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             _end_process_group()
         return 0
-    except PluginError as exc:
+    except Exception as exc:  # one rule for every user error: one line, exit 2; anything else is a bug
+        from .user_errors import is_user_error
+
+        if not is_user_error(exc):
+            raise
         print(f"perl-plugins: error: {exc}", file=sys.stderr)
         return 2
 

@@ -3,11 +3,11 @@
 - Tokenizer: byte-level BPE trained at first use, deterministically, on the shipped Taskmaster
   coffee text (all dialogs plus the train split of the feedback), then cached in
   ``$PERL_PLUGINS_CACHE`` or the user's cache dir (``platformdirs.user_cache_dir("perl-plugins")``).
-- Model, ``size="demo"`` (what the recipes use): the pre-trained base shipped in
-  ``perl_plugins/assets/base/`` (a ~5M-parameter Llama and the same tokenizer, trained on the
-  coffee text by ``recipes/pretrain_base.py``; see its ``CARD.md``). Weights are stored in float16;
-  its config says float32, so ``load_default`` and a plain ``from_pretrained`` of the path
-  ``resolve_model(None, "demo")`` returns both compute in float32.
+- Model, ``size="demo"`` (the default of ``resolve_model(None)``, the CLI and the recipes): the
+  pre-trained base shipped in ``perl_plugins/assets/base/`` (a ~5M-parameter Llama and the same
+  tokenizer, trained on the coffee text by ``recipes/pretrain_base.py``; see its ``CARD.md``).
+  Weights are stored in float16; its config says float32, so ``load_default`` and a plain
+  ``from_pretrained`` of the path ``resolve_model(None)`` returns both compute in float32.
 - Model, other sizes (``"tiny"`` for fast tests, ``"bench20m"``, ...), or ``"demo"`` when the assets
   are absent: a small Llama (``tiny_config``) with *random* weights.
 """
@@ -194,9 +194,10 @@ def default_model_source(size: str = "demo") -> Path | None:
 
 
 def load_default(
-    size: str = "tiny", seed: int = 0, torch_dtype: torch.dtype = torch.float32
+    size: str = "demo", seed: int = 0, torch_dtype: torch.dtype = torch.float32
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    """The embedded default (model, tokenizer), offline: see ``default_model_source``.
+    """The embedded default (model, tokenizer), offline: by default the pre-trained ``demo`` base
+    (see ``default_model_source``); ``size="tiny"`` etc. give random weights.
 
     Random init is seeded with ``seed`` without touching the caller's global RNG state.
     """
@@ -226,9 +227,11 @@ def save_default(
     return directory
 
 
-def resolve_model(name_or_path: str | None, size: str = "tiny") -> str:
-    """A loadable model path: None or DEFAULT_MODEL_ID become the embedded default, written once
-    (atomically) into the cache dir; anything else (hub ids, local paths) is returned unchanged."""
+def resolve_model(name_or_path: str | None = None, size: str = "demo") -> str:
+    """A loadable model path: None or DEFAULT_MODEL_ID become the embedded default, the one the CLI
+    and the recipes use: the pre-trained ``demo`` base shipped in the package (other sizes, e.g.
+    ``"tiny"``, are random-initialised and written once, atomically, into the cache dir); anything
+    else (hub ids, local paths) is returned unchanged."""
     if name_or_path is not None and name_or_path != DEFAULT_MODEL_ID:
         return name_or_path
     config = tiny_config(size)  # fails fast on an unknown size

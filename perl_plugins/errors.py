@@ -19,3 +19,7 @@ class PluginIncompatibleError(PluginError):
 
 class PluginOptionError(PluginError):
     """An option that no enabled plugin declares, or a value its plugin rejects."""
+
+
+class UsageError(ValueError):
+    """A command line the CLI cannot run as given (a missing or contradictory setting)."""

@@ -96,13 +96,20 @@ def export_merged(
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model.save_pretrained(str(out))
-    _copy_tokenizer(checkpoint, out)
+    if not _copy_tokenizer(checkpoint, out):
+        # A standalone model needs its tokenizer: take the base's (the checkpoint saved none).
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(base or manifest["model"]["base"]).save_pretrained(str(out))
     return out
 
 
-def _copy_tokenizer(checkpoint: Path, out: Path) -> None:
-    if (checkpoint / TOKENIZER_DIR).is_dir():
-        shutil.copytree(checkpoint / TOKENIZER_DIR, out, dirs_exist_ok=True)
+def _copy_tokenizer(checkpoint: Path, out: Path) -> bool:
+    """Copy the tokenizer the checkpoint saved, if any; returns whether there was one."""
+    if not (checkpoint / TOKENIZER_DIR).is_dir():
+        return False
+    shutil.copytree(checkpoint / TOKENIZER_DIR, out, dirs_exist_ok=True)
+    return True
 
 
 def export(
@@ -131,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         path = export(args.checkpoint, args.out, merge=args.merge, base=args.base, adapter=args.adapter)
     except (CheckpointError, ExportError, OSError) as exc:
-        print(f"perl-plugins export: error: {exc}", file=sys.stderr)
+        print(f"perl-plugins: error: {exc}", file=sys.stderr)
         return 2
     print(path)
     return 0

@@ -8,6 +8,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -54,6 +55,7 @@ def split_names(plugins: str | Sequence[Any] | None) -> list[Any]:
     ``None`` takes the default list from ``$PERL_PLUGINS``; names in ``$PERL_PLUGINS_DISABLE``
     are dropped from whatever list results (plugin objects passed directly are kept).
     """
+    explicit = plugins is not None
     if plugins is None:
         plugins = os.environ.get(ENV_DEFAULT, "")
     if isinstance(plugins, str):
@@ -64,14 +66,22 @@ def split_names(plugins: str | Sequence[Any] | None) -> list[Any]:
     names = [os.fspath(p).strip() if isinstance(p, (str, os.PathLike)) else p for p in plugins]
     names = [p for p in names if p != ""]
     disabled = {n.strip() for n in os.environ.get(ENV_DISABLE, "").split(",") if n.strip()}
-    return [p for p in names if not (isinstance(p, str) and _short_name(p) in disabled)]
+    blocked = [p for p in names if isinstance(p, str) and short_name(p) in disabled]
+    if blocked and explicit:  # asked for by name: dropping it in silence would look like a plugin that does nothing
+        warnings.warn(
+            f"perl-plugins: not attaching {blocked}: ${ENV_DISABLE}={os.environ[ENV_DISABLE]!r} blocks them.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return [p for p in names if p not in blocked]
 
 
 def is_local_file(name: str) -> bool:
     return name.endswith(".py") or os.sep in name or "/" in name
 
 
-def _short_name(name: str) -> str:
+def short_name(name: str) -> str:
+    """A plugin's name: the entry-point name, or a local file's stem."""
     return Path(name).stem if is_local_file(name) else name
 
 

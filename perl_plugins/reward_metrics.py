@@ -47,3 +47,30 @@ def evaluate_pairs(model: Any, tokenizer: Any, pairs: Any, max_length: int | Non
     scores = np.concatenate([chosen.numpy(), rejected.numpy()])
     labels = np.concatenate([np.ones(len(chosen)), np.zeros(len(rejected))])
     return {"eval_pair_accuracy": float((chosen > rejected).float().mean()), "eval_auc": roc_auc(scores, labels)}
+
+
+def evaluate_trainer_pairs(trainer: Any) -> dict[str, float]:
+    """Pairwise held-out metrics of a stock ``RewardTrainer`` on exactly what it trains on: its
+    eval dataset as the trainer prepared it (``prompt`` already joined into ``chosen``/``rejected``,
+    EOS added, tokenized), batched by its own collator, scored by the model's forward pass. Rewards
+    are gathered across processes, so every process returns the same metrics."""
+    import torch
+
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    chosen, rejected = [], []
+    try:
+        with torch.no_grad():
+            for batch in trainer.get_eval_dataloader():
+                rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+                # the collator stacks the chosen rows, then the rejected ones
+                c, r = torch.chunk(rewards.logits.squeeze(-1).float(), chunks=2)
+                chosen.append(trainer.accelerator.gather_for_metrics(c).cpu())
+                rejected.append(trainer.accelerator.gather_for_metrics(r).cpu())
+    finally:
+        model.train(was_training)
+    chosen_t, rejected_t = torch.cat(chosen), torch.cat(rejected)
+    scores = np.concatenate([chosen_t.numpy(), rejected_t.numpy()])
+    labels = np.concatenate([np.ones(len(chosen_t)), np.zeros(len(rejected_t))])
+    return {"eval_pair_accuracy": float((chosen_t > rejected_t).float().mean()), "eval_auc": roc_auc(scores, labels)}

@@ -15,6 +15,9 @@ from typing import Any
 
 import yaml
 
+from .data.split_checks import check_splits
+from .errors import UsageError
+
 TRAINERS = {
     "sft": ("SFTTrainer", "SFTConfig"),
     "reward": ("RewardTrainer", "RewardConfig"),
@@ -59,36 +62,64 @@ def _script_arguments() -> type:
     return PerlScriptArguments
 
 
+def _config_file(argv: Sequence[str]) -> dict[str, Any]:
+    """The ``--config`` YAML's keys (empty without one)."""
+    argv = list(argv)
+    if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
+        return {}
+    path = Path(argv[argv.index("--config") + 1])
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file.")
+    config = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(config, dict):
+        raise UsageError(f"--config {path}: expected a mapping of flag names to values.")
+    return config
+
+
+def given_settings(argv: Sequence[str]) -> dict[str, Any]:
+    """The settings the user gave, by name: flags (value None for a bare ``--flag``) over the
+    ``--config`` YAML's keys. Defaults the CLI chooses never override these."""
+    given = dict(_config_file(argv))
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg.startswith("--"):
+            name, eq, value = arg[2:].partition("=")
+            nxt = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else None
+            given[name] = value if eq else nxt
+    return given
+
+
 def _plugins_requested(argv: Sequence[str]) -> str | None:
     """``--plugins`` from the flags or the YAML config, read before parsing: local plugin files
     add their own flags to the parser."""
-    argv = list(argv)
-    for i, arg in enumerate(argv):
-        if arg == "--plugins" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--plugins="):
-            return arg.split("=", 1)[1]
-    if "--config" in argv:
-        config = yaml.safe_load(Path(argv[argv.index("--config") + 1]).read_text()) or {}
-        return config.get("plugins")
-    return None
+    return given_settings(argv).get("plugins")
 
 
 def parse(command: str, argv: Sequence[str]) -> tuple[Any, ...]:
-    """Parse ``argv`` into (script_args, training_args, model_args, plugin_args)."""
+    """Parse ``argv`` into (script_args, training_args, model_args, plugin_args). Without an
+    accelerator, CPU settings are added unless the user set them (see ``device.cpu_settings``)."""
     import trl
 
     from .arguments import make_plugin_arguments
+    from .device import cpu_settings
 
     config_cls = getattr(trl, TRAINERS[command][1])
     plugin_args_cls = make_plugin_arguments(_plugins_requested(argv))
     parser = trl.TrlParser(
         (_script_arguments(), config_cls, trl.ModelConfig, plugin_args_cls), prog=f"perl-plugins {command}"
     )
-    return parser.parse_args_and_config(list(argv))
+    extra = [arg for key, value in cpu_settings(given_settings(argv)).items() for arg in (f"--{key}", str(value))]
+    try:
+        return parser.parse_args_and_config([*argv, *extra])
+    except ValueError as exc:  # unknown flags (HfArgumentParser) or values the configs reject (their __post_init__)
+        raise UsageError(f"{exc} (see `perl-plugins {command} --help`)") from None
 
 
-def _datasets(command: str, script_args: Any) -> Any:
+def _source(script_args: Any) -> str:
+    return script_args.dataset_name or script_args.taskmaster_file or "the shipped coffee feedback"
+
+
+def _datasets(command: str, script_args: Any, evaluate: bool = True) -> Any:
     from datasets import load_dataset
 
     from .data.defaults import default_dataset
@@ -99,10 +130,17 @@ def _datasets(command: str, script_args: Any) -> Any:
     else:
         data = default_dataset(command, script_args.taskmaster_file, script_args.context_turns, script_args.feedback)
         train, test = data["train"], data["test"]
+    if not evaluate:
+        test = None
     if script_args.max_train_samples:
         train = train.select(range(min(len(train), script_args.max_train_samples)))
     if test is not None and script_args.max_eval_samples:
         test = test.select(range(min(len(test), script_args.max_eval_samples)))
+    check_splits(
+        train, test, _source(script_args),
+        hint="use more rows (--max_train_samples / --max_eval_samples), a larger file, or --eval_strategy no to train "
+        "without a held-out split",
+    )
     return train, test
 
 
@@ -114,13 +152,30 @@ def _reward_funcs(script_args: Any) -> list[Any]:
         funcs.append(AdapterReward(script_args.reward_adapter))
     if script_args.reward_model_name_or_path:
         funcs.append(script_args.reward_model_name_or_path)
-    if not funcs:
-        raise SystemExit("grpo/rloo need --reward_adapter DIR (with --plugins lora) or --reward_model_name_or_path.")
     return funcs
 
 
-def build_trainer(command: str, script_args: Any, training_args: Any, model_args: Any, plugin_args: Any) -> Any:
-    """The stock trl (or transformers, for pointwise rewards) trainer with plugins attached."""
+def check_request(command: str, script_args: Any, training_args: Any, plugins: Sequence[Any]) -> None:
+    """Refuse, before any model or data is loaded, what would otherwise fail deep inside training."""
+    from .registry import short_name
+
+    if command in ("grpo", "rloo") and not (script_args.reward_adapter or script_args.reward_model_name_or_path):
+        raise UsageError("grpo/rloo need --reward_adapter DIR (with --plugins lora) or --reward_model_name_or_path.")
+    if script_args.reward_adapter and "lora" not in [short_name(p) for p in plugins if isinstance(p, str)]:
+        raise UsageError(f"--reward_adapter {script_args.reward_adapter} is scored on the policy's own base by the "
+                         "lora plugin: add lora to --plugins (e.g. --plugins lora).")
+    resume = training_args.resume_from_checkpoint
+    if resume and str(resume).lower() != "true" and not Path(resume).is_dir():
+        raise UsageError(f"--resume_from_checkpoint {resume} does not exist (give a checkpoint-<step> directory, "
+                         "or true for the latest one in --output_dir).")
+
+
+def build_trainer(
+    command: str, script_args: Any, training_args: Any, model_args: Any, plugin_args: Any, *, evaluate: bool = True
+) -> Any:
+    """The stock trl (or transformers, for pointwise rewards) trainer with plugins attached. With
+    ``evaluate`` the held-out split (if any) is kept as the eval set, also when ``eval_strategy`` is
+    "no": the CLI then evaluates once at the end."""
     import trl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -129,14 +184,13 @@ def build_trainer(command: str, script_args: Any, training_args: Any, model_args
     from .plugins.lora import LoraOptions, lora_config
     from .pointwise import pointwise_trainer, reward_classifier
 
+    plugins, options = plugin_args.attach_kwargs(model_args)
+    check_request(command, script_args, training_args, plugins)
     model_path = resolve_model(model_args.model_name_or_path, script_args.model_size)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    train, test = _datasets(command, script_args)
-    if training_args.eval_strategy == "no":
-        test = None
-    plugins, options = plugin_args.attach_kwargs(model_args)
+    train, test = _datasets(command, script_args, evaluate)
     uses_lora = "lora" in plugins
 
     if command == "reward":
@@ -165,13 +219,17 @@ def build_trainer(command: str, script_args: Any, training_args: Any, model_args
         trainer = trainer_cls(
             model=model, args=training_args, train_dataset=train, eval_dataset=test, processing_class=tokenizer, **kwargs
         )
+        if command == "reward":  # trl's RewardTrainer drops pairs longer than max_length
+            check_splits(trainer.train_dataset, trainer.eval_dataset,
+                         f"{_source(script_args)} (pairs within --max_length {training_args.max_length})",
+                         hint="raise --max_length, lower --context_turns, or use more rows")
     return attach(trainer, plugins=plugins, **options)
 
 
 def save_outputs(command: str, trainer: Any) -> dict[str, Any]:
     """Save the trained model (a reward adapter keeps its head spec) and return final metrics."""
     from .attach import trainer_family
-    from .reward_metrics import evaluate_pairs
+    from .reward_metrics import evaluate_trainer_pairs
     from .reward_model import save_adapter, save_reward_adapter
 
     output_dir = trainer.args.output_dir
@@ -186,8 +244,7 @@ def save_outputs(command: str, trainer: Any) -> dict[str, Any]:
         trainer.save_model(output_dir)  # handles DDP and DeepSpeed itself
     metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
     if command == "reward" and trainer.eval_dataset is not None and trainer_family(trainer) == "RewardTrainer":
-        pairs = trainer.eval_dataset  # the stock RewardTrainer logs pair accuracy; add AUC
-        metrics.update(evaluate_pairs(trainer.model, trainer.processing_class, pairs, trainer.args.max_length))
+        metrics.update(evaluate_trainer_pairs(trainer))  # the stock RewardTrainer logs pair accuracy; add AUC
     if writer:
         Path(output_dir, "final_metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
@@ -196,7 +253,9 @@ def save_outputs(command: str, trainer: Any) -> dict[str, Any]:
 def run(command: str, argv: Sequence[str]) -> dict[str, Any]:
     """Parse, build, train, save; returns the final evaluation metrics (empty without eval data)."""
     script_args, training_args, model_args, plugin_args = parse(command, argv)
-    trainer = build_trainer(command, script_args, training_args, model_args, plugin_args)
+    # Evaluate at the end whenever there is a held-out split, unless the user said --eval_strategy no.
+    evaluate = str(given_settings(argv).get("eval_strategy", "")).lower() != "no"
+    trainer = build_trainer(command, script_args, training_args, model_args, plugin_args, evaluate=evaluate)
     resume = training_args.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
     metrics = save_outputs(command, trainer)

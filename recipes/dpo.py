@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import DPOConfig, DPOTrainer, TrlParser
 
 from perl_plugins import attach
 from perl_plugins.arguments import options_for
 from perl_plugins.data.defaults import default_dataset
+from perl_plugins.device import cpu_settings
 from perl_plugins.embedded import resolve_model
 from perl_plugins.plugins.lora import LoraOptions, lora_config
 from perl_plugins.recipe_stages import trim_prompts
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
         logging_steps=5,
         save_strategy="no",
         report_to="none",
-        use_cpu=not torch.cuda.is_available(),
+        **cpu_settings(),  # CPU and fp32 without an accelerator
         seed=cfg.seed,
     )
     lora = LoraOptions(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)

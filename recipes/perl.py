@@ -25,6 +25,7 @@ from trl import RLOOConfig, RLOOTrainer, TrlParser
 
 from perl_plugins import attach
 from perl_plugins.data.defaults import default_dataset
+from perl_plugins.device import cpu_settings
 from perl_plugins.embedded import resolve_model
 from perl_plugins.plugins.lora import AdapterReward, LoraOptions, lora_config, roles
 from perl_plugins.pointwise import pointwise_trainer, reward_classifier
@@ -84,7 +85,7 @@ def train_reward_model(cfg: PerlConfig, model_path: str, tokenizer, data) -> tup
         logging_steps=5,
         save_strategy="no",
         report_to="none",
-        use_cpu=not torch.cuda.is_available(),
+        **cpu_settings(),  # CPU and fp32 without an accelerator
         seed=cfg.seed,
     )
     trainer = pointwise_trainer(reward_classifier(model_path), tokenizer, args, train, test, max_length=cfg.max_length)
@@ -135,7 +136,7 @@ def run_rl(cfg: PerlConfig, model_path: str, tokenizer, reward_dir: str, data) -
         logging_steps=1,
         save_strategy="no",
         report_to="none",
-        use_cpu=not torch.cuda.is_available(),
+        **cpu_settings(),  # CPU and fp32 without an accelerator
         seed=cfg.seed,
     )
     model = AutoModelForCausalLM.from_pretrained(model_path)

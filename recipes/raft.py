@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 from perl_plugins import attach
 from perl_plugins.arguments import options_for
 from perl_plugins.data.defaults import default_dataset
+from perl_plugins.device import cpu_settings
 from perl_plugins.embedded import resolve_model
 from perl_plugins.plugins.lora import AdapterReward, LoraOptions
 from perl_plugins.recipe_stages import iteration_log, policy_with_reward, sample_completions, trim_prompt
@@ -115,7 +115,7 @@ def fine_tune(
         logging_steps=1,
         save_strategy="no",
         report_to="none",
-        use_cpu=not torch.cuda.is_available(),
+        **cpu_settings(),  # CPU and fp32 without an accelerator
         seed=cfg.seed + iteration,
     )
     data = datasets.Dataset.from_dict({"prompt": [p for p, _, _ in pairs], "completion": [c for _, c, _ in pairs]})

@@ -47,6 +47,7 @@ from perl_plugins import attach, hookimpl
 from perl_plugins.arguments import options_for
 from perl_plugins.attach import trainer_family
 from perl_plugins.data.defaults import default_dataset
+from perl_plugins.device import cpu_settings
 from perl_plugins.embedded import resolve_model
 from perl_plugins.errors import PluginIncompatibleError
 from perl_plugins.plugins.lora import LoraOptions
@@ -322,7 +323,7 @@ def train_soft_reward_model(
         logging_steps=5,
         save_strategy="no",
         report_to="none",
-        use_cpu=not torch.cuda.is_available(),
+        **cpu_settings(),  # CPU and fp32 without an accelerator
         seed=cfg.seed,
     )
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1)
@@ -364,7 +365,7 @@ def learn_with_dpo(
         logging_steps=5,
         save_strategy="no",
         report_to="none",
-        use_cpu=not torch.cuda.is_available(),
+        **cpu_settings(),  # CPU and fp32 without an accelerator
         seed=cfg.seed,
     )
     lora = LoraOptions(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)

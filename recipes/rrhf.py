@@ -37,6 +37,7 @@ from trl import TrlParser
 from perl_plugins import attach
 from perl_plugins.arguments import options_for
 from perl_plugins.data.defaults import default_dataset
+from perl_plugins.device import cpu_settings
 from perl_plugins.embedded import resolve_model
 from perl_plugins.plugins.lora import AdapterReward
 from perl_plugins.plugins.rrhf import RRHFCollator, response_logps, tokenize_groups
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
         logging_steps=5,
         save_strategy="no",
         report_to="none",
-        use_cpu=not torch.cuda.is_available(),
+        **cpu_settings(),  # CPU and fp32 without an accelerator
         seed=cfg.seed,
     )
     collator = RRHFCollator(tokenizer.pad_token_id)

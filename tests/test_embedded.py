@@ -118,7 +118,7 @@ def test_unknown_size():
 
 def test_load_default_forward(cache, tokenizer):
     state = torch.random.get_rng_state()
-    model, tok = E.load_default(seed=1)
+    model, tok = E.load_default("tiny", seed=1)
     assert torch.equal(torch.random.get_rng_state(), state)  # caller's RNG untouched
     assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
     batch = tok(["User: a mocha please\nAgent:", "Agent:"], return_tensors="pt", padding=True)
@@ -126,17 +126,17 @@ def test_load_default_forward(cache, tokenizer):
     logits = model(**batch).logits
     assert logits.shape == (2, batch.input_ids.shape[1], len(tokenizer))
     assert torch.isfinite(logits).all()
-    same, _ = E.load_default(seed=1)
-    other, _ = E.load_default(seed=2)
+    same, _ = E.load_default("tiny", seed=1)
+    other, _ = E.load_default("tiny", seed=2)
     assert torch.equal(same.lm_head.weight, model.lm_head.weight)
     assert not torch.equal(other.lm_head.weight, model.lm_head.weight)
-    assert E.load_default(torch_dtype=torch.bfloat16)[0].dtype == torch.bfloat16
+    assert E.load_default("tiny", torch_dtype=torch.bfloat16)[0].dtype == torch.bfloat16
 
 
 def test_resolve_model(cache):
     assert E.resolve_model("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
-    path = E.resolve_model(None)
-    assert path.startswith(str(cache)) and E.resolve_model(E.DEFAULT_MODEL_ID) == path
+    path = E.resolve_model(None, "tiny")
+    assert path.startswith(str(cache)) and E.resolve_model(E.DEFAULT_MODEL_ID, "tiny") == path
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     assert model.config.hidden_size == E.tiny_config("tiny").hidden_size

@@ -116,6 +116,18 @@ def test_adapter_reward_matches_direct_scoring(reward_adapter, base_dir, tokeniz
     torch.testing.assert_close(torch.tensor(rewards), before, rtol=0, atol=1e-6)
 
 
+def test_readme_reward_role_scores_with_score_texts(reward_adapter, base_dir, tokenizer, tmp_path):
+    """The README's snippet: inside ``roles(trainer).use("reward")`` the model is still a causal LM
+    (calling it gives LM logits); ``score_texts`` gives the reward adapter's rewards."""
+    path, texts, before, _ = reward_adapter
+    trainer = attach(rl_trainer("rloo", base_dir, tokenizer, tmp_path, path), plugins="lora")
+    with roles(trainer).use("reward") as model, torch.no_grad():
+        rewards = score_texts(model, tokenizer, texts)
+        logits = model(**tokenizer(texts[:1], return_tensors="pt")).logits
+    torch.testing.assert_close(rewards, before, rtol=0, atol=1e-6)
+    assert logits.shape[-1] == len(tokenizer)  # LM logits, not one reward
+
+
 def test_user_peft_config_wins(base_dir, tokenizer, tmp_path, reward_adapter):
     args = RLOOConfig(
         str(tmp_path / "r"), max_steps=1, per_device_train_batch_size=4, num_generations=2, max_completion_length=4,

@@ -9,6 +9,7 @@ from pathlib import Path
 import datasets
 
 from . import taskmaster
+from .split_checks import check_splits
 
 FORMATS = {
     "sft": "prompt/completion (thumbs-up rows)",
@@ -61,4 +62,5 @@ def default_dataset(
         else:  # RL: distinct prompts
             ds = datasets.Dataset.from_dict({"prompt": list(dict.fromkeys(r.prompt for r in rows))})
         out[name] = ds
+    check_splits(out["train"], out["test"], str(path or "the shipped coffee feedback"))
     return datasets.DatasetDict(out)

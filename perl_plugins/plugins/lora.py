@@ -113,6 +113,11 @@ class AdapterReward:
     def bind(self, roles: Roles, tokenizer: Any) -> None:
         self.roles, self.tokenizer = roles, tokenizer
 
+    @property
+    def perl_requires_plugin(self) -> str | None:
+        """The plugin ``attach()`` must enable for this reward to work: ``lora`` binds it (None once bound)."""
+        return "lora" if self.roles is None else None
+
     def texts(self, prompts: list[Any], completions: list[Any]) -> list[str | list[dict[str, Any]]]:
         """Prompt + completion: one text, or one conversation (encoded through the chat template
         exactly as reward training encoded conversations)."""
