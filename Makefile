@@ -21,8 +21,9 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/perl-plugins demo
 
+# Two workers (one per core here); a file's tests stay on one worker so its fixtures are built once.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: setup
 	$(BIN)/python -m pip install -q -e ".[bench]"

@@ -89,9 +89,26 @@ def pytest_deselected(items: list[pytest.Item]) -> None:
     _deselected += len(items)
 
 
+_worker_collected: set[Path] = set()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """Under pytest-xdist each worker records its own hooks and files: the controller adds them up."""
+    output = getattr(node, "workeroutput", {})
+    HOOKS.called.update(output.get("perl_hooks_called", ()))
+    _worker_collected.update(Path(p) for p in output.get("perl_collected", ()))
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     collected = {Path(str(item.path)).resolve() for item in session.items}
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: report to the controller, which decides
+        workeroutput["perl_hooks_called"] = sorted(HOOKS.called)
+        workeroutput["perl_collected"] = sorted(map(str, collected))
+        return
+    collected |= _worker_collected
     if not ran_whole_suite(session.config, collected, _deselected, TESTS_DIR):
         return
     missing = HOOKS.missing()
