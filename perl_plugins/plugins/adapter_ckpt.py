@@ -55,6 +55,7 @@ from perl_plugins.checkpoint_io import (
 )
 from perl_plugins.errors import PluginIncompatibleError
 from perl_plugins.lazy import lazy_import
+from perl_plugins.model_card import current_command
 from perl_plugins.zero_state import (
     engine_name,
     full_values,
@@ -356,6 +357,7 @@ def save_checkpoint(trainer: Any, model: nn.Module, checkpoint_dir: str, opts: A
                 library_versions=library_versions(),
                 trainer_class=f"{type(trainer).__module__}.{type(trainer).__qualname__}",
                 trainer_family=trainer_family(trainer),
+                command=current_command(),  # the training command, for the model card of an export
                 global_step=trainer.state.global_step,
                 world_size=args.world_size,
                 engine=engine_name(trainer),
