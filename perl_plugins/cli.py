@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import PluginError
+from .model_card import invoked_as
 from .train_command import TRAINERS  # names only: train_command imports trl when a trainer runs
 
 
@@ -65,9 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"perl-plugins: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     try:
-        if name in TRAINERS:
-            return train(rest, name)
-        return importlib.import_module(f"perl_plugins.{COMMANDS[name].module}").main(rest)
+        with invoked_as(["perl-plugins", *argv]):  # the exact command, for model cards
+            if name in TRAINERS:
+                return train(rest, name)
+            return importlib.import_module(f"perl_plugins.{COMMANDS[name].module}").main(rest)
     except PluginError as exc:
         print(f"perl-plugins: error: {exc}", file=sys.stderr)
         return 2

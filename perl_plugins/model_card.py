@@ -10,11 +10,14 @@ is kept in the card's YAML metadata under ``perl_plugins``, so a later step adds
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import json
 import os
 import shlex
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +44,27 @@ def training_data(taskmaster_file: str | None = None, dataset_name: str | None =
     return {"source": "the Taskmaster coffee feedback shipped with perl-plugins", "ours": True}
 
 
+_INVOKED_AS: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("perl_plugins_invoked_as", default=None)
+
+
+@contextlib.contextmanager
+def invoked_as(argv: list[str]) -> Iterator[None]:
+    """Inside the block, :func:`current_command` is ``argv`` (the CLI's own command line, also when
+    ``perl_plugins.cli.main`` is called from Python)."""
+    token = _INVOKED_AS.set(list(argv))
+    try:
+        yield
+    finally:
+        _INVOKED_AS.reset(token)
+
+
 def current_command() -> str:
     """The command line of this process, as a user would type it again."""
+    if _INVOKED_AS.get() is not None:
+        return shlex.join(_INVOKED_AS.get())
     argv0 = sys.argv[0] if sys.argv else ""
     name = Path(argv0).name
-    if name == "perl-plugins":
-        head = ["perl-plugins"]
-    elif name == "cli.py" and Path(argv0).parent.name == "perl_plugins":
+    if name == "cli.py" and Path(argv0).parent.name == "perl_plugins":
         head = ["python", "-m", "perl_plugins.cli"]
     else:
         head = ["python", argv0]
