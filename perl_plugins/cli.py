@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 from .errors import PluginError
 from .model_card import invoked_as
-from .train_command import TRAINERS  # names only: train_command imports trl when a trainer runs
+
+# Names only: train_command imports trl when a trainer runs.
+from .train_command import TRAINERS
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ def accelerator() -> str:
     nvidia_smi = shutil.which("nvidia-smi")
     if nvidia_smi:
         try:
-            listing = subprocess.run([nvidia_smi, "-L"], capture_output=True, text=True, timeout=10).stdout
+            listing = subprocess.run([nvidia_smi, "-L"], capture_output=True, text=True, timeout=10, check=False).stdout
         except (OSError, subprocess.SubprocessError):
             listing = ""
         gpus = [line.split(" (UUID")[0].split(": ", 1)[-1] for line in listing.splitlines() if line.startswith("GPU ")]

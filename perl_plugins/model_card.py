@@ -254,8 +254,7 @@ def render(facts: dict[str, Any]) -> str:
         f"# {facts['kind'].capitalize()} trained with perl-plugins",
         "",
         f"- **Base model:** `{base}`",
-        f"- **Base fingerprint:** `{facts.get('fingerprint', 'not recorded')}` (perl-plugins `base_fingerprint` of "
-        "the shared backbone: the same base gives the same id)",
+        f"- **Base fingerprint:** `{facts.get('fingerprint', 'not recorded')}` (perl-plugins `base_fingerprint`)",
     ]
     if facts.get("head"):
         lines.append(f"- **Reward head:** `{facts['head']}`")

@@ -16,7 +16,12 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from perl_plugins.cli import main as cli_main
-from perl_plugins.model_card import TASKMASTER_ATTRIBUTION, read_card, training_data, write_model_card
+from perl_plugins.model_card import (
+    TASKMASTER_ATTRIBUTION,
+    read_card,
+    training_data,
+    write_model_card,
+)
 from perl_plugins.reward_model import load_reward_adapter, score
 
 TINY_RUN = [
@@ -39,7 +44,7 @@ def _stock_load(code: str, tmp_path: Path) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-I", "-c", NO_PERL_PLUGINS + code], cwd=tmp_path, env=env, capture_output=True, text=True,
-        timeout=600,
+        timeout=600, check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
