@@ -26,6 +26,7 @@ import yaml
 from .reward_model import HEAD_SPEC_FILE
 
 CARD_FILE = "README.md"
+NO_FINGERPRINT = "not recorded (full fine-tuning changes the base weights)"
 _DATA_URL = "https://github.com/google-research-datasets/Taskmaster"
 TASKMASTER_ATTRIBUTION = (
     "Taskmaster coffee thumbs up/down feedback (TM-4-2024, released with the PERL paper, arXiv:2403.10704) "
@@ -156,7 +157,8 @@ def write_model_card(
         model = trainer.model if model is None else model
         if plugins is None and options is None:
             plugins, options = trainer_plugins(trainer)
-    if fingerprint is None and model is not None:
+    if fingerprint is None and model is not None and hasattr(model, "peft_config"):
+        # Only a frozen base (adapters on top) is still the base after training.
         fingerprint = base_fingerprint_id(model)
     path = directory / CARD_FILE
     if not write:
@@ -254,7 +256,7 @@ def render(facts: dict[str, Any]) -> str:
         f"# {facts['kind'].capitalize()} trained with perl-plugins",
         "",
         f"- **Base model:** `{base}`",
-        f"- **Base fingerprint:** `{facts.get('fingerprint', 'not recorded')}` (perl-plugins `base_fingerprint`)",
+        f"- **Base fingerprint:** `{facts.get('fingerprint', NO_FINGERPRINT)}` (perl-plugins `base_fingerprint`)",
     ]
     if facts.get("head"):
         lines.append(f"- **Reward head:** `{facts['head']}`")

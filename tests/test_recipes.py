@@ -128,7 +128,7 @@ def check_model_cards(out: Path) -> None:
     for adapter in adapters:
         card = (adapter / "README.md").read_text()
         assert card.startswith("---\n") and "library_name: peft" in card, adapter
-        assert "Base fingerprint:** `not recorded`" not in card and "**Plugins:** `lora`" in card, adapter
+        assert "Base fingerprint:** `not recorded" not in card and "**Plugins:** `lora`" in card, adapter
         assert "CC BY 4.0" in card and "## Held-out metrics" in card and "| metric | value |" in card, adapter
 
 
