@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import PluginIncompatibleError
 from .lazy import lazy_import
+from .loss_terms import LossTermRecorder, LossTerms
 from .manager import PluginSet
+from .zero_state import zero_stage
 
 # torch and transformers load when a trainer is attached, not when plugins are listed.
 torch = lazy_import("torch")
 transformers = lazy_import("transformers")
-loss_terms = lazy_import("perl_plugins.loss_terms")
-zero_state = lazy_import("perl_plugins.zero_state")
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -59,7 +59,7 @@ class AttachedPlugins:
 
     def __init__(self, plugin_set: PluginSet) -> None:
         self.plugin_set = plugin_set
-        self.recorder = loss_terms.LossTermRecorder()
+        self.recorder = LossTermRecorder()
         # Batch keys a plugin's collator adds for its own loss term; the stock loss never sees them.
         self.private_inputs: set[str] = set()
 
@@ -164,7 +164,7 @@ def _one_dtype_for_zero3(trainer: Trainer) -> None:
     """Under ZeRO-3 with bf16/fp16 the base was partitioned in that dtype at load, while modules
     added since (peft keeps new adapters in fp32) were not; ZeRO-3 needs one dtype and keeps fp32
     masters of what trains, so those are cast, losing nothing."""
-    if zero_state.zero_stage(trainer) != 3:
+    if zero_stage(trainer) != 3:
         return
     dtype = trainer.accelerator.state.deepspeed_plugin.hf_ds_config.dtype()
     if dtype in (torch.bfloat16, torch.float16):
@@ -190,7 +190,7 @@ def _wrap_compute_loss(trainer: Trainer, attached: AttachedPlugins) -> None:
             loss, outputs = stock(model, stock_inputs, num_items_in_batch=num_items_in_batch), None
         else:
             loss, outputs = stock(model, stock_inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        terms = loss_terms.LossTerms(base_name, loss)
+        terms = LossTerms(base_name, loss)
         plugin_set.call("perl_compute_loss", trainer=trainer, model=model, inputs=inputs, outputs=outputs, terms=terms)
         if len(terms.names()) > 1:
             attached.recorder.record(terms, model.training)

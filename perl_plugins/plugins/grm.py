@@ -24,12 +24,12 @@ from perl_plugins import hookimpl
 from perl_plugins.attach import trainer_family
 from perl_plugins.errors import PluginIncompatibleError
 from perl_plugins.lazy import lazy_import
+from perl_plugins.reward_model import HEAD_ATTR, HEAD_KINDS, decoder, set_reward_head, unwrap
 
 # Imported when a hook or loss first runs: listing this plugin's options needs no torch.
 torch = lazy_import("torch")
 nn = lazy_import("torch.nn")
 F = lazy_import("torch.nn.functional")
-reward_model = lazy_import("perl_plugins.reward_model")
 
 REGULARIZERS = ("sft", "dpo", "dpo_noref")
 
@@ -54,8 +54,8 @@ class GRMOptions:
             raise ValueError(f"grm_reg must be one of {REGULARIZERS}, got {self.grm_reg!r}.")
         if not 0.0 <= self.grm_alpha <= 1.0:
             raise ValueError(f"grm_alpha must be in [0, 1], got {self.grm_alpha}.")
-        if self.grm_head not in reward_model.HEAD_KINDS:
-            raise ValueError(f"grm_head must be one of {reward_model.HEAD_KINDS}, got {self.grm_head!r}.")
+        if self.grm_head not in HEAD_KINDS:
+            raise ValueError(f"grm_head must be one of {HEAD_KINDS}, got {self.grm_head!r}.")
 
 
 def grm_regularizer(
@@ -112,7 +112,7 @@ def response_logps(lm_head: nn.Module, hidden: torch.Tensor, input_ids: torch.Te
 
 def find_lm_head(model: nn.Module) -> nn.Module:
     """The LM head of a causal LM, or the one of the checkpoint a classification model came from."""
-    base = reward_model.unwrap(model)
+    base = unwrap(model)
     if hasattr(base, "lm_head"):
         return base.lm_head
     embeddings = base.get_input_embeddings()
@@ -258,17 +258,17 @@ def perl_prepare_model(trainer: Any, model: Any, role: str, options: dict[str, A
     opts: GRMOptions = options["grm"]
     state = _GRMState()
     state.lm_head = find_lm_head(model)
-    base = reward_model.unwrap(model)
+    base = unwrap(model)
     if not hasattr(base, "lm_head"):
         base.lm_head = state.lm_head  # a submodule, so it moves with the model and LoRA freezes it
     if opts.grm_head == "mlp":
-        reward_model.set_reward_head(base, "mlp")
-    elif not hasattr(base, reward_model.HEAD_ATTR):
-        reward_model.set_reward_head(base, "linear")
+        set_reward_head(base, "mlp")
+    elif not hasattr(base, HEAD_ATTR):
+        set_reward_head(base, "linear")
     if opts.grm_reg == "dpo" and not hasattr(model, "peft_config") and "lora" not in trainer.perl_plugins.names:
         state.reference = copy.deepcopy(model).eval().requires_grad_(False)
-        reward_model.decoder(state.reference).register_forward_hook(state.capture)
-    reward_model.decoder(base).register_forward_hook(state.capture)
+        decoder(state.reference).register_forward_hook(state.capture)
+    decoder(base).register_forward_hook(state.capture)
     trainer.perl_grm = state
     return None
 
@@ -282,7 +282,7 @@ def _reference_logps(trainer: Any, inputs: dict[str, Any]) -> torch.Tensor:
         else:  # LoRA: the base with adapters disabled is the reference; the hook captures its states
             with model.disable_adapter():
                 model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        lm_head = reward_model.unwrap(state.reference).lm_head if state.reference is not None else state.lm_head
+        lm_head = unwrap(state.reference).lm_head if state.reference is not None else state.lm_head
         return response_logps(lm_head, state.hidden, inputs["input_ids"], inputs["completion_mask"])
 
 

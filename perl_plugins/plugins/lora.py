@@ -11,20 +11,17 @@ policy's own base, so RL holds one copy of the base weights.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from perl_plugins import hookimpl
 from perl_plugins.attach import trainer_family
 from perl_plugins.errors import PluginIncompatibleError
 from perl_plugins.lazy import lazy_import
+from perl_plugins.reward_model import check_reward_adapter, load_reward_adapter, score_texts
+from perl_plugins.roles import Roles
 
 # Imported when a hook first runs: listing this plugin's options needs no torch.
 nn = lazy_import("torch.nn")
-reward_model = lazy_import("perl_plugins.reward_model")
-roles_module = lazy_import("perl_plugins.roles")
-
-if TYPE_CHECKING:
-    from perl_plugins.roles import Roles
 
 _RL = {"GRPOTrainer", "RLOOTrainer"}
 _HAS_REFERENCE = {"DPOTrainer", "KTOTrainer", *_RL}
@@ -130,7 +127,7 @@ class AdapterReward:
         model.eval()
         try:
             with self.roles.use("reward"):
-                rewards = reward_model.score_texts(
+                rewards = score_texts(
                     model, self.tokenizer, self.texts(prompts, completions), self.batch_size, self.max_length
                 )
         finally:
@@ -167,7 +164,7 @@ def perl_check_trainer(trainer: Any, options: dict[str, Any]) -> None:
     if len({reward.path for reward in rewards}) > 1:
         raise PluginIncompatibleError("lora: all AdapterReward functions must use the same reward adapter.")
     for reward in rewards:  # refuse a reward adapter from another base before anything changes
-        reward_model.check_reward_adapter(model, reward.path)
+        check_reward_adapter(model, reward.path)
     if not opts.lora_target_modules and not hasattr(model, "peft_config"):
         attention_projections(model)
 
@@ -188,9 +185,9 @@ def perl_prepare_model(trainer: Any, model: Any, role: str, options: dict[str, A
         adapters["reference"] = None
     rewards = _adapter_rewards(trainer)
     if rewards:
-        reward_model.load_reward_adapter(peft_model, rewards[0].path, adapter_name="reward")
+        load_reward_adapter(peft_model, rewards[0].path, adapter_name="reward")
         adapters["reward"] = "reward"
-    trainer.perl_roles = roles_module.Roles(peft_model, adapters)
+    trainer.perl_roles = Roles(peft_model, adapters)
     for reward in rewards:
         reward.bind(trainer.perl_roles, trainer.processing_class)
     return peft_model
