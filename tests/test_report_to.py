@@ -6,11 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 from perl_plugins.cli import main as cli_main
-
-pytest.importorskip("tensorboard")
 
 RUN = [
     "reward", "--plugins", "lora,grm,fp8", "--model_size", "tiny", "--max_steps", "3", "--logging_steps", "1",
