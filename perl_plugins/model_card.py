@@ -15,6 +15,7 @@ import contextvars
 import dataclasses
 import json
 import os
+import re
 import shlex
 import sys
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ import yaml
 from .reward_model import HEAD_SPEC_FILE
 
 CARD_FILE = "README.md"
+_HUB_ID = re.compile(r"(?!\.)[\w.-]+(/[\w.-]+)?")  # "org/name": what the card metadata's base_model may hold
 NO_FINGERPRINT = "not recorded (full fine-tuning changes the base weights)"
 _DATA_URL = "https://github.com/google-research-datasets/Taskmaster"
 TASKMASTER_ATTRIBUTION = (
@@ -208,7 +210,7 @@ def _metadata(facts: dict[str, Any]) -> dict[str, Any]:
     from huggingface_hub import ModelCardData
 
     base = facts.get("base_model")
-    hub_base = base if base and not os.path.exists(base) else None  # a local path is no hub reference
+    hub_base = base if base and _HUB_ID.fullmatch(base) and not os.path.exists(base) else None  # not a local path
     adapter = facts["kind"].endswith("adapter")
     tags = ["perl-plugins", "trl", *(["lora"] if adapter else []), *facts.get("plugins", [])]
     card = ModelCardData(
