@@ -1,4 +1,8 @@
-"""perl-plugins: cheap, robust RLHF on stock trl / transformers trainers, one flag per capability."""
+"""perl-plugins: cheap, robust RLHF on stock trl / transformers trainers, one flag per capability.
+
+Importing the package is cheap (no torch): torch, transformers and trl load when a trainer is
+attached or a loss term is built, so ``perl-plugins --help`` and ``plugins`` answer at once.
+"""
 
 from .attach import attach
 from .errors import (
@@ -9,7 +13,6 @@ from .errors import (
     UnknownPluginError,
 )
 from .hookspecs import hookimpl, hookspec
-from .loss_terms import LossTerms
 
 __version__ = "0.1.0"
 
@@ -28,6 +31,10 @@ __all__ = [
 
 
 def __getattr__(name: str):
+    if name == "LossTerms":  # holds tensors: imports torch
+        from .loss_terms import LossTerms
+
+        return LossTerms
     # PluginArguments imports every installed plugin to collect options: only pay for it when used.
     if name == "PluginArguments":
         from .arguments import PluginArguments

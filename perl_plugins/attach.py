@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
-
-import torch
-from transformers import Trainer, TrainerCallback
+from typing import TYPE_CHECKING, Any
 
 from .errors import PluginIncompatibleError
+from .lazy import lazy_import
 from .loss_terms import LossTermRecorder, LossTerms
 from .manager import PluginSet
 from .zero_state import zero_stage
+
+# torch and transformers load when a trainer is attached, not when plugins are listed.
+torch = lazy_import("torch")
+transformers = lazy_import("transformers")
+
+if TYPE_CHECKING:
+    from transformers import Trainer
 
 # Name of the stock loss term per trainer family (first match in the MRO wins).
 _BASE_LOSS_NAMES = {
@@ -76,7 +81,7 @@ def attach(trainer: Trainer, plugins: str | Sequence[Any] | None = None, **optio
     plugins add to the model (adapters, heads) follow the trainer's ``disable_dropout``, as trl's
     own model does.
     """
-    if not isinstance(trainer, Trainer):
+    if not isinstance(trainer, transformers.Trainer):
         raise PluginIncompatibleError(f"attach() needs a transformers.Trainer instance, got {type(trainer).__name__}.")
     if hasattr(trainer, "perl_plugins"):
         raise PluginIncompatibleError("Plugins are already attached to this trainer; attach once with every plugin.")
@@ -146,7 +151,7 @@ def _install(trainer: Trainer, plugin_set: PluginSet) -> None:
         _wrap_calculate_rewards(trainer, plugin_set)
     if any(plugin_set.implements(h) for h in ("perl_on_train_begin", "perl_on_step_end", "perl_on_log")):
         # First in line, so reporting callbacks (tensorboard, wandb, printer) see keys added by perl_on_log.
-        trainer.callback_handler.callbacks.insert(0, _PluginCallback(trainer, plugin_set))
+        trainer.callback_handler.callbacks.insert(0, _plugin_callback(trainer, plugin_set))
 
 
 def _prepare_models(trainer: Trainer, plugin_set: PluginSet) -> None:
@@ -311,24 +316,23 @@ def _wrap_calculate_rewards(trainer: Trainer, plugin_set: PluginSet) -> None:
     trainer._calculate_rewards = _calculate_rewards
 
 
-class _PluginCallback(TrainerCallback):
-    """Forwards trainer events to the step/log hooks."""
+def _plugin_callback(trainer: Trainer, plugin_set: PluginSet) -> Any:
+    """A ``TrainerCallback`` that forwards trainer events to the step/log hooks."""
 
-    def __init__(self, trainer: Trainer, plugin_set: PluginSet) -> None:
-        self.trainer = trainer
-        self.plugin_set = plugin_set
+    class _PluginCallback(transformers.TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            plugin_set.call("perl_on_train_begin", trainer=trainer, model=trainer.model_wrapped)
+            return control
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.plugin_set.call("perl_on_train_begin", trainer=self.trainer, model=self.trainer.model_wrapped)
-        return control
+        def on_step_end(self, args, state, control, **kwargs):
+            plugin_set.call("perl_on_step_end", trainer=trainer, state=state, control=control)
+            return control
 
-    def on_step_end(self, args, state, control, **kwargs):
-        self.plugin_set.call("perl_on_step_end", trainer=self.trainer, state=state, control=control)
-        return control
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = {} if logs is None else logs
+            plugin_set.call("perl_on_log", trainer=trainer, logs=logs, state=state, control=control)
+            if state.log_history:  # Trainer.log stored a copy of logs before calling back: keep it in sync
+                state.log_history[-1].update(logs)
+            return control
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = {} if logs is None else logs
-        self.plugin_set.call("perl_on_log", trainer=self.trainer, logs=logs, state=state, control=control)
-        if state.log_history:  # Trainer.log stored a copy of logs before calling back: keep it in sync
-            state.log_history[-1].update(logs)
-        return control
+    return _PluginCallback()

@@ -42,11 +42,17 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import safetensors.torch
-import torch
+from perl_plugins.fingerprint import (
+    base_fingerprint,
+    describe_base,
+    fingerprint_differences,
+)
+from perl_plugins.lazy import lazy_import
 
-from perl_plugins.fingerprint import base_fingerprint, describe_base, fingerprint_differences
+# Imported on first use: the adapter_ckpt plugin imports this module while plugins are only listed.
+np = lazy_import("numpy")
+torch = lazy_import("torch")
+safetensors_torch = lazy_import("safetensors.torch")
 
 __all__ = [
     "MANIFEST_NAME",
@@ -249,14 +255,14 @@ def save_tensors(
             tensor = tensor.clone()
         seen_storages.add(ptr)
         prepared[name] = tensor
-    safetensors.torch.save_file(prepared, str(path), metadata=metadata)
+    safetensors_torch.save_file(prepared, str(path), metadata=metadata)
 
 
 def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Load a safetensors file; a missing file raises :class:`MissingFileError`."""
     if not Path(path).is_file():
         raise MissingFileError(path)
-    return safetensors.torch.load_file(str(path), device=str(device))
+    return safetensors_torch.load_file(str(path), device=str(device))
 
 
 def rng_state_filename(rank: int = 0, world_size: int = 1) -> str:

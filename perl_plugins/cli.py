@@ -1,110 +1,76 @@
-"""The ``perl-plugins`` command: list plugins, run trl trainers with plugins, the demo, export."""
+"""The ``perl-plugins`` command: a table of subcommands, each in its own module, imported only
+when that subcommand runs (``--help``, ``plugins``, ``recipes`` and ``env`` never import torch)."""
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
+import importlib
 import sys
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
 
-from .errors import PluginError
+from .model_card import invoked_as
 
-USAGE = """perl-plugins COMMAND [ARGS]
-
-commands:
-  demo                              the PERL recipe at demo size on the embedded default (no network)
-  plugins [--json] [--plugins P]    list available plugins, their options and hooks
-  sft|reward|dpo|kto|grpo|rloo ...  trl's trainer with plugins: --plugins a,b plus trl's own flags,
-                                    or --config x.yaml (see `perl-plugins reward --help`)
-  export CKPT --out DIR [--merge]   an adapter_ckpt checkpoint as a peft adapter or a merged model
-"""
+# Names only: train_command imports trl when a trainer runs.
+from .train_command import TRAINERS
 
 
-def describe_plugins(extra: str | None = None) -> dict[str, Any]:
-    """Every available plugin (installed entry points, built-ins, and ``extra`` local files) with
-    its source, hooks and options; a plugin that fails to load is listed with its error."""
-    from .manager import PluginSet
-    from .registry import installed_plugins, split_names
-
-    names = list(installed_plugins()) + [n for n in split_names(extra or []) if isinstance(n, str)]
-    described = []
-    for name in dict.fromkeys(names):
-        try:
-            plugin_set = PluginSet.from_names([name])
-        except PluginError as exc:
-            described.append({"name": name, "source": "unavailable", "error": str(exc), "hooks": [], "options": []})
-            continue
-        plugin = plugin_set.plugins[0]
-        option_cls = plugin_set.option_classes[plugin.name]
-        options = [
-            {
-                "name": f.name,
-                "type": str(f.type),
-                "default": None if f.default is dataclasses.MISSING else f.default,
-                "help": f.metadata.get("help", ""),
-            }
-            for f in (dataclasses.fields(option_cls) if option_cls else ())
-        ]
-        hooks = sorted(
-            hook.name for hook in plugin_set.pm.get_hookcallers(plugin_set.pm.get_plugin(plugin.name)) or ()
-        )
-        described.append({"name": plugin.name, "source": plugin.source, "hooks": hooks, "options": options})
-    return {"plugins": described}
+@dataclass(frozen=True)
+class Command:
+    module: str  # perl_plugins.<module>, imported when the command runs; its main(argv) -> exit status
+    usage: str  # the command's line in `perl-plugins --help`
+    summary: str
 
 
-def _print_plugins(listing: dict[str, Any]) -> None:
-    for plugin in listing["plugins"]:
-        print(f"{plugin['name']}  [{plugin['source']}]")
-        if "error" in plugin:
-            print(f"    error: {plugin['error']}")
-            continue
-        print(f"    hooks: {', '.join(plugin['hooks'])}")
-        for option in plugin["options"]:
-            print(f"    --{option['name']} (default {option['default']!r}): {option['help']}")
+COMMANDS: dict[str, Command] = {
+    "demo": Command("demo", "demo", "the PERL recipe at demo size on the embedded default (no network)"),
+    "plugins": Command(
+        "plugins_command", "plugins [--json] [--plugins P]", "list available plugins, their options and hooks"
+    ),
+    "recipes": Command(
+        "recipes_command", "recipes [cp NAME DEST]", "list the recipes, or copy one (and its YAML) into your repo"
+    ),
+    "env": Command("env_command", "env [--json] [--torch]", "versions, accelerator and plugins, for bug reports"),
+    "export": Command(
+        "export", "export CKPT --out DIR [--merge]", "an adapter_ckpt checkpoint as a peft adapter or a merged model"
+    ),
+}
 
 
-def _plugins_command(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="perl-plugins plugins", description="List available plugins.")
-    parser.add_argument("--json", action="store_true", help="print JSON: {'plugins': [...]}")
-    parser.add_argument("--plugins", default=None, help="also describe these local plugin files")
-    args = parser.parse_args(argv)
-    listing = describe_plugins(args.plugins)
-    if args.json:
-        print(json.dumps(listing, indent=2, default=str))
-    else:
-        _print_plugins(listing)
+def usage() -> str:
+    lines = ["perl-plugins COMMAND [ARGS]", "", "commands:"]
+    for command in COMMANDS.values():
+        lines.append(f"  {command.usage:<34}{command.summary}")
+    trainers = "|".join(TRAINERS) + " ..."
+    lines.append(f"  {trainers:<34}trl's trainer with plugins: --plugins a,b plus trl's own flags,")
+    lines.append(f"  {'':<34}or --config x.yaml (see `perl-plugins reward --help`)")
+    return "\n".join(lines) + "\n"
+
+
+def train(argv: Sequence[str], command: str) -> int:
+    """``perl-plugins {sft,reward,...}``: trl's trainer with plugins (see :mod:`perl_plugins.train_command`)."""
+    from .train_command import run
+
+    try:
+        run(command, argv)
+    finally:
+        _end_process_group()
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print(usage())
         return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS and name not in TRAINERS:
+        print(f"perl-plugins: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
     try:
-        if command == "plugins":
-            return _plugins_command(rest)
-        if command == "demo":
-            from .demo import main as demo_main
-
-            return demo_main(rest)
-        if command == "export":
-            from .export import main as export_main
-
-            return export_main(rest)
-        from .train_command import TRAINERS, run
-
-        if command not in TRAINERS:
-            print(f"perl-plugins: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
-            return 2
-        try:
-            run(command, rest)
-        finally:
-            _end_process_group()
-        return 0
+        with invoked_as(["perl-plugins", *argv]):  # the exact command, for model cards
+            if name in TRAINERS:
+                return train(rest, name)
+            return importlib.import_module(f"perl_plugins.{COMMANDS[name].module}").main(rest)
     except Exception as exc:  # one rule for every user error: one line, exit 2; anything else is a bug
         from .user_errors import is_user_error
 

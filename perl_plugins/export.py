@@ -120,9 +120,14 @@ def export(
     manifest = verify_checkpoint(checkpoint)
     if "model" not in manifest:
         raise ExportError(f"{checkpoint} was not written by the adapter_ckpt plugin (no model record in its manifest).")
+    from .model_card import write_export_card
+
     if merge:
-        return export_merged(checkpoint, out, manifest, base, adapter)
-    return export_adapter(checkpoint, out, manifest, adapter)
+        path = export_merged(checkpoint, out, manifest, base, adapter)
+    else:
+        path = export_adapter(checkpoint, out, manifest, adapter)
+    write_export_card(checkpoint, path, manifest)
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -40,9 +40,11 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
+from perl_plugins.lazy import lazy_import
 from perl_plugins.zero_state import gathered
+
+# Imported on first use: the adapter_ckpt plugin imports this module while plugins are only listed.
+torch = lazy_import("torch")
 
 __all__ = ["VOLATILE_CONFIG_KEYS", "base_fingerprint", "describe_base", "fingerprint_differences"]
 
@@ -80,7 +82,7 @@ _PEFT_WRAPPER_SEGMENTS = frozenset({"base_layer", "original_module"})
 _PEFT_PREFIX = "base_model.model."
 _SAMPLE_WORDS = 1024  # strided words hashed per tensor, on top of the full sum
 _EDGE_WORDS = 16  # first/last words always hashed
-_WORD_DTYPES = ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.uint8))
+_WORD_DTYPES = ((8, "int64"), (4, "int32"), (2, "int16"), (1, "uint8"))  # names: torch loads lazily
 
 
 def base_fingerprint(
@@ -183,7 +185,7 @@ def _strip_volatile(value: Any) -> Any:
 
 def _tensor_digest(tensor: torch.Tensor) -> bytes:
     flat = tensor.contiguous().reshape(-1).view(torch.uint8)
-    word_dtype = next(dt for size, dt in _WORD_DTYPES if flat.numel() % size == 0)
+    word_dtype = getattr(torch, next(dt for size, dt in _WORD_DTYPES if flat.numel() % size == 0))
     words = flat.view(word_dtype)
     # Wrap-around integer sum: order-independent, so identical on every device/thread count.
     total = int(words.sum(dtype=word_dtype)) if word_dtype != torch.uint8 else int(words.sum())

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import torch
+from .lazy import lazy_import
+
+torch = lazy_import("torch")  # imported on first use: the host imports this module while plugins are only listed
 
 
 class LossTerms:

@@ -22,11 +22,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn as nn
 from safetensors import safe_open
 
+from .lazy import lazy_import
 from .zero_state import gathered
+
+# Imported on first use: the grm and lora plugins import this module while plugins are only listed.
+torch = lazy_import("torch")
+nn = lazy_import("torch.nn")
 
 HEAD_ATTR = "score"
 HEAD_SPEC_FILE = "perl_reward_head.json"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-import torch.nn as nn
+if TYPE_CHECKING:  # annotations only: plugins import this module while they are only listed
+    import torch.nn as nn
 
 
 class UnknownRoleError(KeyError):

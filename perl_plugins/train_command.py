@@ -252,13 +252,20 @@ def save_outputs(command: str, trainer: Any) -> dict[str, Any]:
 
 def run(command: str, argv: Sequence[str]) -> dict[str, Any]:
     """Parse, build, train, save; returns the final evaluation metrics (empty without eval data)."""
+    from .model_card import training_data, write_model_card
+    from .progress import quiet_progress
+
     script_args, training_args, model_args, plugin_args = parse(command, argv)
     # Evaluate at the end whenever there is a held-out split, unless the user said --eval_strategy no.
     evaluate = str(given_settings(argv).get("eval_strategy", "")).lower() != "no"
-    trainer = build_trainer(command, script_args, training_args, model_args, plugin_args, evaluate=evaluate)
+    trainer = quiet_progress(
+        build_trainer(command, script_args, training_args, model_args, plugin_args, evaluate=evaluate)
+    )
     resume = training_args.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
     metrics = save_outputs(command, trainer)
+    data = training_data(script_args.taskmaster_file, script_args.dataset_name)
+    write_model_card(training_args.output_dir, trainer=trainer, metrics=metrics, data=data, write=training_args.should_save)
     if trainer.is_world_process_zero():
         print(json.dumps({"command": command, "output_dir": training_args.output_dir, "metrics": metrics}))
     return metrics

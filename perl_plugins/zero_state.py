@@ -12,8 +12,11 @@ import contextlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import torch
-import torch.nn as nn
+from perl_plugins.lazy import lazy_import
+
+# Imported on first use: plugins import this module while they are only listed.
+torch = lazy_import("torch")
+nn = lazy_import("torch.nn")
 
 __all__ = ["zero_stage", "engine_name", "gathered", "full_values", "partition_pieces", "portable_optimizer_state"]
 

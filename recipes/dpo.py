@@ -18,18 +18,15 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import datasets
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
-from trl import DPOConfig, DPOTrainer, TrlParser
+from transformers import AutoTokenizer, set_seed
+from trl import DPOConfig, TrlParser
 
-from perl_plugins import attach
-from perl_plugins.arguments import options_for
 from perl_plugins.data.defaults import default_dataset
 from perl_plugins.device import cpu_settings
 from perl_plugins.embedded import resolve_model
-from perl_plugins.plugins.lora import LoraOptions, lora_config
+from perl_plugins.plugins.lora import LoraOptions
+from perl_plugins.recipe_kit import save_policy, train_dpo
 from perl_plugins.recipe_stages import trim_prompts
 from perl_plugins.reporting import plot_curves, write_summary
 
@@ -57,31 +54,6 @@ class DPORecipeConfig:
     beta: float = field(default=0.1, metadata={"help": "DPO inverse temperature."})
     loss_type: str = field(default="sigmoid", metadata={"help": "trl DPO loss: sigmoid, hinge, ipo, robust..."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations (large models)."})
-
-
-def train_dpo(
-    model_path: str,
-    tokenizer: Any,
-    train: datasets.Dataset,
-    test: datasets.Dataset,
-    args: DPOConfig,
-    lora: LoraOptions,
-    plugins: str = "lora",
-    plugin_options: dict | str | None = None,
-) -> tuple[dict[str, float], list[dict[str, float]], DPOTrainer]:
-    """DPO with a LoRA policy (reference = adapters off); returns (eval metrics, logs, trainer)."""
-    model = AutoModelForCausalLM.from_pretrained(model_path)
-    trainer = DPOTrainer(
-        model=model,
-        args=args,
-        train_dataset=train,
-        eval_dataset=test,
-        processing_class=tokenizer,
-        peft_config=lora_config(model, lora),
-    )
-    attach(trainer, plugins=plugins, **options_for(plugins, plugin_options))
-    trainer.train()
-    return trainer.evaluate(), trainer.state.log_history, trainer
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -124,13 +96,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
     lora = LoraOptions(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
     metrics, logs, trainer = train_dpo(model_path, tokenizer, train, test, args, lora, cfg.plugins, cfg.plugin_options)
-    trainer.save_model(args.output_dir)
     summary = {
         "eval_reward_accuracy": metrics["eval_rewards/accuracies"],
         "eval_reward_margin": metrics["eval_rewards/margins"],
         "eval_loss": metrics["eval_loss"],
         "train_loss": next((log["train_loss"] for log in reversed(logs) if "train_loss" in log), math.nan),
     }
+    save_policy(trainer, args.output_dir, summary, cfg.taskmaster_file)
     write_summary(cfg.output_dir, "dpo", summary, {"model": model_path, "plugins": cfg.plugins, "pairs": len(train)})
     plot_curves(
         cfg.output_dir,

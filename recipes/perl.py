@@ -14,24 +14,17 @@ Writes OUTPUT_DIR/summary.json and OUTPUT_DIR/curves.png.
 from __future__ import annotations
 
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
-from trl import RLOOConfig, RLOOTrainer, TrlParser
+from transformers import AutoTokenizer, set_seed
+from trl import TrlParser
 
-from perl_plugins import attach
 from perl_plugins.data.defaults import default_dataset
-from perl_plugins.device import cpu_settings
 from perl_plugins.embedded import resolve_model
-from perl_plugins.plugins.lora import AdapterReward, LoraOptions, lora_config, roles
-from perl_plugins.pointwise import pointwise_trainer, reward_classifier
-from perl_plugins.arguments import options_for
+from perl_plugins.recipe_kit import run_rl, train_reward_model
 from perl_plugins.reporting import plot_curves, write_summary
-from perl_plugins.reward_model import save_reward_adapter
 
 
 @dataclass
@@ -66,95 +59,6 @@ class PerlConfig:
     rl_max_completion_length: int = field(default=24, metadata={"help": "Max new tokens per completion."})
     rl_learning_rate: float = field(default=5e-4, metadata={"help": "Policy learning rate."})
     rl_beta: float = field(default=0.05, metadata={"help": "KL penalty to the reference (adapters off)."})
-
-
-def train_reward_model(cfg: PerlConfig, model_path: str, tokenizer, data) -> tuple[str, dict, list]:
-    """Stage 1: LoRA reward model on pointwise thumbs up/down; returns (adapter dir, metrics, logs)."""
-    train, test = data["train"].shuffle(seed=cfg.seed), data["test"]
-    if cfg.rm_train_samples:
-        train = train.select(range(min(cfg.rm_train_samples, len(train))))
-    if cfg.rm_eval_samples:
-        test = test.select(range(min(cfg.rm_eval_samples, len(test))))
-    args = TrainingArguments(
-        output_dir=os.path.join(cfg.output_dir, "reward_model"),
-        num_train_epochs=cfg.rm_epochs,
-        max_steps=cfg.rm_max_steps,
-        per_device_train_batch_size=cfg.rm_batch_size,
-        per_device_eval_batch_size=cfg.rm_batch_size,
-        learning_rate=cfg.rm_learning_rate,
-        logging_steps=5,
-        save_strategy="no",
-        report_to="none",
-        **cpu_settings(),  # CPU and fp32 without an accelerator
-        seed=cfg.seed,
-    )
-    trainer = pointwise_trainer(reward_classifier(model_path), tokenizer, args, train, test, max_length=cfg.max_length)
-    options = {"lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, **options_for(cfg.rm_plugins, cfg.plugin_options)}
-    attach(trainer, plugins=cfg.rm_plugins, **options)
-    trainer.train()
-    metrics = trainer.evaluate()
-    adapter_dir = os.path.join(cfg.output_dir, "reward_adapter")
-    save_reward_adapter(trainer.model, adapter_dir, trainer.model.active_adapter)
-    return adapter_dir, metrics, trainer.state.log_history
-
-
-def sample_rewards(trainer: RLOOTrainer, reward: AdapterReward, prompts: list[str], cfg: PerlConfig) -> float:
-    """Mean reward of completions the current policy samples for ``prompts`` (held out)."""
-    tokenizer = trainer.processing_class
-    model = trainer.model
-    rewards = []
-    with roles(trainer).use("policy"), torch.no_grad():
-        for start in range(0, len(prompts), 8):
-            chunk = prompts[start : start + 8]
-            batch = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left").to(model.device)
-            out = model.generate(
-                **batch,
-                max_new_tokens=cfg.rl_max_completion_length,
-                do_sample=True,
-                temperature=1.0,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            completions = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-            rewards.extend(reward(prompts=chunk, completions=completions))
-    return sum(rewards) / len(rewards)
-
-
-def run_rl(cfg: PerlConfig, model_path: str, tokenizer, reward_dir: str, data) -> tuple[dict, list]:
-    """Stage 2: RLOO with a LoRA policy; the reward adapter lives on the same base object."""
-    prompts = list(dict.fromkeys(data["train"]["prompt"]))[: cfg.rl_prompts]
-    eval_prompts = list(dict.fromkeys(data["test"]["prompt"]))[: cfg.rl_eval_prompts]
-    from datasets import Dataset
-
-    args = RLOOConfig(
-        output_dir=os.path.join(cfg.output_dir, "policy"),
-        max_steps=cfg.rl_max_steps,
-        per_device_train_batch_size=cfg.rl_batch_size,
-        num_generations=cfg.rl_num_generations,
-        max_completion_length=cfg.rl_max_completion_length,
-        learning_rate=cfg.rl_learning_rate,
-        beta=cfg.rl_beta,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        **cpu_settings(),  # CPU and fp32 without an accelerator
-        seed=cfg.seed,
-    )
-    model = AutoModelForCausalLM.from_pretrained(model_path)
-    reward = AdapterReward(reward_dir)
-    trainer = RLOOTrainer(
-        model=model,
-        reward_funcs=[reward],
-        args=args,
-        train_dataset=Dataset.from_dict({"prompt": prompts}),
-        processing_class=tokenizer,
-        peft_config=lora_config(model, LoraOptions(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)),
-    )
-    attach(trainer, plugins=cfg.rl_plugins, **options_for(cfg.rl_plugins, cfg.plugin_options))
-    before = sample_rewards(trainer, reward, eval_prompts, cfg)
-    trainer.train()
-    after = sample_rewards(trainer, reward, eval_prompts, cfg)
-    trainer.save_model(args.output_dir)
-    return {"rl_reward_before": before, "rl_reward_after": after}, trainer.state.log_history
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -33,9 +33,10 @@ from perl_plugins.arguments import options_for
 from perl_plugins.data.defaults import default_dataset
 from perl_plugins.device import cpu_settings
 from perl_plugins.embedded import resolve_model
+from perl_plugins.model_card import training_data, write_model_card
 from perl_plugins.plugins.lora import AdapterReward, LoraOptions
+from perl_plugins.recipe_kit import train_reward_model
 from perl_plugins.recipe_stages import iteration_log, policy_with_reward, sample_completions, trim_prompt
-from perl_plugins.recipes.perl import train_reward_model
 from perl_plugins.reporting import plot_curves, write_summary
 
 SELECTIONS = ("local", "top")
@@ -196,6 +197,14 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_reward_before": eval_before,
         "eval_reward_after": eval_after,
     }
+    write_model_card(
+        os.path.join(cfg.output_dir, "policy"),
+        model=policy,
+        plugins=cfg.sft_plugins.split(","),
+        options=options_for(cfg.sft_plugins, cfg.plugin_options),
+        data=training_data(cfg.taskmaster_file),
+        metrics={k: v for k, v in metrics.items() if not k.startswith("rm_")},
+    )
     write_summary(cfg.output_dir, "raft", metrics, {"model": model_path, "selection": cfg.raft_selection})
     plot_curves(
         cfg.output_dir,

@@ -50,10 +50,10 @@ from perl_plugins.data.defaults import default_dataset
 from perl_plugins.device import cpu_settings
 from perl_plugins.embedded import resolve_model
 from perl_plugins.errors import PluginIncompatibleError
+from perl_plugins.model_card import training_data, write_model_card
 from perl_plugins.plugins.lora import LoraOptions
+from perl_plugins.recipe_kit import run_rl, train_dpo
 from perl_plugins.recipe_stages import trim_prompt, trim_prompts
-from perl_plugins.recipes.dpo import train_dpo
-from perl_plugins.recipes.perl import run_rl
 from perl_plugins.reporting import plot_curves, write_summary
 from perl_plugins.reward_model import reward_ids, save_reward_adapter
 
@@ -334,6 +334,7 @@ def train_soft_reward_model(
     metrics = trainer.evaluate()
     reward_dir = os.path.join(cfg.output_dir, "reward_adapter")
     save_reward_adapter(trainer.model, reward_dir, trainer.model.active_adapter)
+    write_model_card(reward_dir, trainer=trainer, metrics=metrics, data=training_data(cfg.taskmaster_file))
     return reward_dir, metrics, trainer.state.log_history
 
 
@@ -372,11 +373,12 @@ def learn_with_dpo(
     dpo_metrics, logs, trainer = train_dpo(
         model_path, tokenizer, hard, human, args, lora, cfg.rl_plugins, cfg.plugin_options
     )
-    trainer.save_model(args.output_dir)
     metrics = {
         "dpo_eval_reward_accuracy": dpo_metrics["eval_rewards/accuracies"],
         "dpo_eval_reward_margin": dpo_metrics["eval_rewards/margins"],
     }
+    trainer.save_model(args.output_dir)
+    write_model_card(args.output_dir, trainer=trainer, metrics=metrics, data=training_data(cfg.taskmaster_file))
     panels = {
         "DPO: loss": (logs, ["loss"]),
         "DPO: implicit rewards": (logs, ["rewards/chosen", "rewards/rejected"]),

@@ -39,10 +39,11 @@ from perl_plugins.arguments import options_for
 from perl_plugins.data.defaults import default_dataset
 from perl_plugins.device import cpu_settings
 from perl_plugins.embedded import resolve_model
+from perl_plugins.model_card import training_data, write_model_card
 from perl_plugins.plugins.lora import AdapterReward
 from perl_plugins.plugins.rrhf import RRHFCollator, response_logps, tokenize_groups
+from perl_plugins.recipe_kit import train_reward_model
 from perl_plugins.recipe_stages import sample_completions, trim_prompt
-from perl_plugins.recipes.perl import train_reward_model
 from perl_plugins.reporting import plot_curves, write_summary
 from perl_plugins.reward_model import load_reward_adapter
 from perl_plugins.roles import Roles
@@ -226,6 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
             "train_loss": next((log["train_loss"] for log in reversed(logs) if "train_loss" in log), math.nan),
         }
     )
+    write_model_card(args.output_dir, trainer=trainer, metrics=metrics, data=training_data(cfg.taskmaster_file))
     write_summary(cfg.output_dir, "rrhf", metrics, {"model": model_path, "plugins": cfg.plugins, "groups": len(train)})
     panels = {"RRHF: loss": (logs, ["loss", "base_loss", "rrhf_rank_loss"])}
     if rm_logs:

@@ -1,16 +1,25 @@
-"""Every recipe end to end at a tiny size (tiny embedded base, a few steps): summary.json holds the
-recipe's metrics, all present and finite, and curves.png is written. (PERL: tests/test_perl_recipe.py.)"""
+"""Every recipe end to end at a tiny size (tiny embedded base, a few steps), copied out of the package
+with ``perl-plugins recipes cp`` into a temp dir and run there in a fresh interpreter that sees only
+the installed ``perl_plugins`` (not the checkout, nor the other recipes): summary.json holds the
+recipe's metrics, all present and finite, curves.png is written, and every saved adapter has a model
+card. (PERL in-process: tests/test_perl_recipe.py.)"""
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
+import os
+import subprocess
+import sys
 from importlib.resources import files
 from pathlib import Path
 
 import pytest
 import torch
+
+from perl_plugins.recipes_command import copy_recipe
+
+CHECKOUT = Path(__file__).resolve().parents[1]
 
 COMMON = "--model_size tiny --context_turns 2 --max_prompt_tokens 48 --max_length 96".split()
 RM_TINY = "--rm_train_samples 32 --rm_eval_samples 32 --rm_max_steps 2 --rm_batch_size 8".split()
@@ -21,6 +30,10 @@ RL_TINY = (
 
 # run name -> (flags after the recipe's own YAML, metrics its summary must hold)
 RUNS = {
+    "perl": (
+        [*COMMON[:4], *RM_TINY, *RL_TINY],
+        "rm_eval_accuracy rm_eval_auc rm_eval_loss rl_reward_before rl_reward_after rl_final_kl".split(),
+    ),
     "dpo": (
         [*COMMON, *"--train_samples 8 --eval_samples 8 --max_steps 2 --batch_size 4".split()],
         "eval_reward_accuracy eval_reward_margin eval_loss train_loss".split(),
@@ -74,9 +87,8 @@ def one_thread():
 def test_recipe_end_to_end(run, tmp_path):
     recipe = run.split("_")[0]
     argv, expected = RUNS[run]
-    config = files("perl_plugins.recipes").joinpath(f"{recipe}.yaml")
-    module = importlib.import_module(f"perl_plugins.recipes.{recipe}")
-    returned = module.main(["--config", str(config), "--output_dir", str(tmp_path), "--seed", "0", *argv])
+    script = run_copied_recipe(recipe, tmp_path, ["--output_dir", str(tmp_path), "--seed", "0", *argv])
+    assert not str(script).startswith(str(CHECKOUT))
 
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["recipe"] == recipe
@@ -85,10 +97,39 @@ def test_recipe_end_to_end(run, tmp_path):
     assert not missing, f"{recipe} summary lacks {missing}"
     bad = {k: v for k, v in metrics.items() if v is None or not math.isfinite(v)}
     assert not bad, f"{recipe} summary has non-finite metrics {bad}"
-    assert returned.keys() == metrics.keys()
     assert (tmp_path / "curves.png").stat().st_size > 0
+    check_model_cards(tmp_path)
     if recipe == "rlaif":
         _check_labels_file(tmp_path / "rlaif_labels.jsonl", metrics["labelled_pairs"])
+
+
+def run_copied_recipe(recipe: str, tmp_path: Path, argv: list[str]) -> Path:
+    """``recipes cp`` the recipe into ``tmp_path/repo`` and run it there: ``python -I`` puts neither
+    the checkout nor the script's own folder on the path, so only installed packages import."""
+    written = copy_recipe(recipe, tmp_path / "repo")
+    script, config = (next(p for p in written if p.suffix == suffix) for suffix in (".py", ".yaml"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(
+        [sys.executable, "-I", str(script), "--config", str(config), *argv],
+        cwd=tmp_path / "repo", env=env, capture_output=True, text=True, timeout=1200, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return script
+
+
+def check_model_cards(out: Path) -> None:
+    """Every adapter the run saved carries a README.md card with base, fingerprint, data, metrics."""
+    # (peft also saves a policy's other adapters, e.g. the reward one, in sub-folders: copies, skipped)
+    adapters = [
+        p.parent for p in out.rglob("adapter_config.json")
+        if "repo" not in p.parts and not (p.parent.parent / "adapter_config.json").is_file()
+    ]
+    assert adapters, f"no adapter saved under {out}"
+    for adapter in adapters:
+        card = (adapter / "README.md").read_text()
+        assert card.startswith("---\n") and "library_name: peft" in card, adapter
+        assert "Base fingerprint:** `not recorded" not in card and "**Plugins:** `lora`" in card, adapter
+        assert "CC BY 4.0" in card and "## Held-out metrics" in card and "| metric | value |" in card, adapter
 
 
 LABEL_KEYS = (

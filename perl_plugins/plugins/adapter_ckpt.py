@@ -36,9 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn as nn
-
 from perl_plugins import hookimpl
 from perl_plugins.attach import trainer_family
 from perl_plugins.checkpoint_io import (
@@ -57,7 +54,18 @@ from perl_plugins.checkpoint_io import (
     verify_checkpoint,
 )
 from perl_plugins.errors import PluginIncompatibleError
-from perl_plugins.zero_state import engine_name, full_values, portable_optimizer_state, zero_stage
+from perl_plugins.lazy import lazy_import
+from perl_plugins.model_card import current_command
+from perl_plugins.zero_state import (
+    engine_name,
+    full_values,
+    portable_optimizer_state,
+    zero_stage,
+)
+
+# Imported when a hook first runs: listing this plugin's options needs no torch.
+torch = lazy_import("torch")
+nn = lazy_import("torch.nn")
 
 ADAPTERS_DIR = "adapters"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -349,6 +357,7 @@ def save_checkpoint(trainer: Any, model: nn.Module, checkpoint_dir: str, opts: A
                 library_versions=library_versions(),
                 trainer_class=f"{type(trainer).__module__}.{type(trainer).__qualname__}",
                 trainer_family=trainer_family(trainer),
+                command=current_command(),  # the training command, for the model card of an export
                 global_step=trainer.state.global_step,
                 world_size=args.world_size,
                 engine=engine_name(trainer),

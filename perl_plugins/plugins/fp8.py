@@ -19,10 +19,13 @@ from typing import Any
 
 from perl_plugins import hookimpl
 from perl_plugins.errors import PluginIncompatibleError
-from perl_plugins.fp8_optim import FP8AdamW, describe
+from perl_plugins.lazy import lazy_import
 from perl_plugins.zero_state import partition_pieces
 
-__all__ = ["FP8AdamW", "FP8Options"]
+__all__ = ["FP8AdamW", "FP8Options"]  # noqa: F822 (FP8AdamW: module __getattr__, imports torch)
+
+# The optimizer (torch) is imported when a hook first runs, not when plugins are listed.
+fp8_optim = lazy_import("perl_plugins.fp8_optim")
 
 logger = logging.getLogger(__name__)
 # What TrainingArguments picks when --optim is not given (it upgrades adamw_torch to the fused
@@ -109,7 +112,7 @@ def perl_check_trainer(trainer: Any, options: dict[str, Any]) -> None:
 
 
 @hookimpl
-def perl_create_optimizer(trainer: Any, model: Any, options: dict[str, Any]) -> FP8AdamW:
+def perl_create_optimizer(trainer: Any, model: Any, options: dict[str, Any]) -> Any:
     opts: FP8Options = options["fp8"]
     args = trainer.args
     decay = set(trainer.get_decay_parameter_names(model))
@@ -118,7 +121,7 @@ def perl_create_optimizer(trainer: Any, model: Any, options: dict[str, Any]) -> 
         {"params": [p for n, p in trainable if n in decay], "weight_decay": args.weight_decay},
         {"params": [p for n, p in trainable if n not in decay], "weight_decay": 0.0},
     ]
-    optimizer = FP8AdamW(
+    optimizer = fp8_optim.FP8AdamW(
         [g for g in groups if g["params"]],
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
@@ -135,7 +138,7 @@ def perl_create_optimizer(trainer: Any, model: Any, options: dict[str, Any]) -> 
 
 def innermost_optimizer(optimizer: Any) -> Any:
     """The optimizer that steps, under accelerate's and DeepSpeed's wrappers (each keeps it in ``.optimizer``)."""
-    while getattr(optimizer, "optimizer", None) is not None and not isinstance(optimizer, FP8AdamW):
+    while getattr(optimizer, "optimizer", None) is not None and not isinstance(optimizer, fp8_optim.FP8AdamW):
         optimizer = optimizer.optimizer
     return optimizer
 
@@ -143,7 +146,7 @@ def innermost_optimizer(optimizer: Any) -> Any:
 @hookimpl
 def perl_on_train_begin(trainer: Any, model: Any, options: dict[str, Any]) -> None:
     optimizer = innermost_optimizer(trainer.optimizer)
-    if not isinstance(optimizer, FP8AdamW):
+    if not isinstance(optimizer, fp8_optim.FP8AdamW):
         raise PluginIncompatibleError(
             f"fp8: training was about to start with {type(trainer.optimizer).__name__}, not FP8AdamW."
         )
@@ -151,7 +154,7 @@ def perl_on_train_begin(trainer: Any, model: Any, options: dict[str, Any]) -> No
     # tensors: every piece keeps its own scales, as the tensor would under DDP.
     for flat, pieces in partition_pieces(trainer):
         optimizer.set_segments(flat, pieces)
-    logger.warning("fp8: %s", describe(optimizer.summary()))
+    logger.warning("fp8: %s", fp8_optim.describe(optimizer.summary()))
     if not options["fp8"].fp8_comm:
         return
     from torch.nn.parallel import DistributedDataParallel
@@ -167,9 +170,15 @@ def perl_on_train_begin(trainer: Any, model: Any, options: dict[str, Any]) -> No
 @hookimpl
 def perl_on_log(trainer: Any, logs: dict[str, float], options: dict[str, Any]) -> None:
     optimizer = innermost_optimizer(trainer.optimizer)
-    if isinstance(optimizer, FP8AdamW):
+    if isinstance(optimizer, fp8_optim.FP8AdamW):
         logs["fp8/nonfinite_skips"] = optimizer.nonfinite_skips
     state = getattr(trainer, "perl_fp8_comm", None)
     if state is not None and state.bytes_fp32_equivalent:
         logs["fp8/comm_bytes_ratio"] = state.bytes_sent / state.bytes_fp32_equivalent
         logs["fp8/comm_scale"] = float(state.scale)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "FP8AdamW":  # re-exported; importing it imports torch
+        return fp8_optim.FP8AdamW
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -28,15 +28,17 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from trl.data_utils import common_prefix_length
-
 from perl_plugins import hookimpl
 from perl_plugins.attach import trainer_family
 from perl_plugins.errors import PluginIncompatibleError
+from perl_plugins.lazy import lazy_import
 from perl_plugins.reward_model import HEAD_ATTR, HEAD_KINDS, decoder, set_reward_head, unwrap
+
+# Imported when a hook or loss first runs: listing this plugin's options needs no torch.
+torch = lazy_import("torch")
+nn = lazy_import("torch.nn")
+F = lazy_import("torch.nn.functional")
+trl_data_utils = lazy_import("trl.data_utils")
 
 REGULARIZERS = ("sft", "dpo", "dpo_noref")
 
@@ -200,11 +202,11 @@ def _pair_prompt_length(example: dict[str, Any], tokenizer: Any) -> dict[str, in
     """Where the responses start: after the prompt's own tokens, never past the tokens chosen and
     rejected share (responses often share their start, e.g. ' API call: {', which is response).
     Without a ``prompt`` column (trl's implicit-prompt pairs) the shared tokens are the prompt."""
-    shared = common_prefix_length(example["chosen_ids"], example["rejected_ids"])
+    shared = trl_data_utils.common_prefix_length(example["chosen_ids"], example["rejected_ids"])
     if example.get("prompt") is None:
         return {"prompt_len": shared}
     # A prompt's last token may merge with the response's first: the prompt ends where the ids differ.
-    prompt_len = common_prefix_length(_prompt_ids(tokenizer, example["prompt"]), example["chosen_ids"])
+    prompt_len = trl_data_utils.common_prefix_length(_prompt_ids(tokenizer, example["prompt"]), example["chosen_ids"])
     return {"prompt_len": min(prompt_len, shared)}
 
 

@@ -13,13 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch.nn as nn
-
 from perl_plugins import hookimpl
 from perl_plugins.attach import trainer_family
 from perl_plugins.errors import PluginIncompatibleError
+from perl_plugins.lazy import lazy_import
 from perl_plugins.reward_model import check_reward_adapter, load_reward_adapter, score_texts
 from perl_plugins.roles import Roles
+
+# Imported when a hook first runs: listing this plugin's options needs no torch.
+nn = lazy_import("torch.nn")
 
 _RL = {"GRPOTrainer", "RLOOTrainer"}
 _HAS_REFERENCE = {"DPOTrainer", "KTOTrainer", *_RL}

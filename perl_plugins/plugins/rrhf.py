@@ -19,12 +19,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import datasets
-import torch
-
 from perl_plugins import hookimpl
 from perl_plugins.attach import trainer_family
 from perl_plugins.errors import PluginIncompatibleError
+from perl_plugins.lazy import lazy_import
+
+# Imported when a hook or loss first runs: listing this plugin's options needs no torch.
+torch = lazy_import("torch")
+datasets = lazy_import("datasets")
 
 # Columns of a tokenized group (tokenize_groups) and the batch keys the model must not see.
 GROUP_COLUMNS = ("prompt_ids", "response_ids", "scores")
