@@ -15,7 +15,6 @@ from typing import Any
 
 import yaml
 
-from .data.split_checks import check_splits
 from .errors import UsageError
 
 TRAINERS = {
@@ -123,6 +122,7 @@ def _datasets(command: str, script_args: Any, evaluate: bool = True) -> Any:
     from datasets import load_dataset
 
     from .data.defaults import default_dataset
+    from .data.split_checks import check_splits
 
     if script_args.dataset_name:
         data = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
@@ -180,6 +180,7 @@ def build_trainer(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import attach
+    from .data.split_checks import check_splits
     from .embedded import resolve_model
     from .plugins.lora import LoraOptions, lora_config
     from .pointwise import pointwise_trainer, reward_classifier

@@ -26,7 +26,7 @@ from perl_plugins.reward_model import load_reward_adapter, score
 
 TINY_RUN = [
     "--model_size", "tiny", "--max_steps", "2", "--per_device_train_batch_size", "4", "--max_train_samples", "16",
-    "--max_eval_samples", "8", "--eval_strategy", "steps", "--eval_steps", "2", "--use_cpu", "--report_to", "none",
+    "--max_eval_samples", "64", "--eval_strategy", "steps", "--eval_steps", "2", "--use_cpu", "--report_to", "none",
 ]
 IDS = [[5, 17, 42, 99, 7, 3, 250, 11]]
 # Stock loaders only: any import of perl_plugins in this process fails.
