@@ -19,6 +19,7 @@ commands:
   sft|reward|dpo|kto|grpo|rloo ...  trl's trainer with plugins: --plugins a,b plus trl's own flags,
                                     or --config x.yaml (see `perl-plugins reward --help`)
   export CKPT --out DIR [--merge]   an adapter_ckpt checkpoint as a peft adapter or a merged model
+  models [--json]                   model aliases for --model_name_or_path and where each comes from
 """
 
 
@@ -91,6 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .demo import main as demo_main
 
             return demo_main(rest)
+        if command == "models":
+            from .models import main as models_main
+
+            return models_main(rest)
         if command == "export":
             from .export import main as export_main
 

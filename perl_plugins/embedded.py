@@ -228,9 +228,12 @@ def save_default(
 
 def resolve_model(name_or_path: str | None, size: str = "tiny") -> str:
     """A loadable model path: None or DEFAULT_MODEL_ID become the embedded default, written once
-    (atomically) into the cache dir; anything else (hub ids, local paths) is returned unchanged."""
+    (atomically) into the cache dir; an alias of ``perl_plugins.models`` (``smollm2-135m-instruct``,
+    ``embedded``, ``tiny``) its directory; anything else (hub ids, local paths) is returned unchanged."""
     if name_or_path is not None and name_or_path != DEFAULT_MODEL_ID:
-        return name_or_path
+        from .models import resolve_alias  # it imports this module
+
+        return resolve_alias(name_or_path) or name_or_path
     config = tiny_config(size)  # fails fast on an unknown size
     source = default_model_source(size)
     if source is not None:
