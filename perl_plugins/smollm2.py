@@ -94,7 +94,9 @@ def write_model(directory: Path, path: Path) -> None:
     model.tie_weights()
     model.generation_config = gguf.generation_config
     model.save_pretrained(directory)
-    AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer.model_max_length = config.max_position_embeddings  # the GGUF carries none; the original says 8192
+    tokenizer.save_pretrained(directory)
     (directory / "README.md").write_text(CARD)
 
 
