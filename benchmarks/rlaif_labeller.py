@@ -6,8 +6,8 @@ previous default) in the same run.
 Pairs are the recipe's candidate pairs (two distinct rated replies to one context, at most 3 per
 context) from every coffee conversation, train and test; only pairs whose thumbs differ can agree
 or disagree, so only those are labelled. Both orders are scored and averaged, as in the recipe.
-Prompt settings were chosen on the train pairs only (``--split train``); the test and all-pairs
-figures are reported as they come.
+The prompt was fixed before any run (the recipe's preamble and the question of the issue), not
+tuned on these pairs; ``--split train`` restricts to train pairs for any future tuning.
 
     python benchmarks/rlaif_labeller.py            # all coffee pairs, ~20-40 min on 2 CPU cores
     python benchmarks/rlaif_labeller.py --quick    # 48 train pairs
