@@ -21,7 +21,6 @@ import json
 import math
 import time
 
-import datasets
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -207,7 +207,7 @@ def test_export_merge_scores_like_the_adapter(pointwise, base, tokenizer, tmp_pa
     merged = tmp_path / "merged"
     result = subprocess.run(
         [sys.executable, "-m", "perl_plugins.cli", "export", str(out / "checkpoint-4"), "--out", str(merged), "--merge"],
-        capture_output=True, text=True,
+        capture_output=True, text=True, check=False,
     )
     assert result.returncode == 0, result.stderr
     classifier = AutoModelForSequenceClassification.from_pretrained(merged).eval()
@@ -295,7 +295,7 @@ def test_chat_labeller_reads_the_answer_token_of_each_prompt(base, tokenizer):
 
     model = AutoModelForCausalLM.from_pretrained(base)
     labeller = rlaif.CausalLMLabeller(model, tokenizer, rlaif.generation_prompt(tokenizer), 4, rlaif.CHAT_OPTIONS)
-    render = lambda *a: rlaif.chat_labelling_prompt(tokenizer, *a)  # noqa: E731
+    render = lambda *a: rlaif.chat_labelling_prompt(tokenizer, *a)
     pairs = [("User: a latte please", " Sure, one latte.", " No."), ("User: tea?", " Coffee only.", " Green tea?")]
     texts = [render(rlaif.PREAMBLE, c, *order) for c, r1, r2 in pairs for order in ((r1, r2), (r2, r1))]
     batched = labeller(texts)
