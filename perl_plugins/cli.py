@@ -33,6 +33,7 @@ COMMANDS: dict[str, Command] = {
     "export": Command(
         "export", "export CKPT --out DIR [--merge]", "an adapter_ckpt checkpoint as a peft adapter or a merged model"
     ),
+    "models": Command("models", "models [--json]", "model aliases for --model_name_or_path and where each comes from"),
 }
 
 

@@ -231,9 +231,12 @@ def resolve_model(name_or_path: str | None = None, size: str = "demo") -> str:
     """A loadable model path: None or DEFAULT_MODEL_ID become the embedded default, the one the CLI
     and the recipes use: the pre-trained ``demo`` base shipped in the package (other sizes, e.g.
     ``"tiny"``, are random-initialised and written once, atomically, into the cache dir); anything
-    else (hub ids, local paths) is returned unchanged."""
+    else: an alias of ``perl_plugins.models`` (``smollm2-135m-instruct``, ``embedded``, ``tiny``)
+    gives its directory, and hub ids and local paths are returned unchanged."""
     if name_or_path is not None and name_or_path != DEFAULT_MODEL_ID:
-        return name_or_path
+        from .models import resolve_alias  # it imports this module
+
+        return resolve_alias(name_or_path) or name_or_path
     config = tiny_config(size)  # fails fast on an unknown size
     source = default_model_source(size)
     if source is not None:

