@@ -67,6 +67,30 @@ def _refuse_options_of_plugins_not_enabled(args: Any, enabled: list[str]) -> Non
             )
 
 
+def check_options(options: dict[str, Any] | str | None, *stage_plugins: str | Sequence[Any]) -> None:
+    """A recipe shares one option table between stages that enable different plugins (see
+    :func:`options_for`): an option that no stage's plugins declare would be ignored in silence, so
+    refuse it, naming the plugin it belongs to, as the CLI and ``attach()`` do."""
+    import json
+
+    if isinstance(options, str):
+        options = json.loads(options or "{}")
+    enabled = list(dict.fromkeys(n for plugins in stage_plugins for n in split_names(plugins)))
+    declared = PluginSet.from_names(enabled).option_fields()
+    stray = [key for key in options or {} if key not in declared]
+    if not stray:
+        return
+    owners = make_plugin_arguments().option_owners
+    owner = owners.get(stray[0])
+    names = ", ".join(str(n) for n in enabled) or "none"
+    if owner is None:
+        raise PluginOptionError(f"plugin_options: {stray[0]!r} is not an option of any plugin the recipe enables ({names}).")
+    raise PluginOptionError(
+        f"plugin_options: {stray[0]!r} is an option of plugin {owner!r}, which no stage of the recipe enables "
+        f"(plugins: {names}): add {owner} to a stage's plugins, or drop the option."
+    )
+
+
 def make_plugin_arguments(extra_plugins: str | Sequence[str] | None = None) -> type:
     """Build a ``PluginArguments`` dataclass with the options of every installed plugin and of
     ``extra_plugins`` (local plugin files, whose options are not known until they are named)."""

@@ -22,6 +22,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, set_seed
 from trl import DPOConfig, TrlParser
 
+from perl_plugins.arguments import check_options
 from perl_plugins.data.defaults import default_dataset
 from perl_plugins.device import cpu_settings
 from perl_plugins.embedded import resolve_model
@@ -58,6 +59,7 @@ class DPORecipeConfig:
 
 def main(argv: list[str] | None = None) -> dict:
     (cfg,) = TrlParser([DPORecipeConfig]).parse_args_and_config(argv)
+    check_options(cfg.plugin_options, cfg.plugins)  # before anything loads
     if "lora" not in cfg.plugins.split(","):
         raise SystemExit("This recipe's reference is the base with adapters off: keep 'lora' in plugins.")
     set_seed(cfg.seed)

@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 from perl_plugins import attach
-from perl_plugins.arguments import options_for
+from perl_plugins.arguments import check_options, options_for
 from perl_plugins.data.defaults import default_dataset
 from perl_plugins.device import cpu_settings
 from perl_plugins.embedded import resolve_model
@@ -133,6 +133,7 @@ def mean(values: list[list[float]]) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     (cfg,) = TrlParser([RAFTRecipeConfig]).parse_args_and_config(argv)
+    check_options(cfg.plugin_options, cfg.rm_plugins, cfg.sft_plugins)  # before anything loads
     if "lora" not in cfg.rm_plugins.split(",") or "lora" not in cfg.sft_plugins.split(","):
         raise SystemExit("RAFT trains both adapters through LoRA: keep 'lora' in rm_plugins and sft_plugins.")
     set_seed(cfg.seed)

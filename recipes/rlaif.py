@@ -51,7 +51,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from trl import DPOConfig, RewardConfig, RewardTrainer, TrlParser
 
 from perl_plugins import attach, hookimpl, smollm2
-from perl_plugins.arguments import options_for
+from perl_plugins.arguments import check_options, options_for
 from perl_plugins.attach import trainer_family
 from perl_plugins.data.defaults import default_dataset
 from perl_plugins.device import cpu_settings
@@ -492,6 +492,7 @@ def learn_with_reward_model(
 
 def main(argv: list[str] | None = None) -> dict:
     (cfg,) = TrlParser([RLAIFRecipeConfig]).parse_args_and_config(argv)
+    check_options(cfg.plugin_options, cfg.rm_plugins, cfg.rl_plugins)  # before anything loads
     if "lora" not in cfg.rm_plugins.split(",") or "lora" not in cfg.rl_plugins.split(","):
         raise SystemExit("RLAIF trains every adapter through LoRA: keep 'lora' in rm_plugins and rl_plugins.")
     set_seed(cfg.seed)

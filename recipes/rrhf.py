@@ -35,7 +35,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 from trl import TrlParser
 
 from perl_plugins import attach
-from perl_plugins.arguments import options_for
+from perl_plugins.arguments import check_options, options_for
 from perl_plugins.data.defaults import default_dataset
 from perl_plugins.device import cpu_settings
 from perl_plugins.embedded import resolve_model
@@ -164,6 +164,7 @@ def ranking_accuracy(
 
 def main(argv: list[str] | None = None) -> dict:
     (cfg,) = TrlParser([RRHFRecipeConfig]).parse_args_and_config(argv)
+    check_options(cfg.plugin_options, cfg.rm_plugins, cfg.plugins)  # before anything loads
     if "rrhf" not in cfg.plugins.split(","):
         raise SystemExit("The RRHF loss is the 'rrhf' plugin: keep it in plugins.")
     set_seed(cfg.seed)
