@@ -13,22 +13,32 @@ Writes OUTPUT_DIR/summary.json and OUTPUT_DIR/curves.png.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
+from datasets import Dataset
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    TrainingArguments,
+    set_seed,
+)
 from trl import RLOOConfig, RLOOTrainer, TrlParser
 
 from perl_plugins import attach
+from perl_plugins.arguments import options_for
 from perl_plugins.data.defaults import default_dataset
 from perl_plugins.embedded import resolve_model
 from perl_plugins.plugins.lora import AdapterReward, LoraOptions, lora_config, roles
 from perl_plugins.pointwise import pointwise_trainer, reward_classifier
-from perl_plugins.arguments import options_for
+from perl_plugins.recipe_stages import policy_with_reward, sample_completions
 from perl_plugins.reporting import plot_curves, write_summary
 from perl_plugins.reward_model import save_reward_adapter
 
@@ -45,6 +55,9 @@ class PerlConfig:
         default="{}", metadata={"help": "Plugin options for both stages (a mapping in YAML, JSON on the CLI)."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of both stages."})
+    split_seed: int = field(
+        default=0, metadata={"help": "Seed of the leak-free train/test split (the embedded base saw split 0's train)."}
+    )
     context_turns: int = field(default=4, metadata={"help": "Keep the last N dialog turns of each context."})
     max_length: int = field(default=192, metadata={"help": "Reward model: max tokens of prompt + completion."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank of both adapters."})
@@ -56,15 +69,54 @@ class PerlConfig:
     rm_max_steps: int = field(default=-1, metadata={"help": "Reward-model steps (overrides epochs if > 0)."})
     rm_batch_size: int = field(default=16, metadata={"help": "Reward-model batch size."})
     rm_learning_rate: float = field(default=1e-3, metadata={"help": "Reward-model learning rate."})
+    rm_lr_scheduler: str = field(default="linear", metadata={"help": "Reward-model learning-rate schedule."})
+    rm_warmup_ratio: float = field(default=0.0, metadata={"help": "Reward-model warm-up share of the steps."})
+    rm_full_learning_rate: float = field(
+        default=1e-4, metadata={"help": "Learning rate when the reward model is fully fine-tuned (benchmarks)."}
+    )
     # stage 2: RL
     rl_prompts: int = field(default=64, metadata={"help": "Training prompts for RLOO."})
-    rl_eval_prompts: int = field(default=32, metadata={"help": "Held-out prompts for reward before/after."})
+    rl_eval_prompts: int = field(default=64, metadata={"help": "Held-out prompts for reward before/after."})
+    rl_eval_samples: int = field(default=4, metadata={"help": "Sampled completions per held-out prompt."})
     rl_max_steps: int = field(default=30, metadata={"help": "RLOO optimizer steps."})
     rl_batch_size: int = field(default=8, metadata={"help": "Completions per RLOO step."})
     rl_num_generations: int = field(default=4, metadata={"help": "Completions per prompt (RLOO's k)."})
     rl_max_completion_length: int = field(default=24, metadata={"help": "Max new tokens per completion."})
     rl_learning_rate: float = field(default=5e-4, metadata={"help": "Policy learning rate."})
     rl_beta: float = field(default=0.05, metadata={"help": "KL penalty to the reference (adapters off)."})
+    rl_kl_limit: float = field(default=0.5, metadata={"help": "Documented bound the final KL must stay below."})
+    rl_compare_full: bool = field(default=False, metadata={"help": "Also run RL with a fully fine-tuned policy (rl_full_*)."})
+    rl_full_learning_rate: float = field(default=5e-5, metadata={"help": "Learning rate of the full fine-tuning policy."})
+
+
+def reward_trainer(cfg: PerlConfig, model_path: str, tokenizer, train, test, plugins: str | None = None):
+    """Stage 1's stock ``Trainer`` (BCE on the reward logit), plugins attached, not yet trained.
+
+    ``plugins`` defaults to ``cfg.rm_plugins``; ``""`` fine-tunes the whole model (the comparison
+    PERL draws: LoRA reward models on par with full fine-tuning at the same budget)."""
+    plugins = cfg.rm_plugins if plugins is None else plugins
+    args = TrainingArguments(
+        output_dir=os.path.join(cfg.output_dir, "reward_model"),
+        num_train_epochs=cfg.rm_epochs,
+        max_steps=cfg.rm_max_steps,
+        per_device_train_batch_size=cfg.rm_batch_size,
+        per_device_eval_batch_size=cfg.rm_batch_size,
+        learning_rate=cfg.rm_learning_rate,
+        lr_scheduler_type=cfg.rm_lr_scheduler,
+        warmup_steps=cfg.rm_warmup_ratio,  # a float below 1 is a share of the steps
+        train_sampling_strategy="group_by_length",  # batches of like lengths: far less padding to compute
+        logging_steps=5,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+        seed=cfg.seed,
+    )
+    trainer = pointwise_trainer(reward_classifier(model_path), tokenizer, args, train, test, max_length=cfg.max_length)
+    names = [name for name in plugins.split(",") if name]
+    options = options_for(names, cfg.plugin_options)
+    if "lora" in names:
+        options.update(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
+    return attach(trainer, plugins=names, **options)
 
 
 def train_reward_model(cfg: PerlConfig, model_path: str, tokenizer, data) -> tuple[str, dict, list]:
@@ -74,22 +126,7 @@ def train_reward_model(cfg: PerlConfig, model_path: str, tokenizer, data) -> tup
         train = train.select(range(min(cfg.rm_train_samples, len(train))))
     if cfg.rm_eval_samples:
         test = test.select(range(min(cfg.rm_eval_samples, len(test))))
-    args = TrainingArguments(
-        output_dir=os.path.join(cfg.output_dir, "reward_model"),
-        num_train_epochs=cfg.rm_epochs,
-        max_steps=cfg.rm_max_steps,
-        per_device_train_batch_size=cfg.rm_batch_size,
-        per_device_eval_batch_size=cfg.rm_batch_size,
-        learning_rate=cfg.rm_learning_rate,
-        logging_steps=5,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=not torch.cuda.is_available(),
-        seed=cfg.seed,
-    )
-    trainer = pointwise_trainer(reward_classifier(model_path), tokenizer, args, train, test, max_length=cfg.max_length)
-    options = {"lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, **options_for(cfg.rm_plugins, cfg.plugin_options)}
-    attach(trainer, plugins=cfg.rm_plugins, **options)
+    trainer = reward_trainer(cfg, model_path, tokenizer, train, test)
     trainer.train()
     metrics = trainer.evaluate()
     adapter_dir = os.path.join(cfg.output_dir, "reward_adapter")
@@ -97,40 +134,69 @@ def train_reward_model(cfg: PerlConfig, model_path: str, tokenizer, data) -> tup
     return adapter_dir, metrics, trainer.state.log_history
 
 
-def sample_rewards(trainer: RLOOTrainer, reward: AdapterReward, prompts: list[str], cfg: PerlConfig) -> float:
-    """Mean reward of completions the current policy samples for ``prompts`` (held out)."""
-    tokenizer = trainer.processing_class
-    model = trainer.model
-    rewards = []
-    with roles(trainer).use("policy"), torch.no_grad():
-        for start in range(0, len(prompts), 8):
-            chunk = prompts[start : start + 8]
-            batch = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left").to(model.device)
-            out = model.generate(
-                **batch,
-                max_new_tokens=cfg.rl_max_completion_length,
-                do_sample=True,
-                temperature=1.0,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            completions = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-            rewards.extend(reward(prompts=chunk, completions=completions))
-    return sum(rewards) / len(rewards)
+def held_out_rewards(model, tokenizer, reward: AdapterReward, prompts: list[str], cfg: PerlConfig) -> dict[str, Any]:
+    """``rl_eval_samples`` sampled completions per held-out prompt from the model's active policy,
+    scored by the reward adapter, with a fixed sampling seed (the same draws before and after RL)."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(cfg.seed + 7919)
+    try:
+        completions = sample_completions(
+            model, tokenizer, prompts, cfg.rl_eval_samples, cfg.rl_max_completion_length, desc="Held-out samples"
+        )
+    finally:
+        torch.random.set_rng_state(state)
+    flat_prompts = [p for p, cs in zip(prompts, completions) for _ in cs]
+    flat = [c for cs in completions for c in cs]
+    rewards = np.asarray(reward(prompts=flat_prompts, completions=flat), dtype=np.float64)
+    per_prompt = rewards.reshape(len(prompts), cfg.rl_eval_samples).mean(axis=1)
+    return {
+        "mean": float(rewards.mean()),
+        "std": float(rewards.std(ddof=1)),
+        # Samples of one prompt are correlated: the standard error counts prompts, not samples.
+        "se": float(per_prompt.std(ddof=1) / math.sqrt(len(prompts))),
+        "per_prompt": per_prompt,
+        "mean_length": float(np.mean([len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in flat])),
+        "samples": [(p, c, float(r)) for p, c, r in zip(flat_prompts, flat, rewards)],
+    }
 
 
-def run_rl(cfg: PerlConfig, model_path: str, tokenizer, reward_dir: str, data) -> tuple[dict, list]:
-    """Stage 2: RLOO with a LoRA policy; the reward adapter lives on the same base object."""
+def rl_report(before: dict[str, Any], after: dict[str, Any], prefix: str = "rl") -> dict[str, float]:
+    """Before/after means and standard errors, the gain in standard deviations of the
+    before-distribution, and the paired standard error of the gain (prompt-level differences)."""
+    diff = after["per_prompt"] - before["per_prompt"]
+    return {
+        f"{prefix}_reward_before": before["mean"],
+        f"{prefix}_reward_before_se": before["se"],
+        f"{prefix}_reward_after": after["mean"],
+        f"{prefix}_reward_after_se": after["se"],
+        f"{prefix}_gain": after["mean"] - before["mean"],
+        f"{prefix}_gain_se": float(diff.std(ddof=1) / math.sqrt(len(diff))),
+        f"{prefix}_gain_in_std": (after["mean"] - before["mean"]) / before["std"],
+        f"{prefix}_length_before": before["mean_length"],
+        f"{prefix}_length_after": after["mean_length"],
+    }
+
+
+def run_rl(
+    cfg: PerlConfig, model_path: str, tokenizer, reward_dir: str, data=None, policy: str = "lora"
+) -> tuple[dict, list, dict]:
+    """Stage 2: RLOO from ``model_path`` scored by the reward adapter at ``reward_dir``; returns
+    (metrics, logs, {"before": ..., "after": ...} held-out rewards and samples).
+
+    ``policy="lora"`` is PERL: a LoRA policy on the same base object as the reward adapter and the
+    reference (adapters off). ``policy="full"`` fine-tunes every weight (the comparison PERL draws):
+    the reward adapter then sits on a separate frozen copy of the base."""
+    if data is None:
+        data = default_dataset("rloo", cfg.taskmaster_file, cfg.context_turns, seed=cfg.split_seed)
     prompts = list(dict.fromkeys(data["train"]["prompt"]))[: cfg.rl_prompts]
     eval_prompts = list(dict.fromkeys(data["test"]["prompt"]))[: cfg.rl_eval_prompts]
-    from datasets import Dataset
-
     args = RLOOConfig(
-        output_dir=os.path.join(cfg.output_dir, "policy"),
+        output_dir=os.path.join(cfg.output_dir, "policy" if policy == "lora" else "policy_full"),
         max_steps=cfg.rl_max_steps,
         per_device_train_batch_size=cfg.rl_batch_size,
         num_generations=cfg.rl_num_generations,
         max_completion_length=cfg.rl_max_completion_length,
-        learning_rate=cfg.rl_learning_rate,
+        learning_rate=cfg.rl_learning_rate if policy == "lora" else cfg.rl_full_learning_rate,
         beta=cfg.rl_beta,
         logging_steps=1,
         save_strategy="no",
@@ -139,21 +205,71 @@ def run_rl(cfg: PerlConfig, model_path: str, tokenizer, reward_dir: str, data) -
         seed=cfg.seed,
     )
     model = AutoModelForCausalLM.from_pretrained(model_path)
-    reward = AdapterReward(reward_dir)
+    if policy == "lora":
+        reward = AdapterReward(reward_dir)
+        peft_config = lora_config(model, LoraOptions(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha))
+    else:
+        _, _, reward = policy_with_reward(
+            AutoModelForCausalLM.from_pretrained(model_path), tokenizer, reward_dir, LoraOptions(lora_r=cfg.lora_r)
+        )
+        peft_config = None
     trainer = RLOOTrainer(
         model=model,
         reward_funcs=[reward],
         args=args,
         train_dataset=Dataset.from_dict({"prompt": prompts}),
         processing_class=tokenizer,
-        peft_config=lora_config(model, LoraOptions(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)),
+        peft_config=peft_config,
     )
-    attach(trainer, plugins=cfg.rl_plugins, **options_for(cfg.rl_plugins, cfg.plugin_options))
-    before = sample_rewards(trainer, reward, eval_prompts, cfg)
+    if policy == "lora":
+        attach(trainer, plugins=cfg.rl_plugins, **options_for(cfg.rl_plugins, cfg.plugin_options))
+        use_policy = lambda: roles(trainer).use("policy")
+    else:
+        use_policy = contextlib.nullcontext
+    with use_policy():
+        before = held_out_rewards(trainer.model, tokenizer, reward, eval_prompts, cfg)
     trainer.train()
-    after = sample_rewards(trainer, reward, eval_prompts, cfg)
+    with use_policy():
+        after = held_out_rewards(trainer.model, tokenizer, reward, eval_prompts, cfg)
     trainer.save_model(args.output_dir)
-    return {"rl_reward_before": before, "rl_reward_after": after}, trainer.state.log_history
+    prefix = "rl" if policy == "lora" else "rl_full"
+    logs = trainer.state.log_history
+    metrics = {
+        **rl_report(before, after, prefix),
+        f"{prefix}_final_kl": next((log["kl"] for log in reversed(logs) if "kl" in log), math.nan),
+    }
+    return metrics, logs, {"before": before, "after": after}
+
+
+def write_samples(output_dir: str, evals: dict[str, dict[str, Any]], per_side: int = 6) -> Path:
+    """OUTPUT_DIR/samples.md: held-out completions before and after RL, side by side, with mean
+    lengths, so that what the RL did to the text (reward hacking included) is visible."""
+    before, after = evals["before"], evals["after"]
+    lines = [
+        "# Held-out samples before and after RL",
+        "",
+        (f"Mean completion length (tokens): before {before['mean_length']:.1f}, after {after['mean_length']:.1f}. "
+        f"Mean reward: before {before['mean']:.3f} ± {before['se']:.3f}, after {after['mean']:.3f} ± {after['se']:.3f}."),
+        "",
+    ]
+    step = max(1, len(before["samples"]) // per_side)
+    for k in range(0, min(len(before["samples"]), step * per_side), step):
+        prompt, b, rb = before["samples"][k]
+        _, a, ra = after["samples"][k]
+        lines += [
+            f"## Sample {k // step + 1}",
+            "",
+            "```",
+            "\n".join(prompt.split("\n")[-3:]),
+            "```",
+            "",
+            f"- before (reward {rb:.3f}): `{b!r}`",
+            f"- after (reward {ra:.3f}): `{a!r}`",
+            "",
+        ]
+    path = Path(output_dir) / "samples.md"
+    path.write_text("\n".join(lines))
+    return path
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -166,19 +282,25 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    rm_data = default_dataset("reward", cfg.taskmaster_file, cfg.context_turns, seed=cfg.seed)
+    rm_data = default_dataset("reward", cfg.taskmaster_file, cfg.context_turns, seed=cfg.split_seed)
     print(f"[perl] stage 1: LoRA reward model on {len(rm_data['train'])} thumbs up/down rows", flush=True)
     reward_dir, rm_metrics, rm_logs = train_reward_model(cfg, model_path, tokenizer, rm_data)
     print(f"[perl] reward model: accuracy {rm_metrics['eval_accuracy']:.3f}, AUC {rm_metrics['eval_auc']:.3f}", flush=True)
-    rl_data = default_dataset("rloo", cfg.taskmaster_file, cfg.context_turns, seed=cfg.seed)
+    rl_data = default_dataset("rloo", cfg.taskmaster_file, cfg.context_turns, seed=cfg.split_seed)
     print(f"[perl] stage 2: RLOO, LoRA policy + reward adapter on one base, {cfg.rl_max_steps} steps", flush=True)
-    rl_metrics, rl_logs = run_rl(cfg, model_path, tokenizer, reward_dir, rl_data)
+    rl_metrics, rl_logs, rl_evals = run_rl(cfg, model_path, tokenizer, reward_dir, rl_data)
+    write_samples(cfg.output_dir, rl_evals)
+    if cfg.rl_compare_full:
+        print("[perl] stage 2 again with a fully fine-tuned policy (PERL's comparison)", flush=True)
+        full_metrics, _, _ = run_rl(cfg, model_path, tokenizer, reward_dir, rl_data, policy="full")
+        rl_metrics.update(full_metrics)
+        rl_metrics["rl_lora_over_full_gain"] = rl_metrics["rl_gain"] / full_metrics["rl_full_gain"]
     metrics = {
         "rm_eval_accuracy": rm_metrics["eval_accuracy"],
         "rm_eval_auc": rm_metrics["eval_auc"],
         "rm_eval_loss": rm_metrics["eval_loss"],
         **rl_metrics,
-        "rl_final_kl": next((log["kl"] for log in reversed(rl_logs) if "kl" in log), math.nan),
+        "rl_kl_limit": cfg.rl_kl_limit,
     }
     write_summary(cfg.output_dir, "perl", metrics, {"model": model_path, "rm_plugins": cfg.rm_plugins, "rl_plugins": cfg.rl_plugins})
     plot_curves(

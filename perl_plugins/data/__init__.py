@@ -13,6 +13,7 @@ from perl_plugins.data.taskmaster import (
     preference_pairs,
     render_turn,
     split_ids,
+    split_rows,
 )
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "preference_pairs",
     "render_turn",
     "split_ids",
+    "split_rows",
 ]

@@ -268,7 +268,14 @@ def load_splits(
     so the split is deterministic and independent of row order. Coffee file, defaults: 1,326 groups;
     2,875 train and 353 test rows.
     """
-    rows = load_feedback(path)
+    return split_rows(load_feedback(path), test_fraction, seed)
+
+
+def split_rows(
+    rows: Iterable[FeedbackRow], test_fraction: float = 0.1, seed: int = 0
+) -> dict[str, list[FeedbackRow]]:
+    """:func:`load_splits` on rows already loaded, e.g. to carve a validation split out of train."""
+    rows = list(rows)
     group = _split_groups(rows)
     test_groups = set(split_ids(sorted(set(group.values())), test_fraction, seed)[1])
     return {
