@@ -243,23 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 rl_runs.append(rl_stage(cfg, model_path, reward_dir))
                 print(f"[quality] seed {seed} rl: {json.dumps(rl_runs[-1])}", flush=True)
 
-    table: dict[str, Any] = {}
-    for method, runs in per_seed.items():
-        auc, bal = summarize([r["auc"] for r in runs]), summarize([r["balanced_accuracy"] for r in runs])
-        table[method] = {
-            "auc_mean": auc["mean"], "auc_std": auc["std"],
-            "balanced_accuracy_mean": bal["mean"], "balanced_accuracy_std": bal["std"],
-            "per_seed_auc": [r["auc"] for r in runs],
-            **{k: float(np.mean([r[k] for r in runs])) for k in ("train_s", "step_s", "peak_rss_mb", "trainable_params") if k in runs[0]},
-        }
-    if rl_runs:
-        table["rl"] = {
-            "rl_gain_in_std": [r["lora"]["rl_gain_in_std"] for r in rl_runs],
-            "rl_full_gain_in_std": [r["full"]["rl_gain_in_std"] for r in rl_runs],
-            "rl_final_kl": [r["lora"]["rl_final_kl"] for r in rl_runs],
-            "rl_full_final_kl": [r["full"]["rl_final_kl"] for r in rl_runs],
-            "runs": rl_runs,
-        }
+    table = build_table(per_seed, rl_runs)
     table["goals"] = goals(table)
     table["setup"] = {
         "model": model_path, "seeds": seeds, "evaluated_on": split_name, "train_rows": len(train),
@@ -272,6 +256,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         RESULTS.write_text(markdown(table))
         print(f"[quality] wrote {RESULTS}", flush=True)
     print(json.dumps(table))
+    return table
+
+
+def build_table(per_seed: dict[str, list[dict[str, float]]], rl_runs: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """The PERL table: per method mean/std over seeds; per-seed RL gains and KLs."""
+    table: dict[str, Any] = {}
+    for method, runs in per_seed.items():
+        auc, bal = summarize([r["auc"] for r in runs]), summarize([r["balanced_accuracy"] for r in runs])
+        table[method] = {
+            "auc_mean": auc["mean"], "auc_std": auc["std"],
+            "balanced_accuracy_mean": bal["mean"], "balanced_accuracy_std": bal["std"],
+            "per_seed_auc": [r["auc"] for r in runs],
+            **{k: float(np.mean([r[k] for r in runs])) for k in ("train_s", "step_s", "peak_rss_mb", "trainable_params") if k in runs[0]},
+        }
+    if rl_runs:
+        table["rl"] = {
+            "rl_gain_in_std": [r["lora"]["rl_gain_in_std"] for r in rl_runs],
+            "rl_full_gain_in_std": [r["full"]["rl_full_gain_in_std"] for r in rl_runs],
+            "rl_final_kl": [r["lora"]["rl_final_kl"] for r in rl_runs],
+            "rl_full_final_kl": [r["full"]["rl_full_final_kl"] for r in rl_runs],
+            "runs": rl_runs,
+        }
     return table
 
 
@@ -293,6 +299,10 @@ def goals(table: dict[str, Any]) -> dict[str, bool]:
     return out
 
 
+def _fmt(row: dict[str, Any], key: str, spec: str) -> str:
+    return format(row[key], spec) if key in row else "–"
+
+
 def markdown(table: dict[str, Any]) -> str:
     setup = table["setup"]
     lines = [
@@ -310,8 +320,8 @@ def markdown(table: dict[str, Any]) -> str:
             r = table[method]
             lines.append(
                 f"| {method} | {r['auc_mean']:.3f} ± {r['auc_std']:.3f} | {r['balanced_accuracy_mean']:.3f} ± "
-                f"{r['balanced_accuracy_std']:.3f} | {r.get('trainable_params', float('nan')):,.0f} | "
-                f"{r.get('step_s', float('nan')):.3f} | {r.get('peak_rss_mb', float('nan')):.0f} |"
+                f"{r['balanced_accuracy_std']:.3f} | {_fmt(r, 'trainable_params', ',.0f')} | "
+                f"{_fmt(r, 'step_s', '.3f')} | {_fmt(r, 'peak_rss_mb', '.0f')} |"
             )
     if "rl" in table:
         rl = table["rl"]
@@ -320,11 +330,11 @@ def markdown(table: dict[str, Any]) -> str:
             "| RL policy | reward gain (in std of the before-distribution), per seed | final KL | peak RSS (MiB) | wall (s) |",
             "| --- | --- | --- | --- | --- |",
         ]
-        for kind, key in (("lora", "rl_gain_in_std"), ("full", "rl_full_gain_in_std")):
+        for kind, prefix in (("lora", "rl"), ("full", "rl_full")):
             runs = [r[kind] for r in rl["runs"]]
             lines.append(
-                f"| {kind} | {', '.join(f'{g:.2f}' for g in rl[key])} | "
-                f"{', '.join(format(r['rl_final_kl'], '.4f') for r in runs)} | "
+                f"| {kind} | {', '.join(format(g, '.2f') for g in rl[prefix + '_gain_in_std'])} | "
+                f"{', '.join(format(r[prefix + '_final_kl'], '.4f') for r in runs)} | "
                 f"{np.mean([r['peak_rss_mb'] for r in runs]):.0f} | {np.mean([r['wall_s'] for r in runs]):.0f} |"
             )
     lines += ["", "Goals: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in table["goals"].items()), ""]

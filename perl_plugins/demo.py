@@ -32,7 +32,7 @@ def verdict(metrics: dict[str, float]) -> str:
         f"{metrics['rl_reward_after']:.3f} ± {metrics['rl_reward_after_se']:.3f}: "
         f"{gain:+.3f} ± {se:.3f} ({metrics['rl_gain_in_std']:+.2f} standard deviations), {judged}.\n"
         f"Final KL to the reference {metrics['rl_final_kl']:.4f}, {kl_ok} the documented limit {metrics['rl_kl_limit']}; "
-        f"completions {metrics['rl_length_before']:.1f} -> {metrics['rl_length_after']:.1f} tokens on average "
+        f"completions {metrics['rl_length_before']:.1f} -> {metrics['rl_length_after']:.1f} characters on average "
         "(samples.md shows them)."
     )
 

@@ -63,6 +63,9 @@ class PerlConfig:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank of both adapters."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha of both adapters."})
     # stage 1: reward model
+    reward_adapter: str | None = field(
+        default=None, metadata={"help": "A trained reward adapter directory: skip stage 1 and run the RL stage on it."}
+    )
     rm_train_samples: int = field(default=0, metadata={"help": "Train rows for the reward model (0: all)."})
     rm_eval_samples: int = field(default=0, metadata={"help": "Held-out rows to evaluate on (0: all)."})
     rm_epochs: float = field(default=1.0, metadata={"help": "Reward-model epochs."})
@@ -155,7 +158,7 @@ def held_out_rewards(model, tokenizer, reward: AdapterReward, prompts: list[str]
         # Samples of one prompt are correlated: the standard error counts prompts, not samples.
         "se": float(per_prompt.std(ddof=1) / math.sqrt(len(prompts))),
         "per_prompt": per_prompt,
-        "mean_length": float(np.mean([len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in flat])),
+        "mean_length": float(np.mean([len(c) for c in flat])),  # characters: decoded text re-tokenizes unevenly
         "samples": [(p, c, float(r)) for p, c, r in zip(flat_prompts, flat, rewards)],
     }
 
@@ -248,7 +251,7 @@ def write_samples(output_dir: str, evals: dict[str, dict[str, Any]], per_side: i
     lines = [
         "# Held-out samples before and after RL",
         "",
-        (f"Mean completion length (tokens): before {before['mean_length']:.1f}, after {after['mean_length']:.1f}. "
+        (f"Mean completion length (characters): before {before['mean_length']:.1f}, after {after['mean_length']:.1f}. "
         f"Mean reward: before {before['mean']:.3f} ± {before['se']:.3f}, after {after['mean']:.3f} ± {after['se']:.3f}."),
         "",
     ]
@@ -283,9 +286,14 @@ def main(argv: list[str] | None = None) -> dict:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     rm_data = default_dataset("reward", cfg.taskmaster_file, cfg.context_turns, seed=cfg.split_seed)
-    print(f"[perl] stage 1: LoRA reward model on {len(rm_data['train'])} thumbs up/down rows", flush=True)
-    reward_dir, rm_metrics, rm_logs = train_reward_model(cfg, model_path, tokenizer, rm_data)
-    print(f"[perl] reward model: accuracy {rm_metrics['eval_accuracy']:.3f}, AUC {rm_metrics['eval_auc']:.3f}", flush=True)
+    if cfg.reward_adapter:
+        reward_dir, rm_logs = cfg.reward_adapter, []
+        rm_metrics = dict.fromkeys(("eval_accuracy", "eval_auc", "eval_loss"), math.nan)
+        print(f"[perl] stage 1 skipped: reward adapter {reward_dir}", flush=True)
+    else:
+        print(f"[perl] stage 1: LoRA reward model on {len(rm_data['train'])} thumbs up/down rows", flush=True)
+        reward_dir, rm_metrics, rm_logs = train_reward_model(cfg, model_path, tokenizer, rm_data)
+        print(f"[perl] reward model: accuracy {rm_metrics['eval_accuracy']:.3f}, AUC {rm_metrics['eval_auc']:.3f}", flush=True)
     rl_data = default_dataset("rloo", cfg.taskmaster_file, cfg.context_turns, seed=cfg.split_seed)
     print(f"[perl] stage 2: RLOO, LoRA policy + reward adapter on one base, {cfg.rl_max_steps} steps", flush=True)
     rl_metrics, rl_logs, rl_evals = run_rl(cfg, model_path, tokenizer, reward_dir, rl_data)
