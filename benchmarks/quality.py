@@ -14,7 +14,7 @@ Balanced accuracy thresholds every model's score at the train split's prior (log
 thumbs-up rate; a calibrated scorer then calls a row positive when it is likelier than average):
 86% of the rows are thumbs up, so plain accuracy only measures the majority class.
 
-``--rl`` adds the RL stage (``recipes/perl.py``'s ``run_rl``): per seed, the reward-adapter score of
+``--rl`` adds the RL stage (``recipes/perl.py``'s ``rl_stage``): per seed, the reward-adapter score of
 policy samples on held-out prompts before and after RLOO, for a LoRA policy and a fully fine-tuned
 one, as gains in standard deviations of the before-distribution.
 
@@ -183,7 +183,7 @@ def reward_model(
     return scores, {"train_s": train_s, "step_s": median(timer.wall), "peak_rss_mb": peak, "trainable_params": trainable}
 
 
-def rl_stage(cfg: perl.PerlConfig, model_path: str, reward_dir: str) -> dict[str, dict[str, float]]:
+def rl_both(cfg: perl.PerlConfig, model_path: str, reward_dir: str) -> dict[str, dict[str, float]]:
     """The recipe's RL stage from one reward adapter, with a LoRA policy and a fully fine-tuned one."""
     out = {}
     for kind in ("lora", "full"):
@@ -193,7 +193,7 @@ def rl_stage(cfg: perl.PerlConfig, model_path: str, reward_dir: str) -> dict[str
         set_seed(cfg.seed)
         reset_peak_rss()
         start = time.perf_counter()
-        metrics, _, _ = perl.run_rl(cfg, model_path, tokenizer, reward_dir, policy=kind)
+        metrics, _, _ = perl.rl_stage(cfg, model_path, tokenizer, reward_dir, policy=kind)
         metrics.update(wall_s=time.perf_counter() - start, peak_rss_mb=peak_rss_mb())
         out[kind] = metrics
     return out
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 reward_dir = os.path.join(tmp, "reward_adapter")
                 if not os.path.isdir(reward_dir):  # rm_lora not among the methods: train it for the RL
                     reward_model("rm_lora", cfg, model_path, train_t, eval_t, save_to=reward_dir)
-                rl_runs.append(rl_stage(cfg, model_path, reward_dir))
+                rl_runs.append(rl_both(cfg, model_path, reward_dir))
                 print(f"[quality] seed {seed} rl: {json.dumps(rl_runs[-1])}", flush=True)
 
     table = build_table(per_seed, rl_runs)

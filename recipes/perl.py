@@ -105,8 +105,8 @@ def reward_trainer(cfg: PerlConfig, model_path: str, tokenizer, train, test, plu
         per_device_train_batch_size=cfg.rm_batch_size,
         per_device_eval_batch_size=cfg.rm_batch_size,
         learning_rate=cfg.rm_learning_rate,
-        lr_scheduler_type=cfg.rm_lr_scheduler,
-        warmup_steps=cfg.rm_warmup_ratio,  # a float below 1 is a share of the steps
+        lr_scheduler_type=_setting(cfg, "rm_lr_scheduler"),
+        warmup_steps=_setting(cfg, "rm_warmup_ratio"),  # a float below 1 is a share of the steps
         train_sampling_strategy="group_by_length",  # batches of like lengths: far less padding to compute
         logging_steps=5,
         save_strategy="no",
@@ -144,14 +144,15 @@ def held_out_rewards(model, tokenizer, reward: AdapterReward, prompts: list[str]
     torch.manual_seed(cfg.seed + 7919)
     try:
         completions = sample_completions(
-            model, tokenizer, prompts, cfg.rl_eval_samples, cfg.rl_max_completion_length, desc="Held-out samples"
+            model, tokenizer, prompts, _setting(cfg, "rl_eval_samples"), cfg.rl_max_completion_length,
+            batch_size=64, desc="Held-out samples",  # a small model's generate is per-step overhead: batch wide
         )
     finally:
         torch.random.set_rng_state(state)
     flat_prompts = [p for p, cs in zip(prompts, completions) for _ in cs]
     flat = [c for cs in completions for c in cs]
     rewards = np.asarray(reward(prompts=flat_prompts, completions=flat), dtype=np.float64)
-    per_prompt = rewards.reshape(len(prompts), cfg.rl_eval_samples).mean(axis=1)
+    per_prompt = rewards.reshape(len(prompts), -1).mean(axis=1)
     return {
         "mean": float(rewards.mean()),
         "std": float(rewards.std(ddof=1)),
@@ -180,7 +181,7 @@ def rl_report(before: dict[str, Any], after: dict[str, Any], prefix: str = "rl")
     }
 
 
-def run_rl(
+def rl_stage(
     cfg: PerlConfig, model_path: str, tokenizer, reward_dir: str, data=None, policy: str = "lora"
 ) -> tuple[dict, list, dict]:
     """Stage 2: RLOO from ``model_path`` scored by the reward adapter at ``reward_dir``; returns
@@ -190,7 +191,7 @@ def run_rl(
     reference (adapters off). ``policy="full"`` fine-tunes every weight (the comparison PERL draws):
     the reward adapter then sits on a separate frozen copy of the base."""
     if data is None:
-        data = default_dataset("rloo", cfg.taskmaster_file, cfg.context_turns, seed=cfg.split_seed)
+        data = default_dataset("rloo", cfg.taskmaster_file, cfg.context_turns, seed=_setting(cfg, "split_seed"))
     prompts = list(dict.fromkeys(data["train"]["prompt"]))[: cfg.rl_prompts]
     eval_prompts = list(dict.fromkeys(data["test"]["prompt"]))[: cfg.rl_eval_prompts]
     args = RLOOConfig(
@@ -199,7 +200,7 @@ def run_rl(
         per_device_train_batch_size=cfg.rl_batch_size,
         num_generations=cfg.rl_num_generations,
         max_completion_length=cfg.rl_max_completion_length,
-        learning_rate=cfg.rl_learning_rate if policy == "lora" else cfg.rl_full_learning_rate,
+        learning_rate=cfg.rl_learning_rate if policy == "lora" else _setting(cfg, "rl_full_learning_rate"),
         beta=cfg.rl_beta,
         logging_steps=1,
         save_strategy="no",
@@ -242,6 +243,17 @@ def run_rl(
         f"{prefix}_final_kl": next((log["kl"] for log in reversed(logs) if "kl" in log), math.nan),
     }
     return metrics, logs, {"before": before, "after": after}
+
+
+def run_rl(cfg, model_path: str, tokenizer, reward_dir: str, data=None) -> tuple[dict, list]:
+    """Stage 2 with a LoRA policy, as other recipes reuse it: (metrics, logs); see :func:`rl_stage`."""
+    metrics, logs, _ = rl_stage(cfg, model_path, tokenizer, reward_dir, data)
+    return metrics, logs
+
+
+def _setting(cfg, name: str) -> Any:
+    """``cfg.name``, or PerlConfig's default where a recipe reusing these stages has no such key."""
+    return getattr(cfg, name, PerlConfig.__dataclass_fields__[name].default)
 
 
 def write_samples(output_dir: str, evals: dict[str, dict[str, Any]], per_side: int = 6) -> Path:
@@ -296,11 +308,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[perl] reward model: accuracy {rm_metrics['eval_accuracy']:.3f}, AUC {rm_metrics['eval_auc']:.3f}", flush=True)
     rl_data = default_dataset("rloo", cfg.taskmaster_file, cfg.context_turns, seed=cfg.split_seed)
     print(f"[perl] stage 2: RLOO, LoRA policy + reward adapter on one base, {cfg.rl_max_steps} steps", flush=True)
-    rl_metrics, rl_logs, rl_evals = run_rl(cfg, model_path, tokenizer, reward_dir, rl_data)
+    rl_metrics, rl_logs, rl_evals = rl_stage(cfg, model_path, tokenizer, reward_dir, rl_data)
     write_samples(cfg.output_dir, rl_evals)
     if cfg.rl_compare_full:
         print("[perl] stage 2 again with a fully fine-tuned policy (PERL's comparison)", flush=True)
-        full_metrics, _, _ = run_rl(cfg, model_path, tokenizer, reward_dir, rl_data, policy="full")
+        full_metrics, _, _ = rl_stage(cfg, model_path, tokenizer, reward_dir, rl_data, policy="full")
         rl_metrics.update(full_metrics)
         rl_metrics["rl_lora_over_full_gain"] = rl_metrics["rl_gain"] / full_metrics["rl_full_gain"]
     metrics = {
