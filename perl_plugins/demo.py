@@ -24,6 +24,10 @@ def verdict(metrics: dict[str, float]) -> str:
         judged = "a gain that clears its standard error, though not twice over"
     else:
         judged = "no gain beyond its standard error: the RL stage did not raise the held-out reward"
+    if metrics["rl_gain_in_std"] < 0.5:
+        judged += " (a small shift: the goal is 0.5 standard deviations)"
+    if not metrics["rm_eval_auc"] >= 0.6:  # NaN too (stage 1 skipped)
+        judged += "; the reward model is near chance on held-out thumbs, so a higher reward is not yet a better reply"
     kl_ok = "below" if metrics["rl_final_kl"] < metrics["rl_kl_limit"] else "ABOVE"
     return (
         f"Reward model held-out ROC AUC {metrics['rm_eval_auc']:.3f} (0.5 is chance).\n"
