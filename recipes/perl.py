@@ -8,7 +8,9 @@ Stage 1: stock ``transformers.Trainer`` on a one-label classifier (BCE on the re
 ``lora`` (+ ``grm`` / ``fp8`` / ``adapter_ckpt`` if listed in ``plugins``); held-out accuracy and
 ROC AUC. Stage 2: stock ``trl.RLOOTrainer``; policy = LoRA adapter, reference = adapters off,
 reward = the stage-1 adapter + head loaded onto the policy's base (one copy of the base weights).
-Writes OUTPUT_DIR/summary.json and OUTPUT_DIR/curves.png.
+Held-out RL reward: ``rl_eval_prompts`` test prompts x ``rl_eval_samples`` samples, before and after,
+with standard errors over prompts; ``rl_compare_full`` repeats stage 2 with a fully fine-tuned policy.
+Writes OUTPUT_DIR/summary.json, OUTPUT_DIR/samples.md and OUTPUT_DIR/curves.png.
 """
 
 from __future__ import annotations
