@@ -231,7 +231,9 @@ def write_card(out: Path, card: dict) -> None:
         "## Data",
         "",
         f"- All {card['data']['dialogs']} coffee dialogs except {card['data']['eval_dialogs']} held out for the eval loss.",
-        f"- The train split (`load_splits`, seed 0) of the coffee thumbs up/down feedback, as prompt + completion "
+        "- The train split (`load_splits`, seed 0: leak-free, i.e. no held-out conversation id or prompt in train and "
+        "no held-out context equal to the first four or more turns of a train context) of the coffee thumbs up/down "
+        f"feedback, as prompt + completion "
         f"texts: {card['data']['feedback']['documents']} documents from {card['data']['feedback']['train_rows']} rows "
         f"(texts that are a prefix of another dropped; {card['data']['feedback']['dropped_held_out_overlap']} "
         "dropped because they contain a held-out context). Nothing of the held-out split is used; labels are not used.",

@@ -18,7 +18,13 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from perl_plugins import embedded as E
-from perl_plugins.data.taskmaster import DEFAULT_DIALOGS_FILE, DEFAULT_REWARD_FILE, load_dialog_texts, load_splits
+from perl_plugins.data.taskmaster import (
+    DEFAULT_DIALOGS_FILE,
+    DEFAULT_REWARD_FILE,
+    count_leaks,
+    load_dialog_texts,
+    load_splits,
+)
 from perl_plugins.recipes import pretrain_base as P
 
 BASE = E.ASSETS_BASE_DIR
@@ -106,6 +112,7 @@ def test_corpus_holds_nothing_of_the_held_out_split(card):
     train, test = splits["train"], splits["test"]
     assert not {r.conversation_id for r in train} & {r.conversation_id for r in test}
     assert not {r.prompt for r in train} & {r.prompt for r in test}
+    assert count_leaks(train, test) == {"prefix_rows": 0, "shared_ids": 0, "shared_prompts": 0}
     cfg = P.PretrainConfig(**card["config"])
     train_docs, eval_docs, _ = P.build_corpus(cfg)
     # The shipped model was trained on exactly this corpus.

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.skipif(
 ALIAS = smollm2.ALIAS
 # Short coffee contexts (one turn), short sequences, batches of 2, CPU fp32, quiet.
 COMMON = (
-    f"--model_name_or_path {ALIAS} --context_turns 1 --max_train_samples 8 --per_device_train_batch_size 2 "
+    f"--model_name_or_path {ALIAS} --context_turns 1 --max_train_samples 8 --max_eval_samples 8 --per_device_train_batch_size 2 "
     "--use_cpu --bf16 false --report_to none --logging_steps 1 --disable_tqdm true --seed 0 --data_seed 0"
 ).split()
 TEXTS = [

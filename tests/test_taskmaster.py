@@ -154,6 +154,69 @@ def test_load_splits(coffee):
     assert tm.load_splits(seed=1)["test"] != test
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_coffee_split_does_not_leak(coffee, seed):
+    splits = tm.load_splits(seed=seed)
+    assert tm.count_leaks(splits["train"], splits["test"]) == {"prefix_rows": 0, "shared_ids": 0, "shared_prompts": 0}
+
+
+def _leaky_file(path, dialogs=60):
+    """Each dialog rated after every agent turn, each rating under its own id (as TM-3 does); all
+    dialogs open alike, so linking on the opening would put every row in one group."""
+    opening = [
+        {"role": "agent", "text": "Welcome to the Coffee Bar. What can I get for you?"},
+        {"role": "user", "text": "Hi, I'd like to order a coffee"},
+    ]
+    lines = []
+    for d in range(dialogs):
+        turns = list(opening)
+        for t in range(5):
+            turns.append({"role": "agent", "text": f"Which size for drink {d}, step {t}?"})
+            turns.append({"role": "user", "text": f"size {d * 7 + t} please"})
+        for n in range(2, len(turns) + 1, 2):
+            lines.append(json.dumps({
+                "conversation_id": f"dlg-{d}-{n}",
+                "context": json.dumps(turns[:n]),
+                "generation": json.dumps({"role": "agent", "text": f"Noted {d}/{n}."}),
+                "reward": float((d + n) % 3 != 0),
+            }))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_leaky_file_split_is_leak_free_without_one_big_group(tmp_path):
+    path = _leaky_file(tmp_path / "leaky.jsonl")
+    rows = tm.load_feedback(path)
+    for seed in range(3):
+        splits = tm.load_splits(path, test_fraction=0.3, seed=seed)
+        assert splits["test"] and splits["train"]
+        assert tm.count_leaks(splits["train"], splits["test"]) == {"prefix_rows": 0, "shared_ids": 0, "shared_prompts": 0}
+    # Rows of one dialog travel together; the shared two-turn opening does not merge dialogs
+    # (its rows, with the very same prompt, form one group of their own).
+    group = tm._split_groups(rows)
+    dialog_of = {r.conversation_id: r.conversation_id.split("-")[1] for r in rows}
+    long_rows = [r for r in rows if len(tm.context_turns(r)) >= 4]
+    for dialog in set(dialog_of.values()):
+        assert len({group[r.conversation_id] for r in long_rows if dialog_of[r.conversation_id] == dialog}) == 1
+    assert len({group[r.conversation_id] for r in long_rows}) == 60
+    assert len(set(group.values())) == 61
+    # A split by conversation id alone leaks: count_leaks sees it.
+    train_ids, _ = tm.split_ids(sorted(r.conversation_id for r in rows), 0.3, 0)
+    naive_train = [r for r in rows if r.conversation_id in set(train_ids)]
+    naive_test = [r for r in rows if r.conversation_id not in set(train_ids)]
+    assert tm.count_leaks(naive_train, naive_test)["prefix_rows"] > 10
+
+
+def test_split_is_deterministic_and_order_free(tmp_path):
+    path = _leaky_file(tmp_path / "leaky.jsonl")
+    splits = tm.load_splits(path, test_fraction=0.3, seed=5)
+    assert tm.load_splits(path, test_fraction=0.3, seed=5) == splits
+    shuffled = tmp_path / "shuffled.jsonl"
+    shuffled.write_text("\n".join(reversed(path.read_text().splitlines())) + "\n")
+    rev = tm.load_splits(shuffled, test_fraction=0.3, seed=5)
+    assert {r.conversation_id for r in rev["test"]} == {r.conversation_id for r in splits["test"]}
+
+
 def test_load_dialog_texts(tmp_path):
     texts = tm.load_dialog_texts()
     assert len(texts) == 3710

@@ -5,6 +5,7 @@ from perl_plugins.data.taskmaster import (
     DEFAULT_REWARD_FILE,
     DatasetFormatError,
     FeedbackRow,
+    count_leaks,
     load_dialog_texts,
     load_feedback,
     load_splits,
@@ -12,6 +13,7 @@ from perl_plugins.data.taskmaster import (
     preference_pairs,
     render_turn,
     split_ids,
+    split_rows,
 )
 
 __all__ = [
@@ -19,6 +21,7 @@ __all__ = [
     "DEFAULT_REWARD_FILE",
     "DatasetFormatError",
     "FeedbackRow",
+    "count_leaks",
     "load_dialog_texts",
     "load_feedback",
     "load_splits",
@@ -26,4 +29,5 @@ __all__ = [
     "preference_pairs",
     "render_turn",
     "split_ids",
+    "split_rows",
 ]

@@ -193,12 +193,24 @@ def split_ids(
     return train, test
 
 
-def _split_groups(rows: Iterable[FeedbackRow]) -> dict[str, str]:
+LEAK_TURNS = 4
+"""Shared whole turns (two exchanges) that make two contexts one dialog for the split."""
+
+
+def context_turns(row: FeedbackRow) -> list[str]:
+    """The rendered context turns of a row (its prompt without the final ``Agent:`` line)."""
+    return row.prompt.split("\n")[:-1]  # render_turn never emits a raw "\n" inside a turn
+
+
+def _split_groups(rows: Iterable[FeedbackRow], turns: int = LEAK_TURNS) -> dict[str, str]:
     """Map each conversation id to its split group, named by the group's smallest id.
 
-    Rows sharing a conversation id or a prompt are one group: in the coffee file every row has its
-    own conversation id and the same context recurs under several ids (once per rated generation),
-    so splitting by id alone would put the same prompt, and even identical rows, on both sides.
+    Rows are one group when they share a conversation id, a whole prompt, or their first ``turns``
+    context turns. Files in this format rate one dialog at many turns, each under its own id, and
+    each rated context repeats the turns before it: a later turn's context starts with every
+    earlier one, so sharing the first ``turns`` turns is what marks one dialog. Shorter shared
+    openings ("Hi, I'd like a coffee") are common to many dialogs and do not link rows: linking
+    on them would chain most of the file into one group.
     """
     parent: dict[str, str] = {}
 
@@ -208,24 +220,62 @@ def _split_groups(rows: Iterable[FeedbackRow]) -> dict[str, str]:
             x = parent[x]
         return x
 
-    first_id_of_prompt: dict[str, str] = {}
+    first_id_of_key: dict[tuple[str, str], str] = {}
     for r in rows:
-        a = find(r.conversation_id)
-        b = find(first_id_of_prompt.setdefault(r.prompt, r.conversation_id))
-        if a != b:  # linking to the smaller root keeps every root the smallest id of its group
-            parent[max(a, b)] = min(a, b)
+        ctx = context_turns(r)
+        keys = [("prompt", r.prompt)]
+        if len(ctx) >= turns:
+            keys.append(("dialog", "\n".join(ctx[:turns])))
+        for key in keys:
+            a = find(r.conversation_id)
+            b = find(first_id_of_key.setdefault(key, r.conversation_id))
+            if a != b:  # linking to the smaller root keeps every root the smallest id of its group
+                parent[max(a, b)] = min(a, b)
     return {cid: find(cid) for cid in parent}
+
+
+def count_leaks(
+    train: Iterable[FeedbackRow], test: Iterable[FeedbackRow], turns: int = LEAK_TURNS
+) -> dict[str, int]:
+    """Ways ``test`` leaks into ``train``: ``prefix_rows``, held-out rows whose context (of at
+    least ``turns`` whole turns) equals the first turns of some train context (the same dialog,
+    rated at a later turn); ``shared_ids``, conversation ids on both sides; ``shared_prompts``,
+    held-out prompts also in train. A leak-free split has all three at 0."""
+    train, test = list(train), list(test)
+    prefixes = set()
+    for r in train:
+        ctx = context_turns(r)
+        prefixes.update("\n".join(ctx[:k]) for k in range(turns, len(ctx) + 1))
+    train_prompts = {r.prompt for r in train}
+    test_ids = {r.conversation_id for r in test}
+    return {
+        "prefix_rows": sum(
+            len(ctx) >= turns and "\n".join(ctx) in prefixes for ctx in map(context_turns, test)
+        ),
+        "shared_ids": len(test_ids & {r.conversation_id for r in train}),
+        "shared_prompts": len({r.prompt for r in test} & train_prompts),
+    }
 
 
 def load_splits(
     path: str | Path | None = None, test_fraction: float = 0.1, seed: int = 0
 ) -> dict[str, list[FeedbackRow]]:
-    """Load a feedback file and split it into {"train": rows, "test": rows} by conversation.
+    """Load a feedback file and split it into {"train": rows, "test": rows} by dialog.
 
-    No conversation id and no prompt is on both sides (see ``_split_groups``); groups are assigned
-    with ``split_ids``. Coffee file, defaults: 2,254 groups; 2,892 train and 336 test rows.
+    Leak-free for any file of this format: no conversation id and no prompt is on both sides, and
+    no held-out context equals the first turns (``LEAK_TURNS`` or more) of a train context
+    (``count_leaks`` is all zeros; see ``_split_groups``). Groups are assigned with ``split_ids``,
+    so the split is deterministic and independent of row order. Coffee file, defaults: 1,326 groups;
+    2,875 train and 353 test rows.
     """
-    rows = load_feedback(path)
+    return split_rows(load_feedback(path), test_fraction, seed)
+
+
+def split_rows(
+    rows: Iterable[FeedbackRow], test_fraction: float = 0.1, seed: int = 0
+) -> dict[str, list[FeedbackRow]]:
+    """:func:`load_splits` on rows already loaded, e.g. to carve a validation split out of train."""
+    rows = list(rows)
     group = _split_groups(rows)
     test_groups = set(split_ids(sorted(set(group.values())), test_fraction, seed)[1])
     return {

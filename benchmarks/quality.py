@@ -1,0 +1,346 @@
+"""PERL's comparison, reproduced: do LoRA reward models learn, and are they on par with full fine-tuning?
+
+On the leak-free Taskmaster coffee split (``load_splits``), for each seed, held-out ROC AUC and
+balanced accuracy of:
+
+- ``tfidf_logreg``: scikit-learn TF-IDF (words and character n-grams) + logistic regression on
+  prompt + completion: the floor any reward model must beat;
+- ``rm_lora``: the PERL recipe's stage 1 (``recipes/perl.py``: LoRA adapter + reward head, BCE on
+  the reward logit);
+- ``rm_full``: the same reward model fully fine-tuned, same data, steps and schedule;
+- ``rm_lora_grm``: ``rm_lora`` with the ``grm`` plugin (text-generation regularizer).
+
+Balanced accuracy thresholds every model's score at the train split's prior (logit of the
+thumbs-up rate; a calibrated scorer then calls a row positive when it is likelier than average):
+86% of the rows are thumbs up, so plain accuracy only measures the majority class.
+
+``--rl`` adds the RL stage (``recipes/perl.py``'s ``rl_stage``): per seed, the reward-adapter score of
+policy samples on held-out prompts before and after RLOO, for a LoRA policy and a fully fine-tuned
+one, as gains in standard deviations of the before-distribution.
+
+Settings are chosen with ``--validate`` (evaluates on a validation split carved from train, leak-free
+too), never on the test split. Writes ``benchmarks/results/quality.md`` (unless ``--no_write``)
+and prints one JSON object as its last line.
+
+    python benchmarks/quality.py --rl                          # 3 seeds, embedded base
+    python benchmarks/quality.py --quick                       # smoke run: 1 seed, fewer rows and steps
+    python benchmarks/quality.py --validate --methods rm_lora,rm_full --rm_full_learning_rate 3e-4
+    python benchmarks/quality.py --model smollm2-135m-instruct --max_train_rows 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import shlex
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np
+import torch
+from _common import StepTimer, median, peak_rss_mb, reset_peak_rss
+from perl_plugins import recipe_kit
+from perl_plugins.recipes import perl
+from transformers import AutoTokenizer, set_seed
+
+from perl_plugins.data import taskmaster
+from perl_plugins.data.defaults import trim_context
+from perl_plugins.embedded import resolve_model
+from perl_plugins.reward_metrics import roc_auc
+from perl_plugins.reward_model import save_reward_adapter
+
+METHODS = ("tfidf_logreg", "rm_lora", "rm_full", "rm_lora_grm")
+RM_PLUGINS = {"rm_lora": "lora", "rm_full": "", "rm_lora_grm": "lora,grm"}
+RESULTS = Path(__file__).resolve().parent / "results" / "quality.md"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="Base model: a path, hub id or alias (resolve_model); default: embedded.")
+    p.add_argument("--model_size", default="demo", help="Embedded default size when --model is not given.")
+    p.add_argument("--taskmaster_file", default=None, help="Thumbs up/down file; default: coffee.")
+    p.add_argument("--config", default=str(Path(perl.__file__).with_suffix(".yaml")), help="PERL recipe YAML.")
+    p.add_argument("--seeds", default="0,1,2", help="Comma-separated training seeds (the split stays seed 0).")
+    p.add_argument("--methods", default=",".join(METHODS), help="Subset of " + ",".join(METHODS) + ".")
+    p.add_argument("--max_train_rows", type=int, default=0, help="Use a seeded subset of the train rows (0: all).")
+    p.add_argument("--max_eval_rows", type=int, default=0, help="Use a subset of the evaluation rows (0: all).")
+    p.add_argument("--validate", action="store_true", help="Evaluate on a validation split carved from train.")
+    p.add_argument("--rm_epochs", type=float, default=None, help="Override the YAML's rm_epochs.")
+    p.add_argument("--rm_learning_rate", type=float, default=None, help="Override the YAML's LoRA learning rate.")
+    p.add_argument("--rm_full_learning_rate", type=float, default=None, help="rm_full's learning rate (YAML: rm_full_learning_rate).")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override any recipe YAML key.")
+    p.add_argument("--rl", action="store_true", help="Also measure the RL stage (LoRA and full policies).")
+    p.add_argument("--quick", action="store_true", help="Smoke run: seed 0, 600 train rows, short RL.")
+    p.add_argument("--no_write", action="store_true", help="Do not write benchmarks/results/quality.md.")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seeds = "0"
+        args.max_train_rows = args.max_train_rows or 600
+    unknown = set(args.methods.split(",")) - set(METHODS)
+    if unknown:
+        p.error(f"unknown method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    return args
+
+
+def recipe_config(args: argparse.Namespace, seed: int, output_dir: str) -> perl.PerlConfig:
+    """The PERL recipe's YAML with this run's overrides (the benchmark measures the recipe's defaults)."""
+    from trl import TrlParser
+
+    cli = ["--config", args.config, "--output_dir", output_dir, "--seed", str(seed)]
+    for key in ("rm_epochs", "rm_learning_rate", "rm_full_learning_rate"):
+        if getattr(args, key) is not None:
+            cli += [f"--{key}", str(getattr(args, key))]
+    for item in args.set:
+        key, _, value = item.partition("=")
+        cli += [f"--{key}", value]
+    if args.quick:
+        cli += ["--rm_epochs", "0.5", "--rl_max_steps", "4", "--rl_eval_prompts", "16"]
+    (cfg,) = TrlParser([perl.PerlConfig]).parse_args_and_config(cli)
+    return cfg
+
+
+def load_rows(args: argparse.Namespace) -> tuple[list[taskmaster.FeedbackRow], list[taskmaster.FeedbackRow], str]:
+    """(train rows, evaluation rows, name of the evaluation split), contexts trimmed as the recipe does."""
+    splits = taskmaster.load_splits(args.taskmaster_file)
+    train, evaluation, name = splits["train"], splits["test"], "test"
+    if args.validate:
+        inner = taskmaster.split_rows(train, test_fraction=0.15, seed=1)
+        train, evaluation, name = inner["train"], inner["test"], "validation"
+    if args.max_train_rows and args.max_train_rows < len(train):
+        pick = np.random.default_rng(0).choice(len(train), args.max_train_rows, replace=False)
+        train = [train[i] for i in sorted(pick)]
+    if args.max_eval_rows:
+        evaluation = evaluation[: args.max_eval_rows]
+    return train, evaluation, name
+
+
+def classification_metrics(scores: np.ndarray, labels: np.ndarray, prior: float) -> dict[str, float]:
+    """ROC AUC and balanced accuracy at the prior's logit (see the module docstring)."""
+    predicted = scores > math.log(prior / (1 - prior))
+    positive = labels > 0.5
+    balanced = 0.5 * (predicted[positive].mean() + (~predicted[~positive]).mean())
+    return {"auc": roc_auc(scores, labels), "balanced_accuracy": float(balanced)}
+
+
+def tfidf_logreg(train, evaluation, seed: int) -> tuple[np.ndarray, dict[str, float]]:
+    """Scores (log-odds) of TF-IDF + logistic regression; the floor a reward model must beat."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline, make_union
+
+    model = make_pipeline(
+        make_union(
+            TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True),
+            TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), min_df=2, sublinear_tf=True),
+        ),
+        LogisticRegression(C=4.0, max_iter=2000, random_state=seed),
+    )
+    start = time.perf_counter()
+    model.fit([r.prompt + r.completion for r in train], [r.label for r in train])
+    scores = model.decision_function([r.prompt + r.completion for r in evaluation])
+    return scores, {"train_s": time.perf_counter() - start}
+
+
+def reward_model(
+    method: str, cfg: perl.PerlConfig, model_path: str, train, evaluation, save_to: str | None = None
+) -> tuple[np.ndarray, dict[str, float]]:
+    """Train the recipe's stage 1 (with ``method``'s plugins), score ``evaluation``, and save the
+    reward adapter to ``save_to`` if given (LoRA methods only)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if method == "rm_full":
+        cfg = dataclasses.replace(cfg, rm_learning_rate=cfg.rm_full_learning_rate)
+    set_seed(cfg.seed)
+    train_ds = taskmaster.pointwise(train).shuffle(seed=cfg.seed)
+    trainer = recipe_kit.reward_trainer(
+        cfg, model_path, tokenizer, train_ds, taskmaster.pointwise(evaluation), plugins=RM_PLUGINS[method]
+    )
+    timer = StepTimer()
+    trainer.add_callback(timer)
+    reset_peak_rss()
+    start = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - start
+    peak = peak_rss_mb()
+    scores = np.asarray(trainer.predict(trainer.eval_dataset).predictions).reshape(-1)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    if save_to:
+        save_reward_adapter(trainer.model, save_to, trainer.model.active_adapter)
+    return scores, {"train_s": train_s, "step_s": median(timer.wall), "peak_rss_mb": peak, "trainable_params": trainable}
+
+
+def rl_both(cfg: perl.PerlConfig, model_path: str, reward_dir: str) -> dict[str, dict[str, float]]:
+    """The recipe's RL stage from one reward adapter, with a LoRA policy and a fully fine-tuned one."""
+    out = {}
+    for kind in ("lora", "full"):
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        set_seed(cfg.seed)
+        reset_peak_rss()
+        start = time.perf_counter()
+        metrics, _, _ = recipe_kit.rl_stage(cfg, model_path, tokenizer, reward_dir, policy=kind)
+        metrics.update(wall_s=time.perf_counter() - start, peak_rss_mb=peak_rss_mb())
+        out[kind] = metrics
+    return out
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    model_path = resolve_model(args.model, args.model_size)
+    methods = args.methods.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    train, evaluation, split_name = load_rows(args)
+    leaks = taskmaster.count_leaks(train, evaluation)
+    prior = sum(r.label for r in train) / len(train)
+    turns = recipe_config(args, seeds[0], "unused").context_turns
+    trim = lambda rows: [dataclasses.replace(r, prompt=trim_context(r.prompt, turns)) for r in rows]
+    train_t, eval_t = trim(train), trim(evaluation)
+    labels = np.asarray([r.label for r in evaluation])
+    print(
+        f"[quality] {model_path}: {len(train)} train rows, {len(evaluation)} {split_name} rows "
+        f"({int(labels.sum())} up / {int((1 - labels).sum())} down), leaks {leaks}",
+        flush=True,
+    )
+    per_seed: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
+    rl_runs: list[dict[str, dict[str, float]]] = []
+    for seed in seeds:
+        with tempfile.TemporaryDirectory(prefix="perl-quality-") as tmp:
+            cfg = recipe_config(args, seed, tmp)
+            for method in methods:
+                if method == "tfidf_logreg":
+                    scores, extra = tfidf_logreg(train_t, eval_t, seed)
+                else:
+                    save_to = os.path.join(tmp, "reward_adapter") if method == "rm_lora" else None
+                    scores, extra = reward_model(method, cfg, model_path, train_t, eval_t, save_to=save_to)
+                result = {**classification_metrics(scores, labels, prior), **extra}
+                per_seed[method].append(result)
+                print(f"[quality] seed {seed} {method}: {json.dumps(result)}", flush=True)
+            if args.rl:
+                reward_dir = os.path.join(tmp, "reward_adapter")
+                if not os.path.isdir(reward_dir):  # rm_lora not among the methods: train it for the RL
+                    reward_model("rm_lora", cfg, model_path, train_t, eval_t, save_to=reward_dir)
+                rl_runs.append(rl_both(cfg, model_path, reward_dir))
+                print(f"[quality] seed {seed} rl: {json.dumps(rl_runs[-1])}", flush=True)
+
+    table = build_table(per_seed, rl_runs)
+    table["goals"] = goals(table)
+    table["setup"] = {
+        "model": model_path, "seeds": seeds, "evaluated_on": split_name, "train_rows": len(train),
+        "eval_rows": len(evaluation), "eval_negatives": int((1 - labels).sum()), "leaks": leaks,
+        "threshold_prior": prior, "command": "python benchmarks/quality.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    if not args.no_write:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(markdown(table))
+        print(f"[quality] wrote {RESULTS}", flush=True)
+    print(json.dumps(table))
+    return table
+
+
+def build_table(per_seed: dict[str, list[dict[str, float]]], rl_runs: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """The PERL table: per method mean/std over seeds; per-seed RL gains and KLs."""
+    table: dict[str, Any] = {}
+    for method, runs in per_seed.items():
+        auc, bal = summarize([r["auc"] for r in runs]), summarize([r["balanced_accuracy"] for r in runs])
+        table[method] = {
+            "auc_mean": auc["mean"], "auc_std": auc["std"],
+            "balanced_accuracy_mean": bal["mean"], "balanced_accuracy_std": bal["std"],
+            "per_seed_auc": [r["auc"] for r in runs],
+            **{k: float(np.mean([r[k] for r in runs])) for k in ("train_s", "step_s", "peak_rss_mb", "trainable_params") if k in runs[0]},
+        }
+    if rl_runs:
+        table["rl"] = {
+            "rl_gain_in_std": [r["lora"]["rl_gain_in_std"] for r in rl_runs],
+            "rl_full_gain_in_std": [r["full"]["rl_full_gain_in_std"] for r in rl_runs],
+            "rl_final_kl": [r["lora"]["rl_final_kl"] for r in rl_runs],
+            "rl_full_final_kl": [r["full"]["rl_full_final_kl"] for r in rl_runs],
+            "runs": rl_runs,
+        }
+    return table
+
+
+def goals(table: dict[str, Any]) -> dict[str, bool]:
+    """The issue's goals, where the methods they need were run."""
+    out: dict[str, bool] = {}
+    lora = table.get("rm_lora", {}).get("auc_mean")
+    if lora is not None:
+        out["rm_lora_auc_ge_0.72"] = lora >= 0.72
+        if "tfidf_logreg" in table:
+            out["rm_lora_beats_tfidf_by_0.03"] = lora >= table["tfidf_logreg"]["auc_mean"] + 0.03
+        if "rm_full" in table:
+            out["rm_lora_within_0.02_of_full"] = abs(lora - table["rm_full"]["auc_mean"]) <= 0.02
+    if "rl" in table:
+        rl = table["rl"]
+        out["rl_gain_ge_0.5_std_each_seed"] = all(g >= 0.5 for g in rl["rl_gain_in_std"])
+        full = float(np.mean(rl["rl_full_gain_in_std"]))
+        out["rl_lora_over_full_gain_ge_0.8"] = full > 0 and float(np.mean(rl["rl_gain_in_std"])) / full >= 0.8
+    return out
+
+
+def _fmt(row: dict[str, Any], key: str, spec: str) -> str:
+    return format(row[key], spec) if key in row else "–"
+
+
+def markdown(table: dict[str, Any]) -> str:
+    setup = table["setup"]
+    lines = [
+        "# PERL comparison on Taskmaster coffee (leak-free split)",
+        "",
+        (f"{setup['date']}; `{setup['command']}`; model `{setup['model']}`; seeds {setup['seeds']}; "
+        f"{setup['train_rows']} train rows, evaluated on {setup['eval_rows']} {setup['evaluated_on']} rows "
+        f"({setup['eval_negatives']} thumbs down); leaks {setup['leaks']}."),
+        "",
+        "| method | held-out AUC (mean ± std) | balanced accuracy | trainable params | step time (s) | peak RSS (MiB) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for method in METHODS:
+        if method in table:
+            r = table[method]
+            lines.append(
+                f"| {method} | {r['auc_mean']:.3f} ± {r['auc_std']:.3f} | {r['balanced_accuracy_mean']:.3f} ± "
+                f"{r['balanced_accuracy_std']:.3f} | {_fmt(r, 'trainable_params', ',.0f')} | "
+                f"{_fmt(r, 'step_s', '.3f')} | {_fmt(r, 'peak_rss_mb', '.0f')} |"
+            )
+    if "rl" in table:
+        rl = table["rl"]
+        lines += [
+            "",
+            "| RL policy | reward gain (in std of the before-distribution), per seed | final KL | peak RSS (MiB) | wall (s) |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for kind, prefix in (("lora", "rl"), ("full", "rl_full")):
+            runs = [r[kind] for r in rl["runs"]]
+            lines.append(
+                f"| {kind} | {', '.join(format(g, '.2f') for g in rl[prefix + '_gain_in_std'])} | "
+                f"{', '.join(format(r[prefix + '_final_kl'], '.4f') for r in runs)} | "
+                f"{np.mean([r['peak_rss_mb'] for r in runs]):.0f} | {np.mean([r['wall_s'] for r in runs]):.0f} |"
+            )
+    lines += ["", "Goals: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in table["goals"].items()), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
