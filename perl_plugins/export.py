@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint_io import CheckpointError, verify_checkpoint
+from .reward_model import HEAD_SPEC_FILE
 from .plugins.adapter_ckpt import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -54,6 +55,8 @@ def export_adapter(checkpoint: Path, out: Path, manifest: dict[str, Any], adapte
     out.mkdir(parents=True, exist_ok=True)
     for file in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
         shutil.copyfile(checkpoint / ADAPTERS_DIR / name / file, out / file)
+    if (checkpoint / ADAPTERS_DIR / name / HEAD_SPEC_FILE).is_file():  # a reward adapter's scoring rule
+        shutil.copyfile(checkpoint / ADAPTERS_DIR / name / HEAD_SPEC_FILE, out / HEAD_SPEC_FILE)
     _copy_tokenizer(checkpoint, out)
     return out
 

@@ -184,15 +184,20 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     return path
 
 
+def reward_head_spec(model: nn.Module) -> dict[str, Any] | None:
+    """What a reward adapter's ``perl_reward_head.json`` must record for it to be scored as it was
+    trained (head kind and :class:`RewardEncoding`); None for a model without a reward head."""
+    head = getattr(unwrap(model), HEAD_ATTR, None)
+    if head is None:
+        return None
+    return {"head": head_kind(head), "encoding": asdict(reward_encoding(model))}
+
+
 def save_reward_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default", *, write: bool = True) -> Path:
     """:func:`save_adapter` plus a head spec recording the head kind, the base it was trained on (a
     fingerprint: under ZeRO-3 every process calls this) and its :class:`RewardEncoding` (the pad id
     is the trained model's, which trl set from the tokenizer)."""
-    spec = {
-        "head": head_kind(getattr(unwrap(model), HEAD_ATTR)),
-        "base": base_description(model),
-        "encoding": asdict(reward_encoding(model)),
-    }
+    spec = {**reward_head_spec(model), "base": base_description(model)}
     path = save_adapter(model, path, adapter_name, write=write)
     if write:
         (path / HEAD_SPEC_FILE).write_text(json.dumps(spec, indent=2))

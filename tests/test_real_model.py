@@ -57,12 +57,13 @@ def tokenizer(base: Path):  # shadows conftest's embedded tokenizer in this modu
 
 def train_cli(command: str, argv: list[str]) -> Any:
     """What ``perl-plugins COMMAND ARGV`` does, in this process, returning the trainer."""
-    from perl_plugins.train_command import build_trainer, parse, save_outputs
+    from perl_plugins.train_command import build_trainer, given_settings, parse, save_outputs
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         args = parse(command, argv)
-        trainer = build_trainer(command, *args)
+        evaluate = str(given_settings(argv).get("eval_strategy", "")).lower() != "no"  # as run() decides
+        trainer = build_trainer(command, *args, evaluate=evaluate)
         resume = args[1].resume_from_checkpoint
         trainer.train(resume_from_checkpoint=resume)
         save_outputs(command, trainer)

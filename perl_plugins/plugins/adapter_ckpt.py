@@ -56,6 +56,7 @@ from perl_plugins.checkpoint_io import (
 from perl_plugins.errors import PluginIncompatibleError
 from perl_plugins.lazy import lazy_import
 from perl_plugins.model_card import current_command
+from perl_plugins.reward_model import HEAD_SPEC_FILE, reward_head_spec
 from perl_plugins.zero_state import (
     engine_name,
     full_values,
@@ -181,6 +182,9 @@ def write_model_state(model: nn.Module, directory: Path, collected: dict[str, An
         adapter_dir.mkdir(parents=True)
         save_tensors(adapter_dir / ADAPTER_WEIGHTS, state, metadata={"format": "pt"})
         model.peft_config[name].save_pretrained(str(adapter_dir))
+        spec = reward_head_spec(model) if name == model.active_adapter else None
+        if spec is not None:  # scored later exactly as trained (the pad id trl set is not in the base config)
+            (adapter_dir / HEAD_SPEC_FILE).write_text(json.dumps(spec, indent=2))
     if others:
         save_tensors(directory / TRAINABLE_FILE, others, metadata={"format": "pt"})
     base = model.get_base_model() if is_peft_model(model) else model
