@@ -21,17 +21,22 @@ than per piece, and independent of where pieces start). Every piece is compresse
 (``min_numel`` applies to the flat parameter).
 
 Stored values are *scaled*: ``stored = value * scale`` and ``value = stored / scale``. Scales are
-powers of two, ``2**floor(log2(fmax / amax))`` (fmax 448 for E4M3, 65504 for fp16), recomputed
-from the fresh amax at every step, so scaling itself is exact. A zero (or non-finite) amax keeps
-the previous scale. A positive second moment never quantizes to zero (it is clamped to the
-smallest positive code): a zero ``v`` under a non-zero ``m`` would turn ``m / (sqrt(v) + eps)``
-into a huge step.
+powers of two, ``2**floor(log2(fmax / amax))`` (fmax 448 for E4M3, 65504 for fp16), so scaling
+itself is exact. A zero (or non-finite) amax keeps the previous scale. A positive second moment
+never quantizes to zero (it is clamped to the smallest positive code): a zero ``v`` under a
+non-zero ``m`` would turn ``m / (sqrt(v) + eps)`` into a huge step.
 
-A tensor's update is two passes, each one function that runs eagerly or under ``torch.compile``
-(the same fp32 arithmetic either way; compiled is much faster on CPU, where eager fp8 casts are
-not vectorized): :func:`_amax_pass` reads the gradient and states and returns the amaxes of the
-new values (the fresh scales need them before anything is written) and whether they are finite;
-only then :func:`_apply_pass` recomputes the moments, updates the weights and requantizes.
+The default layout (per-tensor or per-piece scales, no master weights) steps in one pass,
+:func:`_one_pass`: delayed scaling, as in Transformer Engine, but bounded so that nothing
+saturates. The scale of step t comes from the amax the pass of step t-1 recorded and this step's
+gradient amax (the only value read before the loop that writes): ``|m_t| <= b1 * amax|m_{t-1}| +
+(1 - b1) * amax|g_t|``, and for ``v`` a running envelope ``b2 * env + (1 - b2) * amax(g_t)**2``.
+A non-finite bound (NaN/inf gradient, square overflowing fp32) writes every value back unchanged.
+The 2-byte mode's blocks and master weights keep two passes with fresh scales:
+:func:`_amax_pass` reads the gradient and states and returns the amaxes of the new values;
+:func:`_apply_pass` then recomputes the moments, updates the weights and requantizes. Each pass is
+one function that runs eagerly or under ``torch.compile`` (the same fp32 arithmetic either way;
+compiled is much faster on CPU, where eager fp8 casts are not vectorized).
 """
 
 from __future__ import annotations

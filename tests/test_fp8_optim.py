@@ -438,3 +438,20 @@ def test_set_segments_relays_out_an_existing_state():
     assert torch.equal(opt_flat.dequantized_state(flat)["exp_avg"], again["exp_avg"])
     with pytest.raises(ValueError, match="outside"):
         opt_flat.set_segments(flat, [(0, flat.numel() + 1)])
+
+
+def test_nonfinite_gradient_in_one_piece_skips_the_whole_partition():
+    """Pieces step in one pass each: a NaN in the last piece must stop the first ones too."""
+    opt, separate, flat, full, pieces_of, _ = _flat_and_separate("fp16", False, pieces=True, steps=1)
+    opt_flat = FP8AdamW([flat], lr=LR, weight_decay=WD, min_numel=0, compile=False)
+    opt_flat.set_segments(flat, [(sum(SIZES[:i]), n) for i, n in enumerate(SIZES)])
+    flat.grad = torch.randn_like(flat)
+    opt_flat.step()
+    before = flat.detach().clone()
+    state_before = {k: v.clone() for k, v in opt_flat.state[flat].items() if torch.is_tensor(v)}
+    flat.grad = torch.randn_like(flat)
+    flat.grad[sum(SIZES) - 1] = float("nan")
+    opt_flat.step()
+    assert torch.equal(flat, before) and opt_flat.state[flat]["step"] == 1 and opt_flat.nonfinite_skips == 1
+    for key, value in state_before.items():
+        assert torch.equal(_bits(opt_flat.state[flat][key]), _bits(value)), key
