@@ -16,12 +16,20 @@ foreach), ``FP8AdamW`` (default: fp8 m + fp16 v, and the 2-byte mode), torchao `
   case ``adamw_fused`` (``torch.optim.AdamW(fused=True)`` training the model: the same math in
   another operation order) shows how far fp32 rounding differences alone move that number.
 
-Runs single-threaded by default (``--threads``): on 2 cores shared with other jobs, OpenMP barriers
-waiting for a preempted thread made every 2-thread timing (fused AdamW included) 5-20x slower
-and meaningless.
+* ``bytes_moved_per_param``: our count of the bytes one step reads and writes per parameter (fp32
+  parameters and gradients; see BYTES); ``effective_GBps``: that count x parameters / median step
+  time, read against ``copy_GBps`` (a large ``Tensor.copy_``, read + write, in the same run);
+* ``step_time_ratio_threads``: after training, the median of interleaved ``step()`` calls against
+  fused AdamW on the last gradients, at each of ``--timing-threads`` (1 and 2);
+* ``train_step_ratio``: a whole training step (forward + backward + optimizer step) of the model
+  with this optimizer against the same model with fused AdamW, the two alternating, median.
 
-Usage: ``python benchmarks/fp8_optimizer.py [--steps 200] [--threads 1]``; the last line printed
-is JSON.
+Trains single-threaded by default (``--threads``): on 2 cores shared with other jobs, OpenMP
+barriers waiting for a preempted thread can make 2-thread timings (fused AdamW included) swing
+widely; the 2-thread step ratio is measured in its own interleaved phase.
+
+Usage: ``python benchmarks/fp8_optimizer.py [--steps 200] [--threads 1] [--cases adamw,fp8adamw]``;
+the last line printed is JSON.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -37,7 +46,16 @@ from typing import Any
 import torch
 
 WARMUP = 5
-GOALS = {"fp8adamw_bytes": 3.05, "fp8adamw_2byte_bytes": 2.1, "step_time_ratio": 1.2, "final_loss_rel_diff": 0.01}
+GOALS = {"fp8adamw_bytes": 3.05, "fp8adamw_2byte_bytes": 2.1, "step_time_ratio": 1.2, "final_loss_rel_diff": 0.01,
+         "train_step_ratio": 1.05}
+# Bytes read + written per parameter by one step (fp32 parameters and gradients), our count:
+# fused AdamW: read p, g, m, v (16), write p, m, v (12). FP8AdamW (single pass, fp16 v): read g for
+# its amax (4); one loop reads p, g, m, v (4+4+1+2) and writes p, m (4+1) and v's new values to a
+# temporary (2: CPU stores 16-bit values in place slowly), copied into v (read 2, write 2).
+# 2-byte mode (two passes): read g, m, v (4+1+1); read p, g, m, v (4+4+1+1), write p, m, v (4+1+1).
+# torch.optim.AdamW(foreach) makes a pass per foreach op: 28 is only its lower bound.
+BYTES = {"adamw": 28, "adamw_fused": 28, "fp8adamw": 26, "fp8adamw_2byte": 22}
+TIMING_REPEATS = 15
 
 
 def token_batches(
@@ -120,17 +138,70 @@ def run(
         final = statistics.fmean(model(input_ids=b, labels=b).loss.item() for b in held_out)
     opt_ms, fused_ms = (1e3 * statistics.median(times[k]) for k in ("opt", "fused"))
     n = sum(p.numel() for p in params)
+    by_threads = {}
+    for threads in args.timing_threads:  # the same two optimizers, the last gradients, interleaved
+        torch.set_num_threads(threads)
+        pair = {"opt": [], "fused": []}
+        for i in range(TIMING_REPEATS):
+            for key, opt in order if i % 2 else order[::-1]:
+                start = time.perf_counter()
+                opt.step()
+                pair[key].append(time.perf_counter() - start)
+        by_threads[str(threads)] = round(statistics.median(pair["opt"]) / statistics.median(pair["fused"]), 3)
+    torch.set_num_threads(args.threads)
     print(f"{name}: loss {losses[0]:.3f} -> {losses[-1]:.3f}, held-out {final:.4f}, step {opt_ms:.1f} ms "
           f"vs fused {fused_ms:.1f} ms, first step {first_step_s:.1f} s", flush=True)
     return {
         "state_bytes_per_param": round(state_bytes(optimizer) / n, 4),
         "step_time_ratio": round(opt_ms / fused_ms, 3),
+        "step_time_ratio_threads": by_threads,
+        "bytes_moved_per_param": BYTES.get(name),
+        "effective_GBps": round(BYTES[name] * n / opt_ms / 1e6, 2) if name in BYTES else None,
         "step_cpu_time_ratio": round(statistics.median(cpu["opt"]) / statistics.median(cpu["fused"]), 3),
         "step_ms": round(opt_ms, 2),
         "fused_adamw_step_ms": round(fused_ms, 2),
         "first_step_s": round(first_step_s, 2),
         "final_loss": round(final, 5),
     }
+
+
+def copy_gbps(numel: int = 50_000_000) -> float:
+    """Read + write bandwidth of a large fp32 Tensor.copy_ (median of several), in GB/s."""
+    src, dst = torch.ones(numel), torch.empty(numel)
+    times = []
+    for _ in range(7):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return round(2 * src.nbytes / statistics.median(times) / 1e9, 2)
+
+
+def train_step_ratio(make: Callable[[Any], torch.optim.Optimizer], data: tuple, args: argparse.Namespace) -> float:
+    """Median whole training step (forward, backward, step) with ``make``'s optimizer / with fused
+    AdamW: two copies of the model, stepping alternately (alternating which goes first)."""
+    from transformers import LlamaForCausalLM
+
+    from perl_plugins.embedded import tiny_config
+
+    torch.manual_seed(0)
+    models = [LlamaForCausalLM(tiny_config("bench20m")) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = {"opt": (models[0], make(list(models[0].parameters()))),
+            "fused": (models[1], torch.optim.AdamW(models[1].parameters(), lr=args.lr, fused=True))}
+    times: dict[str, list[float]] = {"opt": [], "fused": []}
+    train = data[0]
+    for step in range(WARMUP + args.train_timing_steps):
+        batch = train[step % len(train)]
+        for key in (["opt", "fused"] if step % 2 else ["fused", "opt"]):
+            model, opt = opts[key]
+            start = time.perf_counter()
+            loss = model(input_ids=batch, labels=batch).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if step >= WARMUP:
+                times[key].append(time.perf_counter() - start)
+    return round(statistics.median(times["opt"]) / statistics.median(times["fused"]), 3)
 
 
 def main() -> None:
@@ -141,6 +212,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--timing-threads", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
+    parser.add_argument("--train-timing-steps", type=int, default=20)
+    parser.add_argument("--cases", default="adamw,adamw_fused,fp8adamw,fp8adamw_2byte,torchao_fp8,torchao_8bit")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -165,18 +239,29 @@ def main() -> None:
         "torchao_8bit": torchao("AdamW8bit"),
     }
     results: dict[str, Any] = {}
+    copy_before = copy_gbps()
     for name, make in cases.items():
+        if name not in args.cases.split(",") and name != "adamw":  # adamw: the loss reference
+            continue
         try:
             results[name] = run(name, make, data, args)
         except Exception as e:  # a peer that cannot run on CPU is recorded, not fatal
             results[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
             print(f"{name}: failed: {results[name]['error']}", flush=True)
+    for name in ("fp8adamw", "fp8adamw_2byte"):
+        if "final_loss" in results.get(name, {}):
+            results[name]["train_step_ratio"] = train_step_ratio(cases[name], data, args)
+            print(f"{name}: train step ratio {results[name]['train_step_ratio']}", flush=True)
     reference = results["adamw"]["final_loss"]
     for r in results.values():
         if "final_loss" in r:
             r["final_loss_rel_diff"] = round((r["final_loss"] - reference) / reference, 5)
+    results["copy_GBps"] = round((copy_before + copy_gbps()) / 2, 2)
     results["config"] = {"steps": args.steps, "batch": args.batch, "seq_len": args.seq_len, "lr": args.lr,
-                         "threads": torch.get_num_threads(), "warmup_steps_untimed": WARMUP, "goals": GOALS}
+                         "threads": torch.get_num_threads(), "timing_threads": args.timing_threads,
+                         "timing_repeats": TIMING_REPEATS, "train_timing_steps": args.train_timing_steps,
+                         "warmup_steps_untimed": WARMUP, "goals": GOALS, "cpus": os.cpu_count(),
+                         "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()]}
     print(json.dumps(results))
 
 

@@ -21,17 +21,22 @@ than per piece, and independent of where pieces start). Every piece is compresse
 (``min_numel`` applies to the flat parameter).
 
 Stored values are *scaled*: ``stored = value * scale`` and ``value = stored / scale``. Scales are
-powers of two, ``2**floor(log2(fmax / amax))`` (fmax 448 for E4M3, 65504 for fp16), recomputed
-from the fresh amax at every step, so scaling itself is exact. A zero (or non-finite) amax keeps
-the previous scale. A positive second moment never quantizes to zero (it is clamped to the
-smallest positive code): a zero ``v`` under a non-zero ``m`` would turn ``m / (sqrt(v) + eps)``
-into a huge step.
+powers of two, ``2**floor(log2(fmax / amax))`` (fmax 448 for E4M3, 65504 for fp16), so scaling
+itself is exact. A zero (or non-finite) amax keeps the previous scale. A positive second moment
+never quantizes to zero (it is clamped to the smallest positive code): a zero ``v`` under a
+non-zero ``m`` would turn ``m / (sqrt(v) + eps)`` into a huge step.
 
-A tensor's update is two passes, each one function that runs eagerly or under ``torch.compile``
-(the same fp32 arithmetic either way; compiled is much faster on CPU, where eager fp8 casts are
-not vectorized): :func:`_amax_pass` reads the gradient and states and returns the amaxes of the
-new values (the fresh scales need them before anything is written) and whether they are finite;
-only then :func:`_apply_pass` recomputes the moments, updates the weights and requantizes.
+The default layout (per-tensor or per-piece scales, no master weights) steps in one pass,
+:func:`_one_pass`: delayed scaling, as in Transformer Engine, but bounded so that nothing
+saturates. The scale of step t comes from the amax the pass of step t-1 recorded and this step's
+gradient amax (the only value read before the loop that writes): ``|m_t| <= b1 * amax|m_{t-1}| +
+(1 - b1) * amax|g_t|``, and for ``v`` a running envelope ``b2 * env + (1 - b2) * amax(g_t)**2``.
+A non-finite bound (NaN/inf gradient, square overflowing fp32) writes every value back unchanged.
+The 2-byte mode's blocks and master weights keep two passes with fresh scales:
+:func:`_amax_pass` reads the gradient and states and returns the amaxes of the new values;
+:func:`_apply_pass` then recomputes the moments, updates the weights and requantizes. Each pass is
+one function that runs eagerly or under ``torch.compile`` (the same fp32 arithmetic either way;
+compiled is much faster on CPU, where eager fp8 casts are not vectorized).
 """
 
 from __future__ import annotations
@@ -135,6 +140,8 @@ def _quantize_into(state: dict[str, Any], key: str, scale_key: str, x: Tensor, f
     scale = _pow2_scale(amax, fmax, old)
     state[key].copy_(_scaled(x, _per_value(scale, state, kind), fmax, tiny))
     old.copy_(scale)
+    if f"{key}_amax" in state:  # bounds the stored values before rounding, as the single pass records it
+        state[f"{key}_amax"].copy_(amax)
 
 
 def _piece(args: tuple, index: int, start: int, numel: int) -> tuple:
@@ -242,14 +249,70 @@ def _apply_pass(
     return deferred
 
 
-_compiled_passes: tuple[Callable[..., Any], Callable[..., Any]] | None = None
+# Relative rounding bound of a stored value (half an ulp): 3 mantissa bits for E4M3, 10 for fp16.
+E4M3_ROUND = 1 + 2.0**-4
+FP16_ROUND = 1 + 2.0**-11
 
 
-def _compiled() -> tuple[Callable[..., Any], Callable[..., Any]]:
+def _one_pass(
+    p: Tensor, g: Tensor, m: Tensor, m_scale: Tensor | None, m_amax: Tensor | None,
+    v: Tensor, v_scale: Tensor | None, v_amax: Tensor | None, hp: Tensor,
+) -> list[Tensor]:
+    """The whole update of per-tensor (or per-piece) scaled states in one read of p, m, v.
+
+    Delayed scaling with a bound: the new scales come from ``bound_m = b1 * amax(m_prev) *
+    E4M3_ROUND + (1 - b1) * amax|g|`` (``bound_v`` likewise with g**2), where ``amax(m_prev)`` is
+    the amax of the stored values recorded by the previous step's pass. ``|m_new| <= bound_m``,
+    so nothing saturates, and only the gradient is read before the loop that writes. A
+    non-finite bound (NaN/inf gradient, or a square overflowing fp32) writes every value back
+    unchanged. fp32 states (``m_scale`` None) check the new moments instead (small tensors).
+    Returns whether the update was applied, then the new values of the 16-bit states to copy (see
+    _deferred).
+    """
+    lr, decay, b1, c1, b2, c2, inv_bc1, inv_bc2, eps = hp.unbind()
+    g32 = g.float()
+    if m_scale is None:
+        m_new, v_new = b1 * m + c1 * g32, b2 * v + c2 * (g32 * g32)
+        ok = torch.isfinite(m_new.abs().amax()) & torch.isfinite(v_new.amax())
+    else:
+        g_amax = g32.abs().amax()
+        bound_m = b1 * m_amax * E4M3_ROUND + c1 * g_amax
+        bound_v = b2 * v_amax + c2 * (g_amax * g_amax)
+        ok = torch.isfinite(bound_m) & torch.isfinite(bound_v)
+        new_m_scale = _pow2_scale(bound_m, E4M3_MAX, m_scale)
+        new_v_scale = _pow2_scale(bound_v, FP16_MAX, v_scale)
+        m_new = b1 * (m.float() * (1 / m_scale)) + c1 * g32
+        v_new = b2 * (v.float() * (1 / v_scale)) + c2 * (g32 * g32)
+    p_new = p.float() * decay - lr * (m_new * inv_bc1) / (torch.sqrt(v_new * inv_bc2) + eps)
+    deferred = [ok]
+    _write(p, torch.where(ok, p_new, p.float()), deferred)
+    if m_scale is None:
+        m.copy_(torch.where(ok, m_new, m))
+        v.copy_(torch.where(ok, v_new, v))
+        return deferred
+    m_stored = _scaled(m_new, new_m_scale, E4M3_MAX)
+    v_stored = _scaled(v_new, new_v_scale, FP16_MAX, FP16_TINY)
+    m.copy_(torch.where(ok, m_stored, m.float()))
+    _write(v, torch.where(ok, v_stored, v.float()), deferred)
+    # Recorded from the scaled values, so these reductions run in the writing loop.
+    m_amax.copy_(torch.where(ok, m_stored.abs().amax() / new_m_scale, m_amax))
+    v_amax.copy_(torch.where(ok, bound_v, v_amax))
+    m_scale.copy_(torch.where(ok, new_m_scale, m_scale))
+    v_scale.copy_(torch.where(ok, new_v_scale, v_scale))
+    return deferred
+
+
+_Passes = tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]
+_compiled_passes: _Passes | None = None
+
+
+def _compiled() -> _Passes:
     # Shared by all optimizers; dynamic shapes avoid one compile per parameter shape.
     global _compiled_passes
     if _compiled_passes is None:
-        _compiled_passes = tuple(torch.compile(f, fullgraph=True, dynamic=True) for f in (_amax_pass, _apply_pass))
+        _compiled_passes = tuple(
+            torch.compile(f, fullgraph=True, dynamic=True) for f in (_amax_pass, _apply_pass, _one_pass)
+        )
     return _compiled_passes
 
 
@@ -356,6 +419,8 @@ class FP8AdamW(torch.optim.Optimizer):
         if not blocks:
             layout = {"exp_avg": ((n,), E4M3), "exp_avg_scale": (per_piece, torch.float32)}
             layout |= {"exp_avg_sq": ((n,), torch.float16), "exp_avg_sq_scale": (per_piece, torch.float32)}
+            if not master:  # the single pass's delayed scaling: amaxes recorded by the previous step
+                layout |= {"exp_avg_amax": (per_piece, torch.float32), "exp_avg_sq_amax": (per_piece, torch.float32)}
         else:
             m_scale = () if pieces is None else (n // BLOCK,)  # pieces: m gets block scales, as sqrt(v)
             layout = {"exp_avg": ((n,), E4M3), "exp_avg_scale": (m_scale, torch.float32)}
@@ -386,11 +451,12 @@ class FP8AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        passes = _compiled() if self.compile else (_amax_pass, _apply_pass)
+        passes = _compiled() if self.compile else (_amax_pass, _apply_pass, _one_pass)
         index = -1
         for group in self.param_groups:
             b1, b2 = group["betas"]
             lr = float(group["lr"])
+            hps: dict[int, Tensor] = {}  # per step count: one hyper-parameter tensor for all its tensors
             for p in group["params"]:
                 index += 1
                 if p.grad is None:
@@ -402,8 +468,10 @@ class FP8AdamW(torch.optim.Optimizer):
                     state.update(self._init_state(p))
                 t = state["step"] + 1
                 decay = 1 - lr * group["weight_decay"]
-                hp = (lr, decay, b1, 1 - b1, b2, 1 - b2, 1 / (1 - b1**t), 1 / (1 - b2**t), group["eps"])
-                ok = self._update(passes, p, state, torch.tensor(hp, dtype=torch.float32, device=p.device))
+                if (t, p.device) not in hps:
+                    hp = (lr, decay, b1, 1 - b1, b2, 1 - b2, 1 / (1 - b1**t), 1 / (1 - b2**t), group["eps"])
+                    hps[t, p.device] = torch.tensor(hp, dtype=torch.float32, device=p.device)
+                ok = self._update(passes, p, state, hps[t, p.device])
                 if ok:
                     state["step"] = t
                 elif self.nonfinite == "raise":
@@ -415,14 +483,15 @@ class FP8AdamW(torch.optim.Optimizer):
                     self.nonfinite_skips += 1
         return loss
 
-    def _update(
-        self, passes: tuple[Callable[..., Any], Callable[..., Any]], p: Tensor, state: dict[str, Any], hp: Tensor
-    ) -> bool:
-        """Both passes on flat views ((blocks, BLOCK) views in the 2-byte mode).
+    def _update(self, passes: _Passes, p: Tensor, state: dict[str, Any], hp: Tensor) -> bool:
+        """Both passes on flat views ((blocks, BLOCK) views in the 2-byte mode), or the single pass
+        (per-tensor or per-piece scales, no master weights).
 
         Returns False, having written nothing, when the update is not finite."""
         v_scale = state.get("exp_avg_sq_scale")
         blocks = v_scale is not None and v_scale.dim() == 1 and state["exp_avg_sq"].dtype == E4M3
+        if not blocks and "master" not in state:
+            return self._single_pass(passes[2], p, state, hp)
         shape = (-1, BLOCK) if blocks else (-1,)
         work = p if p.is_contiguous() else p.contiguous()
         m, v, w = (state[k].view(shape) if k in state else None for k in ("exp_avg", "exp_avg_sq", "master"))
@@ -451,6 +520,43 @@ class FP8AdamW(torch.optim.Optimizer):
             ) from e
         for dst, value in deferred:
             dst.copy_(value)
+        if work is not p:
+            p.copy_(work)
+        return True
+
+    def _single_pass(self, one_pass: Callable[..., Any], p: Tensor, state: dict[str, Any], hp: Tensor) -> bool:
+        work = p if p.is_contiguous() else p.contiguous()
+        flat, g = work.view(-1), p.grad.reshape(-1)
+        keys = ("exp_avg", "exp_avg_scale", "exp_avg_amax", "exp_avg_sq", "exp_avg_sq_scale", "exp_avg_sq_amax")
+        m, m_scale, m_amax, v, v_scale, v_amax = (state.get(k) for k in keys)
+        if "segment_bounds" in state:
+            # All pieces or none: one read of the gradient decides before any piece is written.
+            g_amax = g.abs().amax()
+            if not torch.isfinite(g_amax * g_amax):
+                return False
+            cuts = state["segment_bounds"].tolist()
+            calls = [
+                (*(t.narrow(0, a, b - a) for t in (flat, g, m)), m_scale[i], m_amax[i],
+                 v.narrow(0, a, b - a), v_scale[i], v_amax[i], hp)
+                for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))
+                if b > a
+            ]
+        else:
+            calls = [(flat, g, m, m_scale, m_amax, v, v_scale, v_amax, hp)]
+        try:
+            results = [one_pass(*args) for args in calls]
+        except Exception as e:
+            if not self.compile:
+                raise
+            raise RuntimeError(
+                "FP8AdamW: torch.compile of the optimizer step failed; pass compile=False to run "
+                "the same arithmetic eagerly (slower on CPU)"
+            ) from e
+        if not all(bool(ok) for ok, *_ in results):  # only pieces of a finite gradient: all or none
+            return False
+        for (p_piece, _, _, _, _, v_piece, *_), (_, *values) in zip(calls, results):
+            for dst, value in zip([t for t in (p_piece, v_piece) if _deferred(t)], values, strict=True):
+                dst.copy_(value)
         if work is not p:
             p.copy_(work)
         return True

@@ -17,7 +17,13 @@ def _pow2(amax: torch.Tensor, fmax: float) -> torch.Tensor:
 
 
 def _reference_step(p, g, state, t, second_moment):
-    """The FP8-LM step written out: dequantize, AdamW in fp32, requantize with fresh scales."""
+    """The FP8-LM step written out: dequantize, AdamW in fp32, requantize.
+
+    fp16 mode: delayed scaling with a bound. The scales come from the amaxes recorded by the previous
+    step and this gradient's amax G: m's from b1 * amax(m_prev) * (1 + 2**-4) + (1 - b1) * G (the
+    recorded amax is of the stored values before rounding; half an E4M3 ulp bounds the rounding),
+    v's from the envelope b2 * env_prev + (1 - b2) * G**2, which is also what v records.
+    2-byte mode: fresh scales from the new values (m per tensor, sqrt(v) per block)."""
     m = state["exp_avg"].float() / state["exp_avg_scale"]
     if second_moment == "fp16":
         v = state["exp_avg_sq"].float() / state["exp_avg_sq_scale"]
@@ -27,13 +33,23 @@ def _reference_step(p, g, state, t, second_moment):
     m = B1 * m + (1 - B1) * g.flatten()
     v = B2 * v + (1 - B2) * g.flatten() ** 2
     p = p - LR * (m / (1 - B1**t)) / (torch.sqrt(v / (1 - B2**t)) + EPS)
-    m_scale = _pow2(m.abs().amax(), 448.0)
-    out = {"exp_avg": (m * m_scale).to(E4M3), "exp_avg_scale": m_scale}
+    if second_moment == "fp16":
+        big_g = g.abs().amax()
+        bound_m = B1 * state["exp_avg_amax"] * (1 + 2.0**-4) + (1 - B1) * big_g
+        bound_v = B2 * state["exp_avg_sq_amax"] + (1 - B2) * big_g**2
+        m_scale = _pow2(bound_m, 448.0)
+        assert (m * m_scale).abs().amax() <= 448  # the bound holds: nothing saturates
+        m_stored = (m * m_scale).clamp(-448, 448)
+        out = {"exp_avg": m_stored.to(E4M3), "exp_avg_scale": m_scale, "exp_avg_amax": m_stored.abs().amax() / m_scale}
+    else:
+        m_scale = _pow2(m.abs().amax(), 448.0)
+        out = {"exp_avg": (m * m_scale).to(E4M3), "exp_avg_scale": m_scale}
     # A positive second moment never rounds to 0: it is clamped to the smallest positive code.
     if second_moment == "fp16":
-        v_scale = _pow2(v.amax(), 65504.0)
+        v_scale = _pow2(bound_v, 65504.0)
+        assert v.amax() * v_scale <= 65504
         v_q = torch.where(v > 0, (v * v_scale).clamp_min(2.0**-24), 0.0).half()
-        out |= {"exp_avg_sq": v_q, "exp_avg_sq_scale": v_scale}
+        out |= {"exp_avg_sq": v_q, "exp_avg_sq_scale": v_scale, "exp_avg_sq_amax": bound_v}
     else:
         r = v.sqrt().view(-1, BLOCK)
         v_scale = _pow2(r.amax(dim=1), 448.0)
@@ -47,8 +63,9 @@ def test_step_matches_fp32_recomputation(second_moment):
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(8, 512))
     opt = FP8AdamW([p], lr=LR, weight_decay=WD, eps=EPS, second_moment=second_moment, min_numel=0, compile=False)
-    for t in range(1, 4):
-        p.grad = torch.randn_like(p) * torch.logspace(-4, 0, 512)  # several binades per block
+    # Steps 4 and 5: a 1000x gradient spike, then a 1000x drop: delayed scales must follow both.
+    for t, factor in zip(range(1, 7), [1, 1, 1, 1000, 1, 1e-3]):
+        p.grad = torch.randn_like(p) * torch.logspace(-4, 0, 512) * factor  # several binades per block
         state = opt.state[p] or opt._init_state(p)  # the zero states a first step starts from
         opt.state[p] = state
         before = {k: v.clone() for k, v in state.items() if torch.is_tensor(v)}
@@ -56,8 +73,9 @@ def test_step_matches_fp32_recomputation(second_moment):
         opt.step()
         assert state["step"] == t
         torch.testing.assert_close(p.detach().flatten(), expected_p, rtol=1e-6, atol=1e-7)
-        for key in ("exp_avg_scale", "exp_avg_sq_scale"):
-            assert torch.equal(state[key], expected[key]), key
+        for key in ("exp_avg_scale", "exp_avg_sq_scale", "exp_avg_amax", "exp_avg_sq_amax"):
+            if key in expected:
+                assert torch.equal(state[key], expected[key]), key
         for key in ("exp_avg", "exp_avg_sq"):
             got, want = state[key].float(), expected[key].float()
             assert state[key].dtype == expected[key].dtype
@@ -420,3 +438,20 @@ def test_set_segments_relays_out_an_existing_state():
     assert torch.equal(opt_flat.dequantized_state(flat)["exp_avg"], again["exp_avg"])
     with pytest.raises(ValueError, match="outside"):
         opt_flat.set_segments(flat, [(0, flat.numel() + 1)])
+
+
+def test_nonfinite_gradient_in_one_piece_skips_the_whole_partition():
+    """Pieces step in one pass each: a NaN in the last piece must stop the first ones too."""
+    opt, separate, flat, full, pieces_of, _ = _flat_and_separate("fp16", False, pieces=True, steps=1)
+    opt_flat = FP8AdamW([flat], lr=LR, weight_decay=WD, min_numel=0, compile=False)
+    opt_flat.set_segments(flat, [(sum(SIZES[:i]), n) for i, n in enumerate(SIZES)])
+    flat.grad = torch.randn_like(flat)
+    opt_flat.step()
+    before = flat.detach().clone()
+    state_before = {k: v.clone() for k, v in opt_flat.state[flat].items() if torch.is_tensor(v)}
+    flat.grad = torch.randn_like(flat)
+    flat.grad[sum(SIZES) - 1] = float("nan")
+    opt_flat.step()
+    assert torch.equal(flat, before) and opt_flat.state[flat]["step"] == 1 and opt_flat.nonfinite_skips == 1
+    for key, value in state_before.items():
+        assert torch.equal(_bits(opt_flat.state[flat][key]), _bits(value)), key
