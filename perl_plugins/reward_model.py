@@ -184,13 +184,17 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     return path
 
 
-def reward_head_spec(model: nn.Module) -> dict[str, Any] | None:
+def reward_head_spec(model: nn.Module, adapter_name: str | None = None) -> dict[str, Any] | None:
     """What a reward adapter's ``perl_reward_head.json`` must record for it to be scored as it was
-    trained (head kind and :class:`RewardEncoding`); None for a model without a reward head."""
+    trained (head kind and :class:`RewardEncoding`) for adapter ``adapter_name`` (default: the
+    active one); None when that adapter is no reward adapter or the model has no reward head."""
     head = getattr(unwrap(model), HEAD_ATTR, None)
-    if head is None:
+    peft_config = getattr(model, "peft_config", {})
+    name = adapter_name or getattr(model, "active_adapter", None)
+    if head is None or (name in peft_config and str(peft_config[name].task_type) not in ("SEQ_CLS", "TaskType.SEQ_CLS")):
         return None
-    return {"head": head_kind(head), "encoding": asdict(reward_encoding(model))}
+    recorded = getattr(model, _ENCODINGS_ATTR, {}).get(name)
+    return {"head": head_kind(head), "encoding": asdict(recorded or reward_encoding(model))}
 
 
 def save_reward_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default", *, write: bool = True) -> Path:

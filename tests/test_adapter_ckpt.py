@@ -129,6 +129,7 @@ def test_checkpoint_holds_only_trainable_tensors(uninterrupted, base_dir):
     assert _files(ckpt) == {
         "adapters/default/adapter_model.safetensors", "adapters/default/adapter_config.json",
         "adapters/reward/adapter_model.safetensors", "adapters/reward/adapter_config.json",
+        "adapters/reward/perl_reward_head.json",  # how the frozen reward adapter scores (head, pad id)
         "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", MANIFEST_NAME,
     }  # no base weights, no tokenizer, no temp leftovers
     keys = {}

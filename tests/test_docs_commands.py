@@ -113,6 +113,13 @@ def recipe_flags(name: str) -> set[str]:
     return _dataclass_flags(*configs)
 
 
+def benchmark_flags(script: str) -> set[str]:
+    """The flags a benchmark's ``--help`` lists."""
+    done = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return set(re.findall(r"--([\w-]+)", done.stdout)) | {"help"}
+
+
 def cli_flags(words: list[str]) -> set[str]:
     """Flags ``perl-plugins COMMAND`` accepts, given the plugins the line enables."""
     command = words[0]
@@ -154,6 +161,8 @@ def check_command(command: str) -> list[str]:
         return bad + check_command(shlex.join(["perl-plugins", *words[split + 2 :]]))
     if words[0] == "perl-plugins":
         return [f for f in flags(words[2:]) if f not in cli_flags(words[1:])]
+    if words[0] == "python" and words[1].startswith("benchmarks/"):
+        return [f for f in flags(words[2:]) if f not in benchmark_flags(words[1])]
     if words[0] == "python" and words[1].endswith(".py"):
         return [f for f in flags(words[2:]) if f not in recipe_flags(Path(words[1]).stem)]
     if words[0] == "python" and words[1] == "-m":
@@ -228,6 +237,9 @@ def _skip_reason(words: list[str]) -> str | None:
         return "pip install: no network here; the package is installed"
     if words[0] == "accelerate":
         return "8-process launch: tests/test_scaling_out.py launches the same configs with 2 CPU processes"
+    if words[0] == "python" and any(w.startswith("$") for w in words):
+        return ("the real-model runs: their shell variables name smollm2-135m-instruct, minutes each on CPU; "
+                "tests/test_real_model.py and tests/test_recipes.py cover the same paths")
     hub = hub_id_in(words)
     if hub:
         return f"names the hub id {hub} (no network here)"

@@ -139,18 +139,23 @@ def _rrhf_trainer(tokenizer, tmp_path, **args):
 def test_plugin_loss_is_rrhf_loss_of_the_models_logits(tokenizer, tmp_path):
     trainer = attach(_rrhf_trainer(tokenizer, tmp_path), plugins="lora,rrhf", rrhf_weight=0.7)
     assert isinstance(trainer.data_collator, RRHFCollator)
-    data = tokenize_groups(datasets.Dataset.from_dict(GROUPS), tokenizer)
-    batch = trainer.data_collator([data[0], data[2]])
     model = trainer.model.eval()
-    with torch.no_grad():
-        total = trainer.compute_loss(model, dict(batch))
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    mask = batch["rrhf_response_mask"]
-    logps = response_logps(logits, batch["input_ids"], mask)
-    expected = rrhf_loss(logps, mask[:, 1:].sum(-1), batch["rrhf_scores"], batch["rrhf_groups"], weight=0.7)
-    assert total.item() == pytest.approx(expected.item(), rel=1e-5)
-    # The ranking term is really there (the random model mis-ranks some pair) and the stock part is L_ft.
-    assert rrhf_rank_loss(logps, mask[:, 1:].sum(-1), batch["rrhf_scores"], batch["rrhf_groups"]).item() > 0
+    ranks = []
+    # With the scores as given and reversed: whatever the random model's order, one of the two
+    # orientations mis-ranks some pair, so the ranking term is really exercised.
+    for flip in (False, True):
+        groups = {**GROUPS, "scores": [[1.0 - x for x in row] if flip else row for row in GROUPS["scores"]]}
+        data = tokenize_groups(datasets.Dataset.from_dict(groups), tokenizer)
+        batch = trainer.data_collator([data[0], data[2]])
+        with torch.no_grad():
+            total = trainer.compute_loss(model, dict(batch))
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        mask = batch["rrhf_response_mask"]
+        logps = response_logps(logits, batch["input_ids"], mask)
+        expected = rrhf_loss(logps, mask[:, 1:].sum(-1), batch["rrhf_scores"], batch["rrhf_groups"], weight=0.7)
+        assert total.item() == pytest.approx(expected.item(), rel=1e-5)
+        ranks.append(rrhf_rank_loss(logps, mask[:, 1:].sum(-1), batch["rrhf_scores"], batch["rrhf_groups"]).item())
+    assert max(ranks) > 0
 
 
 def test_plugin_trains_on_a_stock_trainer(tokenizer, tmp_path):

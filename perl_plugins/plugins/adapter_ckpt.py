@@ -182,7 +182,7 @@ def write_model_state(model: nn.Module, directory: Path, collected: dict[str, An
         adapter_dir.mkdir(parents=True)
         save_tensors(adapter_dir / ADAPTER_WEIGHTS, state, metadata={"format": "pt"})
         model.peft_config[name].save_pretrained(str(adapter_dir))
-        spec = reward_head_spec(model) if name == model.active_adapter else None
+        spec = reward_head_spec(model, name)
         if spec is not None:  # scored later exactly as trained (the pad id trl set is not in the base config)
             (adapter_dir / HEAD_SPEC_FILE).write_text(json.dumps(spec, indent=2))
     if others:
