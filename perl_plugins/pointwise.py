@@ -8,12 +8,12 @@ pads, and scores (accuracy, ROC AUC).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import datasets
 import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, Trainer, TrainingArguments
+from trl.data_utils import common_prefix_length
 
 from .reward_metrics import reward_metrics
 from .reward_model import reward_ids
@@ -26,15 +26,6 @@ def reward_classifier(model_name_or_path: str, **kwargs: Any) -> PreTrainedModel
     )
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def tokenize_pointwise(dataset: datasets.Dataset, tokenizer: Any, max_length: int | None = None) -> datasets.Dataset:
     """``prompt``/``completion``/``label`` rows -> ``input_ids``, float ``labels`` and ``prompt_len``
     (prompt tokens, for regularizers that score the completion only). Ids are made as trl's
@@ -43,7 +34,7 @@ def tokenize_pointwise(dataset: datasets.Dataset, tokenizer: Any, max_length: in
 
     def encode(row: dict[str, Any]) -> dict[str, Any]:
         ids = reward_ids(tokenizer, row["prompt"] + row["completion"])
-        prompt_len = _common_prefix(tokenizer(text=row["prompt"])["input_ids"], ids)
+        prompt_len = common_prefix_length(tokenizer(text=row["prompt"])["input_ids"], ids)
         if max_length is not None and len(ids) > max_length:
             # Cut the oldest context: the reward reads the last token, the completion must stay whole.
             prompt_len = max(0, prompt_len - (len(ids) - max_length))

@@ -191,7 +191,7 @@ def reward_head_spec(model: nn.Module, adapter_name: str | None = None) -> dict[
     head = getattr(unwrap(model), HEAD_ATTR, None)
     peft_config = getattr(model, "peft_config", {})
     name = adapter_name or getattr(model, "active_adapter", None)
-    if head is None or (name in peft_config and str(peft_config[name].task_type) not in ("SEQ_CLS", "TaskType.SEQ_CLS")):
+    if head is None or (name in peft_config and peft_config[name].task_type != "SEQ_CLS"):
         return None
     recorded = getattr(model, _ENCODINGS_ATTR, {}).get(name)
     return {"head": head_kind(head), "encoding": asdict(recorded or reward_encoding(model))}
