@@ -4,15 +4,15 @@ Importing the package is cheap (no torch): torch, transformers and trl load when
 attached or a loss term is built, so ``perl-plugins --help`` and ``plugins`` answer at once.
 """
 
-from .attach import attach
-from .errors import (
+from perl_plugins.host.attach import attach
+from perl_plugins.errors import (
     PluginError,
     PluginIncompatibleError,
     PluginLoadError,
     PluginOptionError,
     UnknownPluginError,
 )
-from .hookspecs import hookimpl, hookspec
+from perl_plugins.hookspecs import hookimpl, hookspec
 
 __version__ = "0.1.0"
 
@@ -32,12 +32,12 @@ __all__ = [
 
 def __getattr__(name: str):
     if name == "LossTerms":  # holds tensors: imports torch
-        from .loss_terms import LossTerms
+        from perl_plugins.host.loss_terms import LossTerms
 
         return LossTerms
     # PluginArguments imports every installed plugin to collect options: only pay for it when used.
     if name == "PluginArguments":
-        from .arguments import PluginArguments
+        from perl_plugins.host.arguments import PluginArguments
 
         return PluginArguments
     raise AttributeError(name)

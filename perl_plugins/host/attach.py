@@ -10,11 +10,11 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .errors import PluginIncompatibleError
-from .lazy import lazy_import
-from .loss_terms import LossTermRecorder, LossTerms
-from .manager import PluginSet
-from .zero_state import zero_stage
+from perl_plugins.errors import PluginIncompatibleError
+from perl_plugins.lazy import lazy_import
+from perl_plugins.host.loss_terms import LossTermRecorder, LossTerms
+from perl_plugins.host.plugin_set import PluginSet
+from perl_plugins.checkpoint.zero import zero_stage
 
 # torch and transformers load when a trainer is attached, not when plugins are listed.
 torch = lazy_import("torch")
