@@ -50,11 +50,9 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, set_seed
 from trl import DPOConfig, RewardConfig, RewardTrainer, TrlParser
 
-from perl_plugins import attach
-from perl_plugins import hookimpl
+from perl_plugins import attach, hookimpl, trainer_family
 from perl_plugins.models import smollm2
 from perl_plugins.host.arguments import check_options, options_for
-from perl_plugins.host.attach import trainer_family
 from perl_plugins.data.defaults import default_dataset
 from perl_plugins.training.device import cpu_settings
 from perl_plugins.models.embedded import CHAT_TEMPLATE as EMBEDDED_CHAT_TEMPLATE

@@ -76,6 +76,7 @@ __all__ = [
     "save_rng_state",
     "load_rng_state",
     "prune_checkpoints",
+    "prune_to_limit",
 ]
 
 logger = logging.getLogger(__name__)
@@ -341,6 +342,17 @@ def prune_checkpoints(
             shutil.rmtree(doomed, ignore_errors=True)
             removed.append(path)
     return removed
+
+
+def prune_to_limit(output_dir: str | os.PathLike, limit: int, best: str | os.PathLike | None) -> list[Path]:
+    """The stock ``save_total_limit`` rule on complete checkpoints: at most ``limit`` kept, the newest
+    and the best among them (``limit`` 1 with an older best keeps two)."""
+    keep = limit
+    if best is not None and limit > 1:
+        complete = [path for _, path in _checkpoint_dirs(output_dir) if is_complete(path)]
+        if Path(best).resolve() not in {p.resolve() for p in complete[-limit:]}:
+            keep -= 1  # the best takes one of the limit's places
+    return prune_checkpoints(output_dir, keep, protect=best)
 
 
 def _checkpoint_dirs(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:

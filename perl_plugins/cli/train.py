@@ -145,7 +145,7 @@ def _datasets(command: str, script_args: Any, evaluate: bool = True) -> Any:
 
 
 def _reward_funcs(script_args: Any) -> list[Any]:
-    from perl_plugins.plugins.lora import AdapterReward
+    from perl_plugins.models.adapters import AdapterReward
 
     funcs: list[Any] = []
     if script_args.reward_adapter:
@@ -182,7 +182,7 @@ def build_trainer(
     from perl_plugins import attach
     from perl_plugins.data.split_checks import check_splits
     from perl_plugins.models.embedded import resolve_model
-    from perl_plugins.plugins.lora import LoraOptions, lora_config
+    from perl_plugins.models.adapters import LoraOptions, lora_config
     from perl_plugins.training.pointwise import pointwise_trainer, reward_classifier
 
     plugins, options = plugin_args.attach_kwargs(model_args)

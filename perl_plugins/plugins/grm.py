@@ -28,8 +28,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
-from perl_plugins import hookimpl
-from perl_plugins.host.attach import trainer_family
+from perl_plugins import hookimpl, trainer_family
 from perl_plugins.errors import PluginIncompatibleError
 from perl_plugins.lazy import lazy_import
 from perl_plugins.models.reward import HEAD_ATTR, HEAD_KINDS, decoder, set_reward_head, unwrap

@@ -22,7 +22,8 @@ from perl_plugins.host.arguments import options_for
 from perl_plugins.data.defaults import default_dataset
 from perl_plugins.training.device import cpu_settings
 from perl_plugins.models.card import training_data, write_model_card
-from perl_plugins.plugins.lora import AdapterReward, LoraOptions, lora_config, roles
+from perl_plugins.models.adapters import AdapterReward, LoraOptions, lora_config
+from perl_plugins.models.roles import roles
 from perl_plugins.training.pointwise import pointwise_trainer, reward_classifier
 from perl_plugins.training.progress import quiet_progress
 from perl_plugins.training.sampling import policy_with_reward, sample_completions

@@ -9,7 +9,7 @@ import datasets
 import torch
 from tqdm.auto import tqdm
 
-from perl_plugins.plugins.lora import AdapterReward, LoraOptions, lora_config
+from perl_plugins.models.adapters import AdapterReward, LoraOptions, lora_config
 from perl_plugins.models.reward import load_reward_adapter
 from perl_plugins.models.roles import Roles
 
