@@ -41,7 +41,8 @@ from perl_plugins.training.device import cpu_settings
 from perl_plugins.models.embedded import resolve_model
 from perl_plugins.models.card import training_data, write_model_card
 from perl_plugins.plugins.lora import AdapterReward
-from perl_plugins.plugins.rrhf import RRHFCollator, response_logps, tokenize_groups
+from perl_plugins.models.logprobs import response_logps
+from perl_plugins.plugins.rrhf import RRHFCollator, tokenize_groups
 from perl_plugins.training.recipe_kit import train_reward_model
 from perl_plugins.training.sampling import sample_completions, trim_prompt
 from perl_plugins.training.reporting import plot_curves, write_summary
