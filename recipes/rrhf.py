@@ -37,6 +37,7 @@ from trl import TrlParser
 from perl_plugins import attach
 from perl_plugins.host.arguments import check_options, options_for
 from perl_plugins.data.defaults import default_dataset
+from perl_plugins.data.text import trim_prompt
 from perl_plugins.training.device import cpu_settings
 from perl_plugins.models.embedded import resolve_model
 from perl_plugins.models.card import training_data, write_model_card
@@ -44,7 +45,7 @@ from perl_plugins.plugins.lora import AdapterReward
 from perl_plugins.models.logprobs import response_logps
 from perl_plugins.plugins.rrhf import RRHFCollator, tokenize_groups
 from perl_plugins.training.recipe_kit import train_reward_model
-from perl_plugins.training.sampling import sample_completions, trim_prompt
+from perl_plugins.training.sampling import sample_completions
 from perl_plugins.training.reporting import plot_curves, write_summary
 from perl_plugins.models.reward import load_reward_adapter
 from perl_plugins.models.roles import Roles
