@@ -62,7 +62,15 @@ from perl_plugins.models.embedded import resolve_model
 from perl_plugins.errors import PluginIncompatibleError
 from perl_plugins.models.card import training_data, write_model_card
 from perl_plugins.plugins.lora import LoraOptions
-from perl_plugins.training.recipe_kit import load_base, padded_tokenizer, run_rl, stage_args, take, train_dpo
+from perl_plugins.training.recipe_kit import (
+    load_base,
+    padded_tokenizer,
+    reward_stage_args,
+    run_rl,
+    stage_args,
+    take,
+    train_dpo,
+)
 from perl_plugins.training.reporting import plot_curves, write_summary
 from perl_plugins.models.reward import reward_ids, save_reward_adapter
 
@@ -387,17 +395,8 @@ def train_soft_reward_model(
         for p, c, r in zip(human_pairs["prompt"], human_pairs["chosen"], human_pairs["rejected"])
     ]
     test = soft_label_pairs(tokenizer, human, cfg.max_length)
-    args = stage_args(
-        RewardConfig,
-        os.path.join(cfg.output_dir, "reward_model"),
-        cfg.seed,
-        num_train_epochs=cfg.rm_epochs,
-        max_steps=cfg.rm_max_steps,
-        per_device_train_batch_size=cfg.rm_batch_size,
-        per_device_eval_batch_size=cfg.rm_batch_size,
-        learning_rate=cfg.rm_learning_rate,
-        max_length=cfg.max_length,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+    args = reward_stage_args(
+        cfg, RewardConfig, max_length=cfg.max_length, gradient_checkpointing=cfg.gradient_checkpointing
     )
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1)
     trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=test, processing_class=tokenizer)

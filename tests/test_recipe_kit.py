@@ -4,14 +4,15 @@ arguments, taking N rows."""
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 from datasets import Dataset
 from transformers import TrainingArguments
-from trl import DPOConfig
+from trl import DPOConfig, RewardConfig
 
 from perl_plugins.models.embedded import resolve_model
 from perl_plugins.training.device import cpu_settings
-from perl_plugins.training.recipe_kit import load_base, padded_tokenizer, stage_args, take
+from perl_plugins.training.recipe_kit import load_base, padded_tokenizer, reward_stage_args, stage_args, take
 
 
 def test_load_base_resolves_the_model_and_pads(tokenizer):
@@ -43,3 +44,12 @@ def test_take():
     assert take(rows, 0)["x"] == rows["x"]
     assert take(rows, 2)["x"] == [0, 1]
     assert take(rows, 9)["x"] == rows["x"]
+
+
+def test_reward_stage_args_read_the_rm_keys(tmp_path):
+    cfg = SimpleNamespace(output_dir=str(tmp_path), seed=4, rm_epochs=2.0, rm_max_steps=7, rm_batch_size=3,
+                          rm_learning_rate=0.01)
+    args = reward_stage_args(cfg, RewardConfig, max_length=64)
+    assert isinstance(args, RewardConfig) and args.output_dir == str(tmp_path / "reward_model")
+    assert (args.seed, args.num_train_epochs, args.max_steps, args.learning_rate, args.max_length) == (4, 2.0, 7, 0.01, 64)
+    assert args.per_device_train_batch_size == args.per_device_eval_batch_size == 3

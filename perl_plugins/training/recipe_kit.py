@@ -48,15 +48,9 @@ def reward_trainer(cfg: Any, model_path: str, tokenizer, train, test, plugins: s
     ``plugins`` defaults to ``cfg.rm_plugins``; ``""`` fine-tunes the whole model (the comparison
     PERL draws: LoRA reward models on par with full fine-tuning at the same budget)."""
     plugins = cfg.rm_plugins if plugins is None else plugins
-    args = stage_args(
+    args = reward_stage_args(
+        cfg,
         TrainingArguments,
-        os.path.join(cfg.output_dir, "reward_model"),
-        cfg.seed,
-        num_train_epochs=cfg.rm_epochs,
-        max_steps=cfg.rm_max_steps,
-        per_device_train_batch_size=cfg.rm_batch_size,
-        per_device_eval_batch_size=cfg.rm_batch_size,
-        learning_rate=cfg.rm_learning_rate,
         lr_scheduler_type=_setting(cfg, "rm_lr_scheduler"),
         warmup_steps=_setting(cfg, "rm_warmup_ratio"),  # a float below 1 is a share of the steps
         train_sampling_strategy="group_by_length",  # batches of like lengths: far less padding to compute
@@ -290,3 +284,19 @@ def stage_args(config_class: type[ArgsT], output_dir: str, seed: int, **settings
 def take(dataset: datasets.Dataset, n: int) -> datasets.Dataset:
     """The first ``n`` rows of ``dataset`` (all of them when ``n`` is 0 or more than it has)."""
     return dataset.select(range(min(n, len(dataset)))) if n else dataset
+
+
+def reward_stage_args(cfg: Any, config_class: type[ArgsT], **settings: Any) -> ArgsT:
+    """:func:`stage_args` of a reward-model stage from the recipe's ``rm_*`` keys (epochs, steps,
+    batch size, learning rate), writing to OUTPUT_DIR/reward_model."""
+    return stage_args(
+        config_class,
+        os.path.join(cfg.output_dir, "reward_model"),
+        cfg.seed,
+        num_train_epochs=cfg.rm_epochs,
+        max_steps=cfg.rm_max_steps,
+        per_device_train_batch_size=cfg.rm_batch_size,
+        per_device_eval_batch_size=cfg.rm_batch_size,
+        learning_rate=cfg.rm_learning_rate,
+        **settings,
+    )
