@@ -28,7 +28,8 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
-from perl_plugins import hookimpl, trainer_family
+from perl_plugins import hookimpl, keep_columns, trainer_family
+from perl_plugins import state as plugin_state
 from perl_plugins.errors import PluginIncompatibleError
 from perl_plugins.lazy import lazy_import
 from perl_plugins.models.reward import HEAD_ATTR, HEAD_KINDS, decoder, set_reward_head, unwrap
@@ -265,10 +266,8 @@ def perl_configure(trainer: Any, options: dict[str, Any]) -> None:
         trainer.train_dataset = trainer.train_dataset.map(**lengths, desc="GRM prompt lengths")
         if trainer.eval_dataset is not None:
             trainer.eval_dataset = trainer.eval_dataset.map(**lengths, desc="GRM prompt lengths")
-    trainer._set_signature_columns_if_needed()
-    trainer._signature_columns = [*trainer._signature_columns, "prompt_len"]
-    trainer.data_collator = _CompletionMaskCollator(trainer.data_collator, pairwise)
-    trainer.perl_plugins.private_inputs.add("completion_mask")
+    collator = _CompletionMaskCollator(trainer.data_collator, pairwise)
+    keep_columns(trainer, ["prompt_len"], collator=collator, private=["completion_mask"])
 
 
 @hookimpl(tryfirst=True)  # before lora wraps the model, so the head is saved with the adapter
@@ -276,25 +275,34 @@ def perl_prepare_model(trainer: Any, model: Any, role: str, options: dict[str, A
     if role != "policy":
         return None
     opts: GRMOptions = options["grm"]
-    state = _GRMState()
-    state.lm_head = find_lm_head(model)
+    grm = plugin_state(trainer)["grm"] = _GRMState()
+    grm.lm_head = find_lm_head(model)
     base = unwrap(model)
     if not hasattr(base, "lm_head"):
-        base.lm_head = state.lm_head  # a submodule, so it moves with the model and LoRA freezes it
+        base.lm_head = grm.lm_head  # a submodule, so it moves with the model and LoRA freezes it
     if opts.grm_head == "mlp":
         set_reward_head(base, "mlp")
     elif not hasattr(base, HEAD_ATTR):
         set_reward_head(base, "linear")
-    if opts.grm_reg == "dpo" and not hasattr(model, "peft_config") and "lora" not in trainer.perl_plugins.names:
-        state.reference = copy.deepcopy(model).eval().requires_grad_(False)
-        decoder(state.reference).register_forward_hook(state.capture)
-    decoder(base).register_forward_hook(state.capture)
-    trainer.perl_grm = state
+    return None
+
+
+@hookimpl(specname="perl_prepare_model", trylast=True)  # after every plugin changed the model
+def prepare_reference(trainer: Any, model: Any, role: str, options: dict[str, Any]) -> Any:
+    """The dpo regularizer's reference: the model with its adapters disabled when some plugin gave
+    it peft adapters, else a frozen copy of the initial model."""
+    if role != "policy":
+        return None
+    grm: _GRMState = plugin_state(trainer)["grm"]
+    if options["grm"].grm_reg == "dpo" and not hasattr(model, "peft_config"):
+        grm.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        decoder(grm.reference).register_forward_hook(grm.capture)
+    decoder(model).register_forward_hook(grm.capture)
     return None
 
 
 def _reference_logps(trainer: Any, inputs: dict[str, Any]) -> torch.Tensor:
-    state: _GRMState = trainer.perl_grm
+    state: _GRMState = plugin_state(trainer)["grm"]
     model = trainer.model
     with torch.no_grad():
         if state.reference is not None:
@@ -309,7 +317,7 @@ def _reference_logps(trainer: Any, inputs: dict[str, Any]) -> torch.Tensor:
 @hookimpl
 def perl_compute_loss(trainer: Any, inputs: dict[str, Any], outputs: Any, terms: Any, options: dict[str, Any]) -> None:
     opts: GRMOptions = options["grm"]
-    state: _GRMState = trainer.perl_grm
+    state: _GRMState = plugin_state(trainer)["grm"]
     logps = response_logps(state.lm_head, state.hidden, inputs["input_ids"], inputs["completion_mask"])
     state.hidden = None  # do not keep the graph alive past this step
     if _is_pairwise(trainer):
