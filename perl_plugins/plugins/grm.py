@@ -130,11 +130,11 @@ def find_lm_head(model: nn.Module) -> nn.Module:
     if getattr(base.config, "tie_word_embeddings", False):
         head.weight = embeddings.weight
         return head
-    weight = _checkpoint_tensor(getattr(base.config, "_name_or_path", ""), "lm_head.weight")
+    weight = _checkpoint_tensor(base.config.name_or_path or "", "lm_head.weight")
     if weight is None:
         raise PluginIncompatibleError(
             f"grm: {type(base).__name__} has no LM head, its embeddings are not tied, and its checkpoint "
-            f"{getattr(base.config, '_name_or_path', '') or '(none: built in memory)'!r} holds no 'lm_head.weight'. "
+            f"{base.config.name_or_path or '(none: built in memory)'!r} holds no 'lm_head.weight'. "
             "Load the reward model from a causal-LM checkpoint (AutoModelForSequenceClassification.from_pretrained "
             "on it), or give the trainer a model that has an lm_head."
         )
@@ -153,12 +153,10 @@ def _checkpoint_tensor(name_or_path: str, tensor_name: str) -> torch.Tensor | No
         return None
 
     def resolve(filename: str) -> str | None:
-        return cached_file(
-            name_or_path,
-            filename,
-            _raise_exceptions_for_missing_entries=False,
-            _raise_exceptions_for_connection_errors=False,
-        )
+        try:
+            return cached_file(name_or_path, filename)
+        except OSError:  # no such file or checkpoint, or the hub is out of reach
+            return None
 
     index = resolve("model.safetensors.index.json")
     if index is not None:
