@@ -65,7 +65,11 @@ if TYPE_CHECKING:
     from perl_plugins.host.arguments import PluginArguments
     from perl_plugins.host.attach import attach, keep_columns, state, trainer_family
     from perl_plugins.host.loss_terms import LossTerms
-    from perl_plugins.host.trainer_compat import push_checkpoint, save_entropy_control, save_optimizer_state
+    from perl_plugins.host.trainer_compat import (
+        push_checkpoint,
+        save_entropy_control,
+        save_optimizer_state,
+    )
 
 
 def __getattr__(name: str) -> Any:
