@@ -164,22 +164,34 @@ def test_rule_leaves_the_projects_own_names(source):
     assert not private_uses(source), private_uses(source)
 
 
+# Attributes the stock trainers define themselves, which plugins may replace (the data, a model).
+STOCK_TRAINER_ATTRIBUTES = {"train_dataset", "eval_dataset", "data_collator", "model", "ref_model", "optimizer"}
+
+
+def _new_attribute(owner: ast.expr, name: str) -> bool:
+    if isinstance(owner, ast.Name) and owner.id in ("self", "cls"):
+        return False
+    if isinstance(owner, ast.Name) and owner.id == "trainer":
+        return name not in STOCK_TRAINER_ATTRIBUTES
+    return name.startswith("perl_")
+
+
 def new_trainer_attributes(source: str, path: str = "<source>") -> list[str]:
-    """``path:line`` of every ``obj.perl_x = ...`` / ``setattr(obj, "perl_x", ...)``: plugin state set
-    as a new attribute of a trainer or model instead of in ``perl_plugins.state(trainer)``."""
+    """``path:line`` of every ``obj.perl_x = ...`` / ``setattr(obj, "perl_x", ...)`` and every new
+    ``trainer.x = ...`` (``x`` not a stock trainer attribute): plugin state set as a new attribute
+    of a trainer or model instead of in ``perl_plugins.state(trainer)``."""
     found = []
     for node in ast.walk(ast.parse(source, filename=path)):
         targets = node.targets if isinstance(node, ast.Assign) else []
         targets += [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
         for target in targets:
-            own = isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id in ("self", "cls")
-            if isinstance(target, ast.Attribute) and target.attr.startswith("perl_") and not own:
+            if isinstance(target, ast.Attribute) and _new_attribute(target.value, target.attr):
                 found.append(f"{path}:{node.lineno}: {ast.unparse(target)} = ...")
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr":
             name = node.args[1] if len(node.args) > 1 else None
-            if isinstance(name, ast.Constant) and isinstance(name.value, str) and name.value.startswith("perl_"):
-                found.append(f"{path}:{node.lineno}: setattr(..., {name.value!r})")
-    return found
+            if isinstance(name, ast.Constant) and isinstance(name.value, str) and _new_attribute(node.args[0], name.value):
+                found.append(f"{path}:{node.lineno}: setattr({ast.unparse(node.args[0])}, {name.value!r})")
+    return sorted(found, key=lambda line: int(line.split(":")[1]))
 
 
 def test_plugin_state_lives_in_state_not_in_new_attributes():
@@ -193,8 +205,12 @@ def test_plugin_state_lives_in_state_not_in_new_attributes():
     ]
     found = [line for path in files for line in new_trainer_attributes(path.read_text(), path.relative_to(ROOT).as_posix())]
     assert not found, "Plugin state belongs in perl_plugins.state(trainer)[plugin]:\n" + "\n".join(found)
-    assert new_trainer_attributes("trainer.perl_grm = state\nsetattr(model, 'perl_x', 1)") == [
+    flagged = "trainer.perl_grm = s\nsetattr(model, 'perl_x', 1)\ntrainer.monitor = m\nunwrap(model).perl_y = 1"
+    assert new_trainer_attributes(flagged) == [
         "<source>:1: trainer.perl_grm = ...",
-        "<source>:2: setattr(..., 'perl_x')",
+        "<source>:2: setattr(model, 'perl_x')",
+        "<source>:3: trainer.monitor = ...",
+        "<source>:4: unwrap(model).perl_y = ...",
     ]
-    assert not new_trainer_attributes("self.perl_cache = {}\nstate(trainer)['grm'] = s")
+    allowed = "self.perl_cache = {}\nstate(trainer)['grm'] = s\ntrainer.train_dataset = d\nbase.lm_head = head"
+    assert not new_trainer_attributes(allowed)
