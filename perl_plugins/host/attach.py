@@ -81,10 +81,14 @@ def state(trainer: Any) -> dict[str, Any]:
     Plugins keep what they build at attach time here rather than in new trainer attributes, so
     everything plugins added to a trainer is in one place (and goes with ``trainer.perl_plugins``).
     """
+    return _attached(trainer).state
+
+
+def _attached(trainer: Any) -> AttachedPlugins:
     attached = getattr(trainer, "perl_plugins", None)
     if attached is None:
         raise PluginIncompatibleError(f"No plugins are attached to this {type(trainer).__name__}: call attach() first.")
-    return attached.state
+    return attached
 
 
 def keep_columns(
@@ -97,10 +101,11 @@ def keep_columns(
     arguments); ``collator``, when given, becomes the trainer's data collator and receives the rows
     with those columns; ``private`` batch keys reach ``perl_compute_loss`` but never the stock loss.
     """
+    attached = _attached(trainer)
     trainer_compat.keep_signature_columns(trainer, columns)
     if collator is not None:
         trainer.data_collator = collator
-    trainer.perl_plugins.private_inputs.update(private)
+    attached.private_inputs.update(private)
 
 
 def attach(trainer: Trainer, plugins: str | Sequence[Any] | None = None, **options: Any) -> Trainer:
