@@ -81,9 +81,10 @@ def private_uses(source: str, path: str = "<source>") -> list[str]:
                     flag(node, f"import {alias.name}")
         elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
             top = node.module.split(".")[0]
-            names = [alias.name for alias in node.names if _private(alias.name)]
-            if _private_library_module(node.module) or (top in LIBRARIES and names):
-                flag(node, f"from {node.module} import {', '.join(names) or '...'}")
+            private_module = _private_library_module(node.module)
+            names = [alias.name for alias in node.names if private_module or _private(alias.name)]
+            if top in LIBRARIES and names:
+                flag(node, f"from {node.module} import {', '.join(names)}")
         elif isinstance(node, ast.Attribute) and _private(node.attr):
             if not (isinstance(node.value, ast.Name) and node.value.id in own):
                 flag(node, f"{ast.unparse(node.value)}.{node.attr}")
