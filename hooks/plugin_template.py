@@ -88,6 +88,12 @@ def perl_check_trainer(trainer: Any, options: dict[str, Any]) -> None:
 #     return None
 
 
+# With load_best_model_at_end: load the best checkpoint; True skips the stock loader, None lets it run.
+# @perl_plugins.hookimpl
+# def perl_load_best_model(trainer, model, checkpoint_dir, options):
+#     return None
+
+
 # Once per train(), after the model was wrapped (DDP / DeepSpeed) and the optimizer built.
 # @perl_plugins.hookimpl
 # def perl_on_train_begin(trainer, model, options):

@@ -4,6 +4,16 @@ A plugin is a module (or object) with functions marked ``@perl_plugins.hookimpl`
 match the specs below. Like pytest's hooks, an implementation may accept any subset of a spec's
 arguments. Hooks fire in the order they are listed here over the life of one attached trainer.
 
+Order of implementations: within one hook, implementations run in the order the plugins were
+given (``--plugins grm,lora`` runs grm's first), except that ``@hookimpl(tryfirst=True)`` ones run
+before all others and ``@hookimpl(trylast=True)`` ones after all others (each group keeping the
+given order). Chained hooks feed each result to the next implementation, and ``firstresult``
+hooks stop at the first implementation that returns something other than ``None``. A plugin that
+needs to run both before and after the others implements a hook twice, the second time under
+another function name with ``@hookimpl(specname=..., trylast=True)``. Plugins cooperate through
+these hooks and what they leave on the trainer's models, never by testing which other plugins
+are enabled.
+
 Every hook receives ``options``: a mapping from plugin name to that plugin's options dataclass
 instance (see :func:`perl_plugin_options`), so a plugin reads its own settings as
 ``options["grm"].grm_alpha``.
@@ -136,6 +146,19 @@ def perl_load_checkpoint(
     checks the checkpoint there, and ``model`` is the model DeepSpeed is about to wrap.
     Returns: ``True`` when this plugin restored it (the stock loader is skipped), ``None``
     otherwise. First result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def perl_load_best_model(trainer: Any, model: Any, checkpoint_dir: str, options: dict[str, Any]) -> bool | None:
+    """Load the best checkpoint's model state at the end of training.
+
+    Fires: once, at the end of ``train()`` with ``load_best_model_at_end``, in place of
+    ``Trainer._load_best_model``; ``checkpoint_dir`` is ``trainer.state.best_model_checkpoint`` and
+    ``model`` the unwrapped model to load into (the host wraps that method only when some plugin
+    implements this hook, e.g. one whose checkpoints the stock loader cannot read).
+    Returns: ``True`` when this plugin loaded it (the stock loader is skipped), ``None`` to leave it
+    to the next plugin or the stock trainer. First result wins.
     """
 
 

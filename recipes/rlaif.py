@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
 from trl import DPOConfig, RewardConfig, RewardTrainer, TrlParser
 
-from perl_plugins import attach, hookimpl, trainer_family
+from perl_plugins import attach, hookimpl, keep_columns, trainer_family
 from perl_plugins.models import smollm2
 from perl_plugins.host.arguments import check_options, options_for
 from perl_plugins.data.defaults import default_dataset
@@ -350,18 +350,13 @@ class SoftLabelLoss:
             batch["soft_label"] = torch.tensor([e["soft_label"] for e in examples], dtype=torch.float32)
             return batch
 
-        trainer.data_collator = collate
-        trainer._set_signature_columns_if_needed()
-        trainer._signature_columns = [*trainer._signature_columns, "soft_label"]
-        trainer.perl_plugins.private_inputs.add("soft_label")
+        keep_columns(trainer, ["soft_label"], collator=collate, private=["soft_label"])
 
-    @hookimpl
-    def perl_compute_loss(
-        self, trainer: Any, inputs: dict[str, Any], outputs: Any, terms: Any, options: dict[str, Any]
-    ) -> None:
+    @hookimpl(trylast=True)  # after plugins that re-weight the reward loss (grm: 1 - alpha)
+    def perl_compute_loss(self, trainer: Any, inputs: dict[str, Any], outputs: Any, terms: Any) -> None:
         chosen, rejected = outputs.logits.squeeze(-1).chunk(2)
         loss = F.binary_cross_entropy_with_logits(chosen - rejected, inputs["soft_label"].to(chosen.dtype))
-        weight = 1.0 - options["grm"].grm_alpha if "grm" in options else 1.0
+        weight = terms.weight(terms.base_name)  # the soft-label loss takes the reward loss's place
         terms.reweight(terms.base_name, 0.0)
         terms.add("soft_label_loss", loss, weight)
 

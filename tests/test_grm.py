@@ -15,7 +15,7 @@ from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
 
 from perl_plugins import PluginIncompatibleError
 from perl_plugins import PluginOptionError
-from perl_plugins import attach
+from perl_plugins import attach, state
 from perl_plugins.models.embedded import save_default
 from perl_plugins.models.logprobs import response_logps
 from perl_plugins.plugins.grm import grm_loss, grm_regularizer
@@ -134,7 +134,7 @@ def test_grm_logs_both_terms_and_mlp_head_shape(base_dir, tokenizer, tmp_path):
 def test_dpo_regularizer_reference_is_the_initial_model(base_dir, tokenizer, tmp_path, with_lora):
     plugins = "lora,grm" if with_lora else "grm"
     trainer = attach(reward_trainer(base_dir, tokenizer, tmp_path), plugins=plugins, grm_reg="dpo", grm_alpha=0.5)
-    assert (trainer.perl_grm.reference is None) == with_lora
+    assert (state(trainer)["grm"].reference is None) == with_lora
     batch = next(iter(trainer.get_train_dataloader()))
     trainer.model.eval()
     with torch.no_grad():

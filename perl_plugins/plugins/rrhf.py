@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from perl_plugins import hookimpl, trainer_family
+from perl_plugins import hookimpl, keep_columns, trainer_family
 from perl_plugins.errors import PluginIncompatibleError
 from perl_plugins.lazy import lazy_import
 from perl_plugins.models.logprobs import response_logps
@@ -197,12 +197,9 @@ def perl_check_trainer(trainer: Any, options: dict[str, Any]) -> None:
 
 @hookimpl
 def perl_configure(trainer: Any, options: dict[str, Any]) -> None:
-    if not isinstance(trainer.data_collator, RRHFCollator):
-        trainer.data_collator = RRHFCollator(_pad_token_id(trainer))
+    collator = None if isinstance(trainer.data_collator, RRHFCollator) else RRHFCollator(_pad_token_id(trainer))
     # The group columns are not forward() arguments: keep them past remove_unused_columns.
-    trainer._set_signature_columns_if_needed()
-    trainer._signature_columns = [*trainer._signature_columns, *GROUP_COLUMNS]
-    trainer.perl_plugins.private_inputs.update(PRIVATE_INPUTS)
+    keep_columns(trainer, GROUP_COLUMNS, collator=collator, private=PRIVATE_INPUTS)
 
 
 @hookimpl
