@@ -62,6 +62,12 @@ def perl_check_trainer(trainer: Any, options: dict[str, Any]) -> None:
 #     return None
 
 
+# Build what depends on the final models (after every plugin's perl_prepare_model), e.g. forward hooks.
+# @perl_plugins.hookimpl
+# def perl_models_ready(trainer, model, options):
+#     print(f"training {type(model).__name__}, peft adapters: {hasattr(model, 'peft_config')}")
+
+
 # Add or re-weight named loss terms after the stock loss ran; each term is logged by name.
 # @perl_plugins.hookimpl
 # def perl_compute_loss(trainer, model, inputs, outputs, terms, options):

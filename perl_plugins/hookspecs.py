@@ -8,11 +8,10 @@ Order of implementations: within one hook, implementations run in the order the 
 given (``--plugins grm,lora`` runs grm's first), except that ``@hookimpl(tryfirst=True)`` ones run
 before all others and ``@hookimpl(trylast=True)`` ones after all others (each group keeping the
 given order). Chained hooks feed each result to the next implementation, and ``firstresult``
-hooks stop at the first implementation that returns something other than ``None``. A plugin that
-needs to run both before and after the others implements a hook twice, the second time under
-another function name with ``@hookimpl(specname=..., trylast=True)``. Plugins cooperate through
-these hooks and what they leave on the trainer's models, never by testing which other plugins
-are enabled.
+hooks stop at the first implementation that returns something other than ``None``. A plugin
+implements each hook once; one that must act after every other plugin prepared the models does it
+in :func:`perl_models_ready`. Plugins cooperate through these hooks and what they leave on the
+trainer's models, never by testing which other plugins are enabled.
 
 Every hook receives ``options``: a mapping from plugin name to that plugin's options dataclass
 instance (see :func:`perl_plugin_options`), so a plugin reads its own settings as
@@ -84,6 +83,18 @@ def perl_prepare_model(
     Returns: a replacement model, or ``None`` to keep ``model`` (in-place changes are fine). The
     results chain: each implementation receives the model the previous one returned, so e.g.
     ``grm`` can add a reward head and ``lora`` then add adapters to that model.
+    """
+
+
+@hookspec
+def perl_models_ready(trainer: Trainer, model: torch.nn.Module, options: dict[str, Any]) -> None:
+    """Build what depends on the final models, e.g. a frozen copy of the initial policy or forward hooks.
+
+    Fires: in :func:`perl_plugins.attach`, once, after every plugin's ``perl_prepare_model`` ran for
+    every role (``model`` is ``trainer.model`` as the plugins left it: heads added, adapters on), so
+    a plugin can react to what other plugins did without knowing them by name (``grm`` copies a
+    reference for its dpo regularizer only when no plugin gave the model peft adapters).
+    Returns: nothing. All implementations run.
     """
 
 

@@ -174,6 +174,7 @@ def _install(trainer: Trainer, plugin_set: PluginSet) -> None:
     trainer.perl_plugins = attached
     plugin_set.call("perl_configure", trainer=trainer)
     _prepare_models(trainer, plugin_set)
+    plugin_set.call("perl_models_ready", trainer=trainer, model=trainer.model)
     _one_dtype_for_zero3(trainer)
     if plugin_set.implements("perl_compute_loss"):
         _wrap_compute_loss(trainer, attached)

@@ -14,6 +14,10 @@ from perl_plugins.host import tracing
 from perl_plugins.host.registry import LoadedPlugin, load, split_names
 
 
+# Hooks whose results feed the next implementation (see PluginSet.chain).
+CHAINED_HOOKS = ("perl_prepare_model", "perl_shape_rewards")
+
+
 class PluginSet:
     """Plugins registered on their own ``pluggy.PluginManager`` (one per attached trainer)."""
 
@@ -36,9 +40,21 @@ class PluginSet:
         except pluggy.PluginValidationError as exc:
             name = self.pm.get_name(exc.plugin)
             raise PluginLoadError(f"Plugin {name!r} implements an unknown hook: {exc}") from exc
+        self._refuse_twice_chained()
         self._callers: dict[str, list[tuple[str, pluggy.HookCaller]]] = {}
         self.option_classes = self._collect_option_classes()
         self.options: dict[str, Any] = {}
+
+    def _refuse_twice_chained(self) -> None:
+        """A chained hook calls each plugin once, so two implementations of it in one plugin (pluggy's
+        ``specname``) would both see the same input: refuse that rather than chain it wrongly."""
+        for hook_name in CHAINED_HOOKS:
+            plugins = [impl.plugin_name for impl in getattr(self.pm.hook, hook_name).get_hookimpls()]
+            for name in sorted({p for p in plugins if plugins.count(p) > 1}):
+                raise PluginLoadError(
+                    f"Plugin {name!r} implements {hook_name} twice; a chained hook takes one implementation per "
+                    "plugin (act after every plugin prepared the models in perl_models_ready)."
+                )
 
     @classmethod
     def from_names(cls, plugins: str | Sequence[Any] | None) -> PluginSet:

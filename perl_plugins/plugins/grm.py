@@ -276,18 +276,15 @@ def perl_prepare_model(trainer: Any, model: Any, role: str, options: dict[str, A
     return None
 
 
-@hookimpl(specname="perl_prepare_model", trylast=True)  # after every plugin changed the model
-def prepare_reference(trainer: Any, model: Any, role: str, options: dict[str, Any]) -> Any:
+@hookimpl
+def perl_models_ready(trainer: Any, model: Any, options: dict[str, Any]) -> None:
     """The dpo regularizer's reference: the model with its adapters disabled when some plugin gave
     it peft adapters, else a frozen copy of the initial model."""
-    if role != "policy":
-        return None
     grm: _GRMState = plugin_state(trainer)["grm"]
     if options["grm"].grm_reg == "dpo" and not hasattr(model, "peft_config"):
         grm.reference = copy.deepcopy(model).eval().requires_grad_(False)
         decoder(grm.reference).register_forward_hook(grm.capture)
     decoder(model).register_forward_hook(grm.capture)
-    return None
 
 
 def _reference_logps(trainer: Any, inputs: dict[str, Any]) -> torch.Tensor:
