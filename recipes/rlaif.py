@@ -219,17 +219,22 @@ def soft_labels(
 ) -> list[dict[str, float]]:
     """For each (context, response_1, response_2): P(response 1 preferred) in both orders and their mean.
 
-    In each order the probability is the softmax over the labeller's log-probs of "1" and "2";
-    averaging "1 first" with "1 second" cancels a constant preference for a position. ``render(preamble,
-    context, first, second)`` writes the labeller's input (:func:`labelling_prompt` or a chat prompt).
+    In each order the probability is the softmax over the labeller's log-probs of "1" and "2". The
+    two orders are averaged in log-odds: a constant preference for a position adds the same nats to
+    one order's log-odds as it takes from the other's, so it cancels exactly, however strong (the
+    mean of the probabilities would squash a saturated labeller's labels towards 1/2).
+    ``render(preamble, context, first, second)`` writes the labeller's input (:func:`labelling_prompt`
+    or a chat prompt).
     """
     texts = [render(preamble, context, *order) for context, r1, r2 in pairs for order in ((r1, r2), (r2, r1))]
-    probs = labeller(texts).float().softmax(-1).view(len(pairs), 2, 2)
-    first = probs[:, 0, 0]  # response 1 shown first, labeller says "1"
-    second = probs[:, 1, 1]  # response 1 shown second, labeller says "2"
+    logps = labeller(texts).float().view(len(pairs), 2, 2)
+    first = logps[:, 0, 0] - logps[:, 0, 1]  # response 1 shown first: log-odds of "1" over "2"
+    second = logps[:, 1, 1] - logps[:, 1, 0]  # response 1 shown second: log-odds of "2" over "1"
     return [
-        {"p_1_preferred": (a + b) / 2, "p_1_preferred_order_12": a, "p_1_preferred_order_21": b}
-        for a, b in zip(first.tolist(), second.tolist())
+        {"p_1_preferred": p, "p_1_preferred_order_12": a, "p_1_preferred_order_21": b}
+        for p, a, b in zip(
+            torch.sigmoid((first + second) / 2).tolist(), torch.sigmoid(first).tolist(), torch.sigmoid(second).tolist()
+        )
     ]
 
 

@@ -47,7 +47,7 @@ class FixedLabeller:
         return torch.tensor(out)
 
 
-def test_soft_label_is_the_mean_of_both_orders():
+def test_soft_label_is_the_mean_of_both_orders_log_odds():
     a, b = (math.log(0.7), math.log(0.1)), (-1.0, -3.0)  # order (r1, r2): "1" vs "2"; order (r2, r1)
     c, d = (-0.5, -0.2), (-2.0, -2.5)
     labeller = FixedLabeller({PAIRS[0][1:]: a, PAIRS[0][:0:-1]: b, PAIRS[1][1:]: c, PAIRS[1][:0:-1]: d})
@@ -57,7 +57,8 @@ def test_soft_label_is_the_mean_of_both_orders():
         p_second = torch.tensor(swapped).softmax(-1)[1].item()  # shown second: labeller says "2"
         assert label["p_1_preferred_order_12"] == pytest.approx(p_first)
         assert label["p_1_preferred_order_21"] == pytest.approx(p_second)
-        assert label["p_1_preferred"] == pytest.approx((p_first + p_second) / 2)
+        log_odds = (math.log(p_first / (1 - p_first)) + math.log(p_second / (1 - p_second))) / 2
+        assert label["p_1_preferred"] == pytest.approx(1 / (1 + math.exp(-log_odds)))
     # The first pair: softmax over just "1" and "2" (0.7 vs 0.1 -> 7/8), not the raw probability 0.7.
     assert labels[0]["p_1_preferred_order_12"] == pytest.approx(7 / 8)
     assert len(labeller.seen) == 4 and all(text.startswith(PREAMBLE) and text.endswith(CUE) for text in labeller.seen)
@@ -81,13 +82,28 @@ def test_a_real_preference_survives_position_bias():
 
     labeller = FixedLabeller({k: logps(*k) for _, *r in PAIRS for k in (tuple(r), tuple(r[::-1]))})
     labels = soft_labels(labeller, PAIRS, PREAMBLE)
-    sigmoid = torch.sigmoid
-    assert labels[0]["p_1_preferred"] == pytest.approx(
-        ((sigmoid(torch.tensor(3.0)) + sigmoid(torch.tensor(1.0))) / 2).item()
-    )
+    # Log-odds 3 (longer first) and 1 (longer second) average to the 2 nats of the real preference.
+    assert labels[0]["p_1_preferred"] == pytest.approx(torch.sigmoid(torch.tensor(2.0)).item())
     assert labels[0]["p_1_preferred"] > 0.5 > labels[1]["p_1_preferred"]  # the longer reply wins in both pairs
     rows = [{**label, "thumbs_1": t1, "thumbs_2": t2} for label, (t1, t2) in zip(labels, [(1, 0), (1, 0)])]
     assert labeller_metrics(rows)["labeller_human_agreement"] == pytest.approx(0.5)
+
+
+def test_a_constant_position_bias_cancels_exactly_in_log_odds():
+    # The labeller adds `bias` nats to whatever is shown first and `pref` nats to response 1; a
+    # saturating bias (P(first) ~ 0.95, as SmolLM2 shows) must not squash the label towards 1/2:
+    # averaging the two orders' log-odds gives back sigmoid(pref) exactly, the mean of the
+    # probabilities does not ((sigmoid(4) + sigmoid(-2)) / 2 = 0.55 here).
+    bias, pref = 3.0, 1.0
+    table = {}
+    for _, r1, r2 in PAIRS:
+        table[(r1, r2)] = (bias + pref, 0.0)  # response 1 first
+        table[(r2, r1)] = (bias, pref)  # response 1 second
+    labels = soft_labels(FixedLabeller(table), PAIRS, PREAMBLE)
+    for label in labels:
+        assert label["p_1_preferred_order_12"] == pytest.approx(1 / (1 + math.exp(-(bias + pref))))
+        assert label["p_1_preferred_order_21"] == pytest.approx(1 / (1 + math.exp(-(pref - bias))))
+        assert label["p_1_preferred"] == pytest.approx(1 / (1 + math.exp(-pref)))
 
 
 def test_option_tokens_of_the_embedded_tokenizer(tokenizer):
