@@ -15,10 +15,14 @@ from perl_plugins import attach
 from perl_plugins.recipes.rlaif import (
     CUE,
     CausalLMLabeller,
+    LikelihoodJudge,
+    RLAIFRecipeConfig,
     SoftLabelLoss,
     candidate_pairs,
+    labeller_format,
     labeller_metrics,
     labelling_prompt,
+    likelihood_labels,
     option_token_ids,
     soft_label_pairs,
     soft_labels,
@@ -126,6 +130,69 @@ def test_labeller_reads_the_last_token_despite_padding(tokenizer):
         assert torch.allclose(row, expected, atol=1e-5)
 
 
+def test_likelihood_judge_sums_the_reply_log_probs_despite_padding(tokenizer):
+    model = tiny_lm(tokenizer).eval()
+    items = [
+        ("User: a latte please\nAgent:", " Sure, one latte."),
+        ("Agent:", " No."),
+        ("User: tea?\nAgent:", " Coffee."),
+    ]
+    got = LikelihoodJudge(model, tokenizer, batch_size=2)(items)  # sorted by length, padded in pairs
+    for (prefix, reply), (total, count) in zip(items, got):
+        prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prefix_ids + reply_ids])
+        with torch.no_grad():
+            logps = model(input_ids=ids).logits[0].log_softmax(-1)
+        expected = sum(logps[len(prefix_ids) + k - 1, token].item() for k, token in enumerate(reply_ids))
+        assert count == len(reply_ids) and total.item() == pytest.approx(expected, abs=1e-4)
+    with pytest.raises(ValueError, match="non-empty prefix"):
+        LikelihoodJudge(model, tokenizer)([("", " x")])
+
+
+def test_likelihood_label_is_the_per_token_pmi_difference():
+    # (summed log-prob, tokens) of each reply with the conversation and alone, after "Agent:".
+    table = {
+        ("User: a latte please\nAgent:", " Sure, one latte."): (-6.0, 4),
+        ("Agent:", " Sure, one latte."): (-14.0, 4),  # PMI 8 nats over 4 tokens: 2 per token
+        ("User: a latte please\nAgent:", " No."): (-2.0, 2),
+        ("Agent:", " No."): (-3.0, 2),  # more likely with the context (0.5 per token), but less than the first
+        ("User: tea?\nAgent:", " Coffee only."): (-5.0, 3),
+        ("Agent:", " Coffee only."): (-5.0, 3),  # the context does not help
+        ("User: tea?\nAgent:", " We have green tea."): (-9.0, 5),
+        ("Agent:", " We have green tea."): (-14.0, 5),  # 1 per token
+    }
+    seen = []
+
+    def judge(items):
+        seen.extend(items)
+        return torch.tensor([table[item] for item in items])
+
+    labels = likelihood_labels(judge, [*PAIRS, PAIRS[0]])
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))
+    assert [label["p_1_preferred"] for label in labels] == pytest.approx([sigmoid(1.5), sigmoid(-1.0), sigmoid(1.5)])
+    assert all(
+        label["p_1_preferred_order_12"] == label["p_1_preferred_order_21"] == label["p_1_preferred"] for label in labels
+    )  # no order shown, no position bias
+    assert sorted(seen) == sorted(table)  # each text scored once, the repeated pair included
+
+
+def test_auto_labeller_format():
+    from types import SimpleNamespace
+
+    from perl_plugins.models.embedded import CHAT_TEMPLATE
+
+    cfg, instruct, base = (
+        RLAIFRecipeConfig(),
+        SimpleNamespace(chat_template="{{ x }}"),
+        SimpleNamespace(chat_template=CHAT_TEMPLATE),
+    )
+    assert labeller_format(cfg, instruct, "/cache/smollm2-135m-instruct-0123abcd") == "likelihood"
+    assert labeller_format(cfg, instruct, "Qwen/Qwen2.5-1.5B-Instruct") == "chat"
+    assert labeller_format(cfg, base, "/cache/base") == "cue"
+    assert labeller_format(RLAIFRecipeConfig(labeller_format="chat"), instruct, "/c/smollm2-135m-instruct-0") == "chat"
+
+
 def test_candidate_pairs_come_from_one_context():
     rows = datasets.Dataset.from_dict(
         {
@@ -225,8 +292,12 @@ def test_grm_regularizes_the_response_the_ai_preferred(tokenizer, tmp_path):
 
     rows = [
         {"prompt": "User: tea?\nAgent:", "response_1": " No.", "response_2": " Green or black?", "p_1_preferred": 0.2},
-        {"prompt": "User: a latte\nAgent:", "response_1": " Sure, one latte.", "response_2": " What?",
-         "p_1_preferred": 0.9},
+        {
+            "prompt": "User: a latte\nAgent:",
+            "response_1": " Sure, one latte.",
+            "response_2": " What?",
+            "p_1_preferred": 0.9,
+        },
     ]
     pairs = soft_label_pairs(tokenizer, rows, max_length=64)
     preferred = [" Green or black?", " Sure, one latte."]
