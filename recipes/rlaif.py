@@ -269,7 +269,7 @@ class LikelihoodJudge:
             for start in tqdm(range(0, len(order), self.batch_size), desc="AI labelling"):
                 rows = order[start : start + self.batch_size]
                 seqs = [encoded[i][0] + encoded[i][1] for i in rows]
-                ids = torch.full((len(rows), max(map(len, seqs))), self.tokenizer.pad_token_id)
+                ids = torch.zeros(len(rows), max(map(len, seqs)), dtype=torch.long)  # padding: masked, never read
                 mask = torch.zeros_like(ids)
                 for row, seq in enumerate(seqs):
                     ids[row, : len(seq)], mask[row, : len(seq)] = torch.tensor(seq), 1

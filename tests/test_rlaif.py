@@ -3,6 +3,7 @@ averaging, the labeller's token choice and padding, and the soft-label reward lo
 
 from __future__ import annotations
 
+import json
 import math
 
 import datasets
@@ -20,6 +21,7 @@ from perl_plugins.recipes.rlaif import (
     SoftLabelLoss,
     candidate_pairs,
     labeller_format,
+    label_with_ai,
     labeller_metrics,
     labelling_prompt,
     likelihood_labels,
@@ -191,6 +193,24 @@ def test_auto_labeller_format():
     assert labeller_format(cfg, instruct, "Qwen/Qwen2.5-1.5B-Instruct") == "chat"
     assert labeller_format(cfg, base, "/cache/base") == "cue"
     assert labeller_format(RLAIFRecipeConfig(labeller_format="chat"), instruct, "/c/smollm2-135m-instruct-0") == "chat"
+
+
+@pytest.mark.parametrize("fmt", ["auto", "likelihood"])
+def test_the_embedded_base_labels_pairs_in_either_format(fmt, tmp_path):
+    from transformers import AutoTokenizer
+
+    from perl_plugins.models.embedded import resolve_model
+
+    base = resolve_model(None, "demo")
+    replies = [" Sure.", " No.", " A latte."]
+    prompts = ["User: a latte please\nAgent:"] * 3
+    rows = datasets.Dataset.from_dict({"prompt": prompts, "completion": replies, "label": [1, 0, 1]})
+    cfg = RLAIFRecipeConfig(output_dir=str(tmp_path), labeller_model_name_or_path="base", labeller_format=fmt)
+    labelled = label_with_ai(cfg, base, AutoTokenizer.from_pretrained(base), rows)
+    assert [json.loads(line) for line in (tmp_path / "rlaif_labels.jsonl").read_text().splitlines()] == labelled
+    assert len(labelled) == 3 and all(0.0 < row["p_1_preferred"] < 1.0 for row in labelled)
+    same_in_both_orders = [row["p_1_preferred_order_12"] == row["p_1_preferred_order_21"] for row in labelled]
+    assert all(same_in_both_orders) == (fmt == "likelihood")  # auto: the base is asked with the cue, both orders
 
 
 def test_candidate_pairs_come_from_one_context():
