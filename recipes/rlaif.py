@@ -18,7 +18,7 @@
    context, "Response A" and "Response B" and "Which response should the assistant give next?
    Answer with A or B.", then the generation prompt; its log-odds of "A" over "B" as the assistant's
    first token. A base model (``cue``) reads the same material as plain text ending in ``Preferred
-   response=`` and answers "1" or "2". Both formats score both orders and average them in log-odds
+   response=`` and answers "1" or "2". These two score both orders and average them in log-odds
    (a constant position bias cancels exactly). Written to
    OUTPUT_DIR/rlaif_labels.jsonl, one JSON object per line: ``prompt``, ``response_1``,
    ``response_2``, ``p_1_preferred`` (the averaged soft label), ``p_1_preferred_order_12`` and
