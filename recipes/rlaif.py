@@ -273,9 +273,9 @@ class LikelihoodJudge:
                 mask = torch.zeros_like(ids)
                 for row, seq in enumerate(seqs):
                     ids[row, : len(seq)], mask[row, : len(seq)] = torch.tensor(seq), 1
-                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-                logps = logits.float().log_softmax(-1)
-                token_logps = logps[:, :-1].gather(-1, ids[:, 1:, None].to(device)).squeeze(-1).cpu()
+                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
+                picked = logits.gather(-1, ids[:, 1:, None].to(device)).squeeze(-1)
+                token_logps = (picked - logits.logsumexp(-1)).cpu()  # log-softmax of the next tokens only
                 for row, i in enumerate(rows):
                     start_at, count = len(encoded[i][0]) - 1, len(encoded[i][1])  # logits at t predict token t + 1
                     out[i] = torch.tensor([token_logps[row, start_at : start_at + count].sum().item(), count])
@@ -289,9 +289,10 @@ def likelihood_labels(
     of the replies' per-token pointwise mutual information with the context,
     (log P(reply | context, "Agent:") - log P(reply | "Agent:")) / reply tokens.
 
-    Subtracting the reply's log-prob without the conversation takes out what a small LM rewards
-    whatever the context (short, generic, frequent replies); dividing by the length takes out the
-    length. Nothing is shown in an order, so there is no position bias: both order keys hold the label.
+    Subtracting the reply's log-prob without the conversation takes out what the LM favours whatever
+    the conversation (on coffee pairs that prior alone agrees with the humans below chance); dividing
+    by the reply's tokens puts long and short replies on one scale. Nothing is shown in an order, so
+    there is no position bias: both order keys hold the label.
     """
     replies = [(context, " " + reply.strip()) for context, *two in pairs for reply in two]
     given = [(f"{context}\n{AGENT_CUE}", reply) for context, reply in replies]
