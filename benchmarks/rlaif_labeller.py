@@ -9,8 +9,8 @@ context) from every coffee conversation, train and test; only pairs whose thumbs
 or disagree, so only those are labelled. The likelihood judge and its reading rule were chosen on
 train pairs only (``--split train``); the figures are then reported once on all pairs and per split.
 
-    python benchmarks/rlaif_labeller.py                     # all coffee pairs, ~1 h on 2 busy CPU cores
-    python benchmarks/rlaif_labeller.py --formats likelihood --dtype bfloat16   # the default judge, faster
+    python benchmarks/rlaif_labeller.py                     # all coffee pairs, both judges: ~40 min on 2 busy cores
+    python benchmarks/rlaif_labeller.py --formats likelihood   # the default judge only: ~9 min
     python benchmarks/rlaif_labeller.py --quick             # 48 train pairs
 """
 
