@@ -1,22 +1,22 @@
 """RLAIF's AI labeller against the human thumbs on the coffee pairs: agreement (95% Wilson interval)
-and position bias, for SmolLM2-135M-Instruct prompted through its chat template (the recipe's
-default labeller) beside the embedded 5M base with the plain ``Preferred response=`` cue (the
-previous default) in the same run.
+and position bias, for SmolLM2-135M-Instruct as the recipe's default ``likelihood`` judge (per-token
+pointwise mutual information of each reply with the conversation) and as the previous ``chat``
+judge (asked "A or B" through its chat template, both orders averaged), beside the embedded 5M base
+with the plain ``Preferred response=`` cue, in the same run.
 
 Pairs are the recipe's candidate pairs (two distinct rated replies to one context, at most 3 per
 context) from every coffee conversation, train and test; only pairs whose thumbs differ can agree
-or disagree, so only those are labelled. Both orders are scored and averaged, as in the recipe.
-The prompt was fixed before any run (the recipe's preamble and the question of the issue), not
-tuned on these pairs; ``--split train`` restricts to train pairs for any future tuning.
+or disagree, so only those are labelled. The likelihood judge and its reading rule were chosen on
+train pairs only (``--split train``); the figures are then reported once on all pairs and per split.
 
-    python benchmarks/rlaif_labeller.py            # all coffee pairs, ~20-40 min on 2 CPU cores
-    python benchmarks/rlaif_labeller.py --quick    # 48 train pairs
+    python benchmarks/rlaif_labeller.py                     # all coffee pairs, both judges: ~40 min on 2 busy cores
+    python benchmarks/rlaif_labeller.py --formats likelihood   # the default judge only: ~9 min
+    python benchmarks/rlaif_labeller.py --quick             # 48 train pairs
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import time
@@ -28,18 +28,7 @@ from perl_plugins.models import smollm2
 from perl_plugins.data.defaults import default_dataset
 from perl_plugins.models.embedded import resolve_model
 from perl_plugins.data.text import trim_prompt
-from perl_plugins.recipes.rlaif import (
-    CHAT_OPTIONS,
-    CUE,
-    PREAMBLE,
-    CausalLMLabeller,
-    candidate_pairs,
-    chat_labelling_prompt,
-    generation_prompt,
-    labeller_metrics,
-    labelling_prompt,
-    soft_labels,
-)
+from perl_plugins.recipes.rlaif import PREAMBLE, candidate_pairs, labeller_metrics, make_labels
 
 Z95 = 1.959964
 
@@ -61,13 +50,15 @@ def decided_pairs(split: str, max_prompt_tokens: int, tokenizer, limit: int | No
     for name in names:
         for pair in candidate_pairs(rows[name], per_context=3, limit=10**9, seed=0):
             if pair["thumbs_1"] != pair["thumbs_2"]:
-                pairs.append({**pair, "split": name, "prompt": trim_prompt(tokenizer, pair["prompt"], max_prompt_tokens)})
+                pairs.append(
+                    {**pair, "split": name, "prompt": trim_prompt(tokenizer, pair["prompt"], max_prompt_tokens)}
+                )
     return pairs[:limit] if limit else pairs
 
 
-def label(labeller, render, pairs: list[dict], preamble: str) -> list[dict]:
+def label(fmt: str, model, tokenizer, pairs: list[dict], preamble: str, batch_size: int) -> list[dict]:
     contexts = [(p["prompt"].removesuffix("Agent:").rstrip(), p["response_1"], p["response_2"]) for p in pairs]
-    return [{**p, **lab} for p, lab in zip(pairs, soft_labels(labeller, contexts, preamble, render))]
+    return [{**p, **lab} for p, lab in zip(pairs, make_labels(fmt, model, tokenizer, contexts, preamble, batch_size))]
 
 
 def report(labelled: list[dict]) -> dict[str, float]:
@@ -98,6 +89,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="48 train pairs")
     parser.add_argument("--split", default="all", choices=["all", "train", "test"])
+    parser.add_argument("--formats", default="likelihood,chat", help="SmolLM2 judges to run: likelihood, chat")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="SmolLM2's weights")
     parser.add_argument("--max_prompt_tokens", type=int, default=128, help="context kept (the recipe's default)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--preamble", default=PREAMBLE)
@@ -107,31 +100,37 @@ def main() -> None:
 
     judge_path = str(smollm2.materialize())
     judge_tok = AutoTokenizer.from_pretrained(judge_path)
+    judge = AutoModelForCausalLM.from_pretrained(judge_path, dtype=getattr(torch, args.dtype))
     pairs = decided_pairs(split, args.max_prompt_tokens, judge_tok, limit)
-    start = time.perf_counter()
-    judge = CausalLMLabeller(
-        AutoModelForCausalLM.from_pretrained(judge_path), judge_tok, generation_prompt(judge_tok), args.batch_size,
-        CHAT_OPTIONS,
-    )
-    chat = by_split(label(judge, functools.partial(chat_labelling_prompt, judge_tok), pairs, args.preamble))
-    judge_s = time.perf_counter() - start
+    judges, seconds = {}, {}
+    for fmt in args.formats.split(","):
+        start = time.perf_counter()
+        judges[f"smollm2_{fmt}_judge"] = by_split(label(fmt, judge, judge_tok, pairs, args.preamble, args.batch_size))
+        seconds[fmt] = time.perf_counter() - start
 
     base_path = resolve_model(None, "demo")
     base_tok = AutoTokenizer.from_pretrained(base_path)
     base_pairs = decided_pairs(split, args.max_prompt_tokens, base_tok, limit)
-    base = CausalLMLabeller(AutoModelForCausalLM.from_pretrained(base_path), base_tok, CUE, args.batch_size)
-    baseline = by_split(label(base, labelling_prompt, base_pairs, args.preamble))
+    base = AutoModelForCausalLM.from_pretrained(base_path)
+    baseline = by_split(label("cue", base, base_tok, base_pairs, args.preamble, args.batch_size))
 
     print(
         json.dumps(
             {
                 "benchmark": "rlaif_labeller",
-                "pairs_from": f"coffee {split} candidate pairs whose thumbs differ" + (" (quick: first 48)" if limit else ""),
-                "smollm2_chat_judge": chat,
+                "pairs_from": f"coffee {split} candidate pairs whose thumbs differ"
+                + (" (quick: first 48)" if limit else ""),
+                **judges,
                 "embedded_base_cue_baseline": baseline,
-                "agreement_ratio_vs_baseline": chat["all"]["agreement"] / baseline["all"]["agreement"],
-                "judge_seconds": judge_s,
-                "settings": {"max_prompt_tokens": args.max_prompt_tokens, "preamble": args.preamble},
+                "agreement_ratio_vs_baseline": {
+                    name: judge["all"]["agreement"] / baseline["all"]["agreement"] for name, judge in judges.items()
+                },
+                "judge_seconds": seconds,
+                "settings": {
+                    "max_prompt_tokens": args.max_prompt_tokens,
+                    "preamble": args.preamble,
+                    "smollm2_dtype": args.dtype,
+                },
             }
         )
     )

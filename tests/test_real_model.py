@@ -271,11 +271,12 @@ def test_adapter_reward_reads_chat_prompts_at_the_training_token(base, reward_on
 # ---------------------------------------------------------------- RLAIF: SmolLM2 as the AI labeller
 
 
-def test_rlaif_labeller_defaults_to_smollm2_asked_through_its_chat_template(base, tokenizer, monkeypatch):
+def test_rlaif_labeller_defaults_to_smollm2_judging_by_likelihood(base, tokenizer, monkeypatch):
     from perl_plugins.recipes import rlaif
 
     cfg = rlaif.RLAIFRecipeConfig()
     assert rlaif.labeller_choice(cfg, "BASE") == str(base)
+    assert rlaif.labeller_format(cfg, tokenizer, str(base)) == "likelihood"
     assert rlaif.labeller_choice(rlaif.RLAIFRecipeConfig(labeller_model_name_or_path="base"), "BASE") == "BASE"
     assert rlaif.uses_chat_format(cfg, tokenizer)
     embedded = AutoTokenizer.from_pretrained(resolve_model(None, "demo"))
@@ -309,3 +310,14 @@ def test_chat_labeller_reads_the_answer_token_of_each_prompt(base, tokenizer):
         torch.testing.assert_close(got, logits.log_softmax(-1)[ids], atol=1e-4, rtol=1e-4)
     labels = rlaif.soft_labels(labeller, pairs, rlaif.PREAMBLE, render)
     assert all(0.0 < row["p_1_preferred"] < 1.0 for row in labels)
+
+
+def test_likelihood_judge_on_smollm2_scores_a_reply_alike_alone_or_batched(base, tokenizer):
+    from perl_plugins.recipes import rlaif
+
+    judge = rlaif.LikelihoodJudge(AutoModelForCausalLM.from_pretrained(base), tokenizer, batch_size=3)
+    items = [("User: a latte please\nAgent:", " Sure, one latte."), ("Agent:", " No."), ("User: tea?\nAgent:", " Tea.")]
+    for item, row in zip(items, judge(items)):
+        torch.testing.assert_close(row, judge([item])[0], atol=1e-4, rtol=1e-4)
+    labels = rlaif.likelihood_labels(judge, [("User: a latte please", " Sure, one latte.", " No.")])
+    assert 0.0 < labels[0]["p_1_preferred"] < 1.0

@@ -3,6 +3,7 @@ averaging, the labeller's token choice and padding, and the soft-label reward lo
 
 from __future__ import annotations
 
+import json
 import math
 
 import datasets
@@ -15,10 +16,15 @@ from perl_plugins import attach
 from perl_plugins.recipes.rlaif import (
     CUE,
     CausalLMLabeller,
+    LikelihoodJudge,
+    RLAIFRecipeConfig,
     SoftLabelLoss,
     candidate_pairs,
+    labeller_format,
+    label_with_ai,
     labeller_metrics,
     labelling_prompt,
+    likelihood_labels,
     option_token_ids,
     soft_label_pairs,
     soft_labels,
@@ -47,7 +53,7 @@ class FixedLabeller:
         return torch.tensor(out)
 
 
-def test_soft_label_is_the_mean_of_both_orders():
+def test_soft_label_is_the_mean_of_both_orders_log_odds():
     a, b = (math.log(0.7), math.log(0.1)), (-1.0, -3.0)  # order (r1, r2): "1" vs "2"; order (r2, r1)
     c, d = (-0.5, -0.2), (-2.0, -2.5)
     labeller = FixedLabeller({PAIRS[0][1:]: a, PAIRS[0][:0:-1]: b, PAIRS[1][1:]: c, PAIRS[1][:0:-1]: d})
@@ -57,7 +63,8 @@ def test_soft_label_is_the_mean_of_both_orders():
         p_second = torch.tensor(swapped).softmax(-1)[1].item()  # shown second: labeller says "2"
         assert label["p_1_preferred_order_12"] == pytest.approx(p_first)
         assert label["p_1_preferred_order_21"] == pytest.approx(p_second)
-        assert label["p_1_preferred"] == pytest.approx((p_first + p_second) / 2)
+        log_odds = (math.log(p_first / (1 - p_first)) + math.log(p_second / (1 - p_second))) / 2
+        assert label["p_1_preferred"] == pytest.approx(1 / (1 + math.exp(-log_odds)))
     # The first pair: softmax over just "1" and "2" (0.7 vs 0.1 -> 7/8), not the raw probability 0.7.
     assert labels[0]["p_1_preferred_order_12"] == pytest.approx(7 / 8)
     assert len(labeller.seen) == 4 and all(text.startswith(PREAMBLE) and text.endswith(CUE) for text in labeller.seen)
@@ -81,13 +88,28 @@ def test_a_real_preference_survives_position_bias():
 
     labeller = FixedLabeller({k: logps(*k) for _, *r in PAIRS for k in (tuple(r), tuple(r[::-1]))})
     labels = soft_labels(labeller, PAIRS, PREAMBLE)
-    sigmoid = torch.sigmoid
-    assert labels[0]["p_1_preferred"] == pytest.approx(
-        ((sigmoid(torch.tensor(3.0)) + sigmoid(torch.tensor(1.0))) / 2).item()
-    )
+    # Log-odds 3 (longer first) and 1 (longer second) average to the 2 nats of the real preference.
+    assert labels[0]["p_1_preferred"] == pytest.approx(torch.sigmoid(torch.tensor(2.0)).item())
     assert labels[0]["p_1_preferred"] > 0.5 > labels[1]["p_1_preferred"]  # the longer reply wins in both pairs
     rows = [{**label, "thumbs_1": t1, "thumbs_2": t2} for label, (t1, t2) in zip(labels, [(1, 0), (1, 0)])]
     assert labeller_metrics(rows)["labeller_human_agreement"] == pytest.approx(0.5)
+
+
+def test_a_constant_position_bias_cancels_exactly_in_log_odds():
+    # The labeller adds `bias` nats to whatever is shown first and `pref` nats to response 1; a
+    # saturating bias (P(first) ~ 0.95, as SmolLM2 shows) must not squash the label towards 1/2:
+    # averaging the two orders' log-odds gives back sigmoid(pref) exactly, the mean of the
+    # probabilities does not ((sigmoid(4) + sigmoid(-2)) / 2 = 0.55 here).
+    bias, pref = 3.0, 1.0
+    table = {}
+    for _, r1, r2 in PAIRS:
+        table[(r1, r2)] = (bias + pref, 0.0)  # response 1 first
+        table[(r2, r1)] = (bias, pref)  # response 1 second
+    labels = soft_labels(FixedLabeller(table), PAIRS, PREAMBLE)
+    for label in labels:
+        assert label["p_1_preferred_order_12"] == pytest.approx(1 / (1 + math.exp(-(bias + pref))))
+        assert label["p_1_preferred_order_21"] == pytest.approx(1 / (1 + math.exp(-(pref - bias))))
+        assert label["p_1_preferred"] == pytest.approx(1 / (1 + math.exp(-pref)))
 
 
 def test_option_tokens_of_the_embedded_tokenizer(tokenizer):
@@ -108,6 +130,87 @@ def test_labeller_reads_the_last_token_despite_padding(tokenizer):
         with torch.no_grad():
             expected = model(**single).logits[0, -1].log_softmax(-1)[ids]
         assert torch.allclose(row, expected, atol=1e-5)
+
+
+def test_likelihood_judge_sums_the_reply_log_probs_despite_padding(tokenizer):
+    model = tiny_lm(tokenizer).eval()
+    items = [
+        ("User: a latte please\nAgent:", " Sure, one latte."),
+        ("Agent:", " No."),
+        ("User: tea?\nAgent:", " Coffee."),
+    ]
+    got = LikelihoodJudge(model, tokenizer, batch_size=2)(items)  # sorted by length, padded in pairs
+    for (prefix, reply), (total, count) in zip(items, got):
+        prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prefix_ids + reply_ids])
+        with torch.no_grad():
+            logps = model(input_ids=ids).logits[0].log_softmax(-1)
+        expected = sum(logps[len(prefix_ids) + k - 1, token].item() for k, token in enumerate(reply_ids))
+        assert count == len(reply_ids) and total.item() == pytest.approx(expected, abs=1e-4)
+    with pytest.raises(ValueError, match="non-empty prefix"):
+        LikelihoodJudge(model, tokenizer)([("", " x")])
+
+
+def test_likelihood_label_is_the_per_token_pmi_difference():
+    # (summed log-prob, tokens) of each reply with the conversation and alone, after "Agent:".
+    table = {
+        ("User: a latte please\nAgent:", " Sure, one latte."): (-6.0, 4),
+        ("Agent:", " Sure, one latte."): (-14.0, 4),  # PMI 8 nats over 4 tokens: 2 per token
+        ("User: a latte please\nAgent:", " No."): (-2.0, 2),
+        ("Agent:", " No."): (-3.0, 2),  # more likely with the context (0.5 per token), but less than the first
+        ("User: tea?\nAgent:", " Coffee only."): (-5.0, 3),
+        ("Agent:", " Coffee only."): (-5.0, 3),  # the context does not help
+        ("User: tea?\nAgent:", " We have green tea."): (-9.0, 5),
+        ("Agent:", " We have green tea."): (-14.0, 5),  # 1 per token
+    }
+    seen = []
+
+    def judge(items):
+        seen.extend(items)
+        return torch.tensor([table[item] for item in items])
+
+    labels = likelihood_labels(judge, [*PAIRS, PAIRS[0]])
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))
+    assert [label["p_1_preferred"] for label in labels] == pytest.approx([sigmoid(1.5), sigmoid(-1.0), sigmoid(1.5)])
+    assert all(
+        label["p_1_preferred_order_12"] == label["p_1_preferred_order_21"] == label["p_1_preferred"] for label in labels
+    )  # no order shown, no position bias
+    assert sorted(seen) == sorted(table)  # each text scored once, the repeated pair included
+
+
+def test_auto_labeller_format():
+    from types import SimpleNamespace
+
+    from perl_plugins.models.embedded import CHAT_TEMPLATE
+
+    cfg, instruct, base = (
+        RLAIFRecipeConfig(),
+        SimpleNamespace(chat_template="{{ x }}"),
+        SimpleNamespace(chat_template=CHAT_TEMPLATE),
+    )
+    assert labeller_format(cfg, instruct, "/cache/smollm2-135m-instruct-0123abcd") == "likelihood"
+    assert labeller_format(cfg, instruct, "Qwen/Qwen2.5-1.5B-Instruct") == "chat"
+    assert labeller_format(cfg, base, "/cache/base") == "cue"
+    assert labeller_format(RLAIFRecipeConfig(labeller_format="chat"), instruct, "/c/smollm2-135m-instruct-0") == "chat"
+
+
+@pytest.mark.parametrize("fmt", ["auto", "likelihood"])
+def test_the_embedded_base_labels_pairs_in_either_format(fmt, tmp_path):
+    from transformers import AutoTokenizer
+
+    from perl_plugins.models.embedded import resolve_model
+
+    base = resolve_model(None, "demo")
+    replies = [" Sure.", " No.", " A latte."]
+    prompts = ["User: a latte please\nAgent:"] * 3
+    rows = datasets.Dataset.from_dict({"prompt": prompts, "completion": replies, "label": [1, 0, 1]})
+    cfg = RLAIFRecipeConfig(output_dir=str(tmp_path), labeller_model_name_or_path="base", labeller_format=fmt)
+    labelled = label_with_ai(cfg, base, AutoTokenizer.from_pretrained(base), rows)
+    assert [json.loads(line) for line in (tmp_path / "rlaif_labels.jsonl").read_text().splitlines()] == labelled
+    assert len(labelled) == 3 and all(0.0 < row["p_1_preferred"] < 1.0 for row in labelled)
+    same_in_both_orders = [row["p_1_preferred_order_12"] == row["p_1_preferred_order_21"] for row in labelled]
+    assert all(same_in_both_orders) == (fmt == "likelihood")  # auto: the base is asked with the cue, both orders
 
 
 def test_candidate_pairs_come_from_one_context():
@@ -209,8 +312,12 @@ def test_grm_regularizes_the_response_the_ai_preferred(tokenizer, tmp_path):
 
     rows = [
         {"prompt": "User: tea?\nAgent:", "response_1": " No.", "response_2": " Green or black?", "p_1_preferred": 0.2},
-        {"prompt": "User: a latte\nAgent:", "response_1": " Sure, one latte.", "response_2": " What?",
-         "p_1_preferred": 0.9},
+        {
+            "prompt": "User: a latte\nAgent:",
+            "response_1": " Sure, one latte.",
+            "response_2": " What?",
+            "p_1_preferred": 0.9,
+        },
     ]
     pairs = soft_label_pairs(tokenizer, rows, max_length=64)
     preferred = [" Green or black?", " Sure, one latte."]
