@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from perl_plugins import hookimpl
-from perl_plugins.attach import trainer_family
-from perl_plugins.checkpoint_io import (
+from perl_plugins.host.attach import trainer_family
+from perl_plugins.checkpoint.store import (
     BaseMismatchError,
     CheckpointError,
     MissingFileError,
@@ -55,9 +55,9 @@ from perl_plugins.checkpoint_io import (
 )
 from perl_plugins.errors import PluginIncompatibleError
 from perl_plugins.lazy import lazy_import
-from perl_plugins.model_card import current_command
-from perl_plugins.reward_model import HEAD_SPEC_FILE, reward_head_spec
-from perl_plugins.zero_state import (
+from perl_plugins.models.card import current_command
+from perl_plugins.models.reward import HEAD_SPEC_FILE, reward_head_spec
+from perl_plugins.checkpoint.zero import (
     engine_name,
     full_values,
     portable_optimizer_state,

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from perl_plugins import hookimpl
-from perl_plugins.attach import trainer_family
+from perl_plugins.host.attach import trainer_family
 from perl_plugins.errors import PluginIncompatibleError
 from perl_plugins.lazy import lazy_import
-from perl_plugins.reward_model import check_reward_adapter, load_reward_adapter, score_texts
-from perl_plugins.roles import Roles
+from perl_plugins.models.reward import check_reward_adapter, load_reward_adapter, score_texts
+from perl_plugins.models.roles import Roles
 
 # Imported when a hook first runs: listing this plugin's options needs no torch.
 nn = lazy_import("torch.nn")

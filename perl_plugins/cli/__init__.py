@@ -8,15 +8,15 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .model_card import invoked_as
+from perl_plugins.models.card import invoked_as
 
 # Names only: train_command imports trl when a trainer runs.
-from .train_command import TRAINERS
+from perl_plugins.cli.train import TRAINERS
 
 
 @dataclass(frozen=True)
 class Command:
-    module: str  # perl_plugins.<module>, imported when the command runs; its main(argv) -> exit status
+    module: str  # perl_plugins.cli.<module>, imported when the command runs; its main(argv) -> exit status
     usage: str  # the command's line in `perl-plugins --help`
     summary: str
 
@@ -24,12 +24,12 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "demo": Command("demo", "demo", "the PERL recipe at demo size on the embedded default (no network)"),
     "plugins": Command(
-        "plugins_command", "plugins [--json] [--plugins P]", "list available plugins, their options and hooks"
+        "plugins", "plugins [--json] [--plugins P]", "list available plugins, their options and hooks"
     ),
     "recipes": Command(
-        "recipes_command", "recipes [cp NAME DEST]", "list the recipes, or copy one (and its YAML) into your repo"
+        "recipes", "recipes [cp NAME DEST]", "list the recipes, or copy one (and its YAML) into your repo"
     ),
-    "env": Command("env_command", "env [--json] [--torch]", "versions, accelerator and plugins, for bug reports"),
+    "env": Command("env", "env [--json] [--torch]", "versions, accelerator and plugins, for bug reports"),
     "export": Command(
         "export", "export CKPT --out DIR [--merge]", "an adapter_ckpt checkpoint as a peft adapter or a merged model"
     ),
@@ -48,8 +48,8 @@ def usage() -> str:
 
 
 def train(argv: Sequence[str], command: str) -> int:
-    """``perl-plugins {sft,reward,...}``: trl's trainer with plugins (see :mod:`perl_plugins.train_command`)."""
-    from .train_command import run
+    """``perl-plugins {sft,reward,...}``: trl's trainer with plugins (see :mod:`perl_plugins.cli.train`)."""
+    from perl_plugins.cli.train import run
 
     try:
         run(command, argv)
@@ -71,9 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with invoked_as(["perl-plugins", *argv]):  # the exact command, for model cards
             if name in TRAINERS:
                 return train(rest, name)
-            return importlib.import_module(f"perl_plugins.{COMMANDS[name].module}").main(rest)
+            return importlib.import_module(f"perl_plugins.cli.{COMMANDS[name].module}").main(rest)
     except Exception as exc:  # one rule for every user error: one line, exit 2; anything else is a bug
-        from .user_errors import is_user_error
+        from perl_plugins.cli.user_errors import is_user_error
 
         if not is_user_error(exc):
             raise
@@ -89,6 +89,3 @@ def _end_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .errors import PluginLoadError, UnknownPluginError
+from perl_plugins.errors import PluginLoadError, UnknownPluginError
 
 ENTRY_POINT_GROUP = "perl_plugins"
 ENV_DEFAULT = "PERL_PLUGINS"

@@ -10,8 +10,8 @@ import torch
 from tqdm.auto import tqdm
 
 from perl_plugins.plugins.lora import AdapterReward, LoraOptions, lora_config
-from perl_plugins.reward_model import load_reward_adapter
-from perl_plugins.roles import Roles
+from perl_plugins.models.reward import load_reward_adapter
+from perl_plugins.models.roles import Roles
 
 
 def trim_prompt(tokenizer: Any, prompt: str, max_tokens: int | None) -> str:
@@ -97,5 +97,5 @@ def policy_with_reward(
 
 
 def iteration_log(values: list[float], key: str) -> list[dict[str, float]]:
-    """A ``log_history``-like list (``step`` = iteration, from 1) for :func:`perl_plugins.reporting.plot_curves`."""
+    """A ``log_history``-like list (``step`` = iteration, from 1) for :func:`perl_plugins.training.reporting.plot_curves`."""
     return [{"step": i, key: v} for i, v in enumerate(values, 1)]

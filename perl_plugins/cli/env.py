@@ -60,7 +60,7 @@ def torch_accelerator() -> str:
 
 
 def collect(ask_torch: bool = False) -> dict[str, Any]:
-    from .registry import installed_plugins
+    from perl_plugins.host.registry import installed_plugins
 
     info = {
         "platform": platform.platform(),

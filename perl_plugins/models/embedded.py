@@ -42,7 +42,7 @@ from perl_plugins.data.taskmaster import (
 )
 
 DEFAULT_MODEL_ID = "perl-plugins/embedded-default"
-ASSETS_BASE_DIR = Path(__file__).resolve().parent / "assets" / "base"
+ASSETS_BASE_DIR = Path(__file__).resolve().parent.parent / "assets" / "base"
 
 VOCAB_SIZE = 4096
 MAX_POSITIONS = 2048  # the longest coffee prompt is well under this
@@ -234,10 +234,10 @@ def resolve_model(name_or_path: str | None = None, size: str = "demo") -> str:
     """A loadable model path: None or DEFAULT_MODEL_ID become the embedded default, the one the CLI
     and the recipes use: the pre-trained ``demo`` base shipped in the package (other sizes, e.g.
     ``"tiny"``, are random-initialised and written once, atomically, into the cache dir); anything
-    else: an alias of ``perl_plugins.models`` (``smollm2-135m-instruct``, ``embedded``, ``tiny``)
+    else: an alias of ``perl_plugins.models.aliases`` (``smollm2-135m-instruct``, ``embedded``, ``tiny``)
     gives its directory, and hub ids and local paths are returned unchanged."""
     if name_or_path is not None and name_or_path != DEFAULT_MODEL_ID:
-        from .models import resolve_alias  # it imports this module
+        from perl_plugins.models.aliases import resolve_alias  # it imports this module
 
         return resolve_alias(name_or_path) or name_or_path
     config = tiny_config(size)  # fails fast on an unknown size

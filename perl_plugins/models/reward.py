@@ -24,8 +24,8 @@ from typing import Any
 
 from safetensors import safe_open
 
-from .lazy import lazy_import
-from .zero_state import gathered
+from perl_plugins.lazy import lazy_import
+from perl_plugins.models.gather import gathered
 
 # Imported on first use: the grm and lora plugins import this module while plugins are only listed.
 torch = lazy_import("torch")
@@ -153,7 +153,7 @@ def score(
 
 def base_description(model: nn.Module) -> dict[str, Any]:
     """What a reward adapter records about its base, to refuse loading onto another one."""
-    from .fingerprint import base_fingerprint
+    from perl_plugins.models.fingerprint import base_fingerprint
 
     base = unwrap(model)
     config = base.config.get_text_config()

@@ -8,17 +8,16 @@ state. They are collectives: every process calls them, with the same arguments, 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator
 from typing import Any
 
 from perl_plugins.lazy import lazy_import
+from perl_plugins.models.gather import gathered
 
 # Imported on first use: plugins import this module while they are only listed.
 torch = lazy_import("torch")
 nn = lazy_import("torch.nn")
 
-__all__ = ["zero_stage", "engine_name", "gathered", "full_values", "partition_pieces", "portable_optimizer_state"]
+__all__ = ["zero_stage", "engine_name", "full_values", "partition_pieces", "portable_optimizer_state"]
 
 
 def zero_stage(trainer: Any) -> int | None:
@@ -34,26 +33,6 @@ def engine_name(trainer: Any) -> str:
     if stage is not None:
         return f"deepspeed_zero{stage}"
     return "ddp" if trainer.args.world_size > 1 else "single"
-
-
-@contextlib.contextmanager
-def gathered(params: Iterable[torch.Tensor]) -> Iterator[None]:
-    """Inside the block, ZeRO-3 parameters among ``params`` hold their full value (read-only);
-    other parameters are left as they are."""
-    partitioned = [p for p in params if hasattr(p, "ds_id")]
-    if partitioned:
-        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-        # Already-gathered ones are left alone: re-partitioning them on exit would pull them from
-        # under an enclosing gather.
-        partitioned = [p for p in partitioned if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
-    if not partitioned:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
-        yield
 
 
 def _is_adapter_name(name: str) -> bool:

@@ -1,19 +1,16 @@
-"""Model aliases (``--model_name_or_path ALIAS`` in the CLI and recipes, ``resolve_model(ALIAS)``)
-and ``perl-plugins models``, which lists them and where each comes from.
+"""Model aliases (``--model_name_or_path ALIAS`` in the CLI and recipes, ``resolve_model(ALIAS)``);
+``perl-plugins models`` lists them.
 
 An alias wins over a local directory of the same name: write ``./smollm2-135m-instruct`` for that.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import smollm2
+from perl_plugins.models import smollm2
 
 
 @dataclass(frozen=True)
@@ -27,7 +24,7 @@ class Alias:
 
 def _embedded(size: str) -> Callable[[], str]:
     def resolve() -> str:
-        from .embedded import resolve_model
+        from perl_plugins.models.embedded import resolve_model
 
         return resolve_model(None, size)
 
@@ -35,7 +32,7 @@ def _embedded(size: str) -> Callable[[], str]:
 
 
 def _embedded_status() -> str:
-    from .embedded import default_model_source
+    from perl_plugins.models.embedded import default_model_source
 
     source = default_model_source("demo")
     return f"shipped: {source}" if source else "assets absent: random init (size demo)"
@@ -94,19 +91,3 @@ def describe_models() -> dict[str, Any]:
             {"name": a.name, "source": a.source, "license": a.license, "status": a.status()} for a in ALIASES.values()
         ]
     }
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="perl-plugins models", description="List model aliases for --model_name_or_path and where each comes from."
-    )
-    parser.add_argument("--json", action="store_true", help="print JSON: {'models': [...]}")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    listing = describe_models()
-    if args.json:
-        print(json.dumps(listing, indent=2))
-        return 0
-    for model in listing["models"]:
-        print(f"{model['name']}\n    source:  {model['source']}\n    license: {model['license']}")
-        print(f"    status:  {model['status']}")
-    return 0

@@ -35,7 +35,7 @@ def reward_metrics(eval_pred: Any) -> dict[str, float]:
 def evaluate_pairs(model: Any, tokenizer: Any, pairs: Any, max_length: int | None = None) -> dict[str, float]:
     """Pairwise held-out metrics: accuracy (r(chosen) > r(rejected)) and ROC AUC with chosen
     responses as positives and rejected ones as negatives."""
-    from .reward_model import score_texts
+    from perl_plugins.models.reward import score_texts
 
     was_training = model.training
     model.eval()

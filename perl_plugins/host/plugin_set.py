@@ -8,9 +8,9 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
-from .errors import PluginLoadError, PluginOptionError
-from .registry import LoadedPlugin, load, split_names
+from perl_plugins import hookspecs
+from perl_plugins.errors import PluginLoadError, PluginOptionError
+from perl_plugins.host.registry import LoadedPlugin, load, split_names
 
 
 class PluginSet:

@@ -15,8 +15,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, Trainer, TrainingArguments
 from trl.data_utils import common_prefix_length
 
-from .reward_metrics import reward_metrics
-from .reward_model import reward_ids
+from perl_plugins.training.reward_metrics import reward_metrics
+from perl_plugins.models.reward import reward_ids
 
 
 def reward_classifier(model_name_or_path: str, **kwargs: Any) -> PreTrainedModel:
@@ -29,7 +29,7 @@ def reward_classifier(model_name_or_path: str, **kwargs: Any) -> PreTrainedModel
 def tokenize_pointwise(dataset: datasets.Dataset, tokenizer: Any, max_length: int | None = None) -> datasets.Dataset:
     """``prompt``/``completion``/``label`` rows -> ``input_ids``, float ``labels`` and ``prompt_len``
     (prompt tokens, for regularizers that score the completion only). Ids are made as trl's
-    RewardTrainer makes them (:func:`~perl_plugins.reward_model.reward_ids`: special tokens, EOS
+    RewardTrainer makes them (:func:`~perl_plugins.models.reward.reward_ids`: special tokens, EOS
     appended), so pointwise and pairwise reward models, and scoring, read the same final token."""
 
     def encode(row: dict[str, Any]) -> dict[str, Any]:

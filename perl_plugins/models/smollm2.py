@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import PluginError
+from perl_plugins.errors import PluginError
 
 ALIAS = "smollm2-135m-instruct"
 SOURCE = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -49,7 +49,7 @@ pipeline_tag: text-generation
 - Architecture: Llama, 30 layers, hidden 576, 9 heads (3 key/value), tied embeddings, vocabulary
   49,152, context 8,192. BOS `<|im_start|>`, EOS and pad `<|im_end|>`.
 
-Written by `perl_plugins.smollm2.materialize` (alias `{ALIAS}` of `resolve_model`, recipes and the
+Written by `perl_plugins.models.smollm2.materialize` (alias `{ALIAS}` of `resolve_model`, recipes and the
 `perl-plugins` CLI's `--model_name_or_path`).
 """
 
@@ -105,7 +105,7 @@ def materialize(cache_dir: str | Path | None = None) -> Path:
 
     Raises :class:`ModelUnavailableError`, with the install line, when the package is missing.
     """
-    from .embedded import _local_main_process_first, _materialize, cache_root
+    from perl_plugins.models.embedded import _local_main_process_first, _materialize, cache_root
 
     path = gguf_path()
     final = cache_root(cache_dir) / f"{ALIAS}-{cache_key(path)}"

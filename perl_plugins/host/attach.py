@@ -10,11 +10,11 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .errors import PluginIncompatibleError
-from .lazy import lazy_import
-from .loss_terms import LossTermRecorder, LossTerms
-from .manager import PluginSet
-from .zero_state import zero_stage
+from perl_plugins.errors import PluginIncompatibleError
+from perl_plugins.lazy import lazy_import
+from perl_plugins.host.loss_terms import LossTermRecorder, LossTerms
+from perl_plugins.host.plugin_set import PluginSet
+from perl_plugins.checkpoint.zero import zero_stage
 
 # torch and transformers load when a trainer is attached, not when plugins are listed.
 torch = lazy_import("torch")
@@ -62,6 +62,8 @@ class AttachedPlugins:
         self.recorder = LossTermRecorder()
         # Batch keys a plugin's collator adds for its own loss term; the stock loss never sees them.
         self.private_inputs: set[str] = set()
+        # Each plugin's own state, by plugin name (see :func:`state`); never new trainer attributes.
+        self.state: dict[str, Any] = {}
 
     @property
     def names(self) -> list[str]:
@@ -70,6 +72,18 @@ class AttachedPlugins:
     @property
     def options(self) -> dict[str, Any]:
         return self.plugin_set.options
+
+
+def state(trainer: Any) -> dict[str, Any]:
+    """Plugin state of an attached trainer, one entry per plugin: ``state(trainer)["grm"]``.
+
+    Plugins keep what they build at attach time here rather than in new trainer attributes, so
+    everything plugins added to a trainer is in one place (and goes with ``trainer.perl_plugins``).
+    """
+    attached = getattr(trainer, "perl_plugins", None)
+    if attached is None:
+        raise PluginIncompatibleError(f"No plugins are attached to this {type(trainer).__name__}: call attach() first.")
+    return attached.state
 
 
 def attach(trainer: Trainer, plugins: str | Sequence[Any] | None = None, **options: Any) -> Trainer:

@@ -9,14 +9,14 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import PluginError
+from perl_plugins.errors import PluginError
 
 
 def describe_plugins(extra: str | None = None) -> dict[str, Any]:
     """Every available plugin (installed entry points, built-ins, and ``extra`` local files) with
     its source, hooks and options; a plugin that fails to load is listed with its error."""
-    from .manager import PluginSet
-    from .registry import installed_plugins, split_names
+    from perl_plugins.host.plugin_set import PluginSet
+    from perl_plugins.host.registry import installed_plugins, split_names
 
     names = list(installed_plugins()) + [n for n in split_names(extra or []) if isinstance(n, str)]
     described = []

@@ -20,12 +20,12 @@ from typing import Any
 from perl_plugins import hookimpl
 from perl_plugins.errors import PluginIncompatibleError
 from perl_plugins.lazy import lazy_import
-from perl_plugins.zero_state import partition_pieces
+from perl_plugins.checkpoint.zero import partition_pieces
 
 __all__ = ["FP8AdamW", "FP8Options"]  # noqa: F822 (FP8AdamW: module __getattr__, imports torch)
 
 # The optimizer (torch) is imported when a hook first runs, not when plugins are listed.
-fp8_optim = lazy_import("perl_plugins.fp8_optim")
+fp8_optim = lazy_import("perl_plugins.plugins.fp8.optim")
 
 logger = logging.getLogger(__name__)
 # What TrainingArguments picks when --optim is not given (it upgrades adamw_torch to the fused
@@ -145,7 +145,7 @@ def _comm_state_saved_with(optimizer: Any) -> Any:
     scales the uninterrupted run had; restarting them at ``init_scale`` changed its gradients.
     (The save/load hooks are first-result hooks owned by the checkpoint writer, so they cannot
     carry a second plugin's file.)"""
-    from perl_plugins.fp8_comm import FP8CommState
+    from perl_plugins.plugins.fp8.comm import FP8CommState
 
     comm = FP8CommState()
 
@@ -188,7 +188,7 @@ def perl_on_train_begin(trainer: Any, model: Any, options: dict[str, Any]) -> No
         return
     from torch.nn.parallel import DistributedDataParallel
 
-    from perl_plugins.fp8_comm import register_fp8_comm_hook
+    from perl_plugins.plugins.fp8.comm import register_fp8_comm_hook
 
     if not isinstance(model, DistributedDataParallel):
         raise PluginIncompatibleError(f"fp8_comm needs a DDP-wrapped model, got {type(model).__name__}.")

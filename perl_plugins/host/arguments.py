@@ -9,9 +9,9 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import PluginError, PluginOptionError
-from .manager import PluginSet
-from .registry import installed_plugins, split_names
+from perl_plugins.errors import PluginError, PluginOptionError
+from perl_plugins.host.plugin_set import PluginSet
+from perl_plugins.host.registry import installed_plugins, split_names
 
 
 def _plugins_field() -> tuple[str, Any, dataclasses.Field]:

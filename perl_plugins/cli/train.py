@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .errors import UsageError
+from perl_plugins.errors import UsageError
 
 TRAINERS = {
     "sft": ("SFTTrainer", "SFTConfig"),
@@ -99,8 +99,8 @@ def parse(command: str, argv: Sequence[str]) -> tuple[Any, ...]:
     accelerator, CPU settings are added unless the user set them (see ``device.cpu_settings``)."""
     import trl
 
-    from .arguments import make_plugin_arguments
-    from .device import cpu_settings
+    from perl_plugins.host.arguments import make_plugin_arguments
+    from perl_plugins.training.device import cpu_settings
 
     config_cls = getattr(trl, TRAINERS[command][1])
     plugin_args_cls = make_plugin_arguments(_plugins_requested(argv))
@@ -121,8 +121,8 @@ def _source(script_args: Any) -> str:
 def _datasets(command: str, script_args: Any, evaluate: bool = True) -> Any:
     from datasets import load_dataset
 
-    from .data.defaults import default_dataset
-    from .data.split_checks import check_splits
+    from perl_plugins.data.defaults import default_dataset
+    from perl_plugins.data.split_checks import check_splits
 
     if script_args.dataset_name:
         data = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
@@ -145,7 +145,7 @@ def _datasets(command: str, script_args: Any, evaluate: bool = True) -> Any:
 
 
 def _reward_funcs(script_args: Any) -> list[Any]:
-    from .plugins.lora import AdapterReward
+    from perl_plugins.plugins.lora import AdapterReward
 
     funcs: list[Any] = []
     if script_args.reward_adapter:
@@ -157,7 +157,7 @@ def _reward_funcs(script_args: Any) -> list[Any]:
 
 def check_request(command: str, script_args: Any, training_args: Any, plugins: Sequence[Any]) -> None:
     """Refuse, before any model or data is loaded, what would otherwise fail deep inside training."""
-    from .registry import short_name
+    from perl_plugins.host.registry import short_name
 
     if command in ("grpo", "rloo") and not (script_args.reward_adapter or script_args.reward_model_name_or_path):
         raise UsageError("grpo/rloo need --reward_adapter DIR (with --plugins lora) or --reward_model_name_or_path.")
@@ -179,11 +179,11 @@ def build_trainer(
     import trl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import attach
-    from .data.split_checks import check_splits
-    from .embedded import resolve_model
-    from .plugins.lora import LoraOptions, lora_config
-    from .pointwise import pointwise_trainer, reward_classifier
+    from perl_plugins import attach
+    from perl_plugins.data.split_checks import check_splits
+    from perl_plugins.models.embedded import resolve_model
+    from perl_plugins.plugins.lora import LoraOptions, lora_config
+    from perl_plugins.training.pointwise import pointwise_trainer, reward_classifier
 
     plugins, options = plugin_args.attach_kwargs(model_args)
     check_request(command, script_args, training_args, plugins)
@@ -229,9 +229,9 @@ def build_trainer(
 
 def save_outputs(command: str, trainer: Any) -> dict[str, Any]:
     """Save the trained model (a reward adapter keeps its head spec) and return final metrics."""
-    from .attach import trainer_family
-    from .reward_metrics import evaluate_trainer_pairs
-    from .reward_model import save_adapter, save_reward_adapter
+    from perl_plugins.host.attach import trainer_family
+    from perl_plugins.training.reward_metrics import evaluate_trainer_pairs
+    from perl_plugins.models.reward import save_adapter, save_reward_adapter
 
     output_dir = trainer.args.output_dir
     writer = trainer.args.should_save  # with several processes, the main one writes
@@ -253,8 +253,8 @@ def save_outputs(command: str, trainer: Any) -> dict[str, Any]:
 
 def run(command: str, argv: Sequence[str]) -> dict[str, Any]:
     """Parse, build, train, save; returns the final evaluation metrics (empty without eval data)."""
-    from .model_card import training_data, write_model_card
-    from .progress import quiet_progress
+    from perl_plugins.models.card import training_data, write_model_card
+    from perl_plugins.training.progress import quiet_progress
 
     script_args, training_args, model_args, plugin_args = parse(command, argv)
     # Evaluate at the end whenever there is a held-out split, unless the user said --eval_strategy no.

@@ -41,7 +41,7 @@ from collections.abc import Callable
 from typing import Any
 
 from perl_plugins.lazy import lazy_import
-from perl_plugins.zero_state import gathered
+from perl_plugins.models.gather import gathered
 
 # Imported on first use: the adapter_ckpt plugin imports this module while plugins are only listed.
 torch = lazy_import("torch")

@@ -41,12 +41,14 @@ def verdict(metrics: dict[str, float]) -> str:
 
 
 def main(argv: Sequence[str] = ()) -> int:
-    from importlib.resources import files
+    import runpy
 
-    from perl_plugins.recipes import perl
+    from perl_plugins.cli.recipes import find_recipes
 
-    config = files("perl_plugins.recipes").joinpath("perl.yaml")
-    metrics = perl.main(["--config", str(config), *DEMO_ARGS, *argv])
+    # Run the shipped recipe file, as `tune run` does: the package never imports a recipe.
+    recipe = find_recipes()["perl"]
+    perl = runpy.run_path(str(recipe.script), run_name="perl_plugins_demo_recipe")
+    metrics = perl["main"](["--config", str(recipe.config), *DEMO_ARGS, *argv])
     print(
         "\nPERL demo done: one frozen base served the reward model (LoRA + head), the policy (LoRA) and the\n"
         "reference (adapters off). summary.json, samples.md and curves.png are in the output directory above.\n"

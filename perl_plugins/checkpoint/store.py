@@ -42,7 +42,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from perl_plugins.fingerprint import (
+from perl_plugins.models.fingerprint import (
     base_fingerprint,
     describe_base,
     fingerprint_differences,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from .lazy import lazy_import
+from perl_plugins.lazy import lazy_import
 
 torch = lazy_import("torch")  # imported on first use: the host imports this module while plugins are only listed
 

@@ -1,4 +1,4 @@
-"""``perl-plugins export CKPT --out DIR [--merge]``: an ``adapter_ckpt`` checkpoint as a clean peft
+"""An ``adapter_ckpt`` checkpoint as a clean peft
 adapter directory (``PeftModel.from_pretrained``, heads included) or, with ``--merge``, a standalone
 model directory (``AutoModel*.from_pretrained``) with the adapter merged into the base weights.
 
@@ -9,16 +9,13 @@ fingerprint differs from the one the checkpoint records.
 
 from __future__ import annotations
 
-import argparse
 import shutil
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .checkpoint_io import CheckpointError, verify_checkpoint
-from .reward_model import HEAD_SPEC_FILE
-from .plugins.adapter_ckpt import (
+from perl_plugins.checkpoint.store import CheckpointError, verify_checkpoint
+from perl_plugins.models.reward import HEAD_SPEC_FILE
+from perl_plugins.plugins.adapter_ckpt import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     ADAPTERS_DIR,
@@ -93,7 +90,7 @@ def export_merged(
             f"{checkpoint} was trained with the grm plugin: its reward model carries the base's LM head (for the "
             f"regularizer) and possibly grm's MLP score head, which a stock {manifest['model']['class']} has no "
             "place for. Export the adapter (without --merge) and score with "
-            "perl_plugins.reward_model.load_reward_adapter."
+            "perl_plugins.models.reward.load_reward_adapter."
         )
     model = build_model(checkpoint, manifest, base, adapter)
     if hasattr(model, "merge_and_unload"):
@@ -123,7 +120,7 @@ def export(
     manifest = verify_checkpoint(checkpoint)
     if "model" not in manifest:
         raise ExportError(f"{checkpoint} was not written by the adapter_ckpt plugin (no model record in its manifest).")
-    from .model_card import write_export_card
+    from perl_plugins.models.card import write_export_card
 
     if merge:
         path = export_merged(checkpoint, out, manifest, base, adapter)
@@ -131,22 +128,3 @@ def export(
         path = export_adapter(checkpoint, out, manifest, adapter)
     write_export_card(checkpoint, path, manifest)
     return path
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="perl-plugins export", description="Export an adapter_ckpt checkpoint as a peft adapter or a merged model."
-    )
-    parser.add_argument("checkpoint", help="a checkpoint-<step> directory written with --plugins adapter_ckpt")
-    parser.add_argument("--out", required=True, help="directory to write")
-    parser.add_argument("--merge", action="store_true", help="merge the adapter into the base: a standalone model")
-    parser.add_argument("--base", default=None, help="--merge: base model path or hub id (default: the training base)")
-    parser.add_argument("--adapter", default=None, help="adapter to export (default: the one being trained)")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        path = export(args.checkpoint, args.out, merge=args.merge, base=args.base, adapter=args.adapter)
-    except (CheckpointError, ExportError, OSError) as exc:
-        print(f"perl-plugins: error: {exc}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0

@@ -18,15 +18,15 @@ from transformers import AutoModelForCausalLM, TrainingArguments
 from trl import DPOConfig, DPOTrainer, RLOOConfig, RLOOTrainer
 
 from perl_plugins import attach
-from perl_plugins.arguments import options_for
+from perl_plugins.host.arguments import options_for
 from perl_plugins.data.defaults import default_dataset
-from perl_plugins.device import cpu_settings
-from perl_plugins.model_card import training_data, write_model_card
+from perl_plugins.training.device import cpu_settings
+from perl_plugins.models.card import training_data, write_model_card
 from perl_plugins.plugins.lora import AdapterReward, LoraOptions, lora_config, roles
-from perl_plugins.pointwise import pointwise_trainer, reward_classifier
-from perl_plugins.progress import quiet_progress
-from perl_plugins.recipe_stages import policy_with_reward, sample_completions
-from perl_plugins.reward_model import save_reward_adapter
+from perl_plugins.training.pointwise import pointwise_trainer, reward_classifier
+from perl_plugins.training.progress import quiet_progress
+from perl_plugins.training.sampling import policy_with_reward, sample_completions
+from perl_plugins.models.reward import save_reward_adapter
 
 
 # Stage settings recipes other than PERL's may lack (PERL's YAML declares each with this default).

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from .reward_model import HEAD_SPEC_FILE
+from perl_plugins.models.reward import HEAD_SPEC_FILE
 
 CARD_FILE = "README.md"
 _HUB_ID = re.compile(r"(?!\.)[\w.-]+(/[\w.-]+)?")  # "org/name": what the card metadata's base_model may hold
@@ -77,7 +77,7 @@ def current_command() -> str:
 def base_fingerprint_id(model: Any) -> str:
     """The fingerprint of ``model``'s shared backbone (the id a reward adapter records, so a policy
     and a reward adapter trained on one base carry the same one)."""
-    from .reward_model import base_description
+    from perl_plugins.models.reward import base_description
 
     return base_description(model)["fingerprint"]
 
@@ -233,7 +233,7 @@ def _load_snippet(facts: dict[str, Any]) -> str:
     if kind == "reward adapter" and facts.get("head") == "mlp":
         return (
             "# GRM's MLP reward head has no place in a stock classifier: load it with perl-plugins\n"
-            "from transformers import AutoModelForCausalLM\nfrom perl_plugins.reward_model import load_reward_adapter\n\n"
+            "from transformers import AutoModelForCausalLM\nfrom perl_plugins.models.reward import load_reward_adapter\n\n"
             f"model = load_reward_adapter(AutoModelForCausalLM.from_pretrained({base!r}), PATH_TO_THIS_DIRECTORY)"
         )
     if kind == "reward adapter":
