@@ -29,7 +29,21 @@ _PUBLIC = {
     "UnknownPluginError": "perl_plugins.errors",
 }
 
-__all__ = ["__version__", *sorted(_PUBLIC)]
+__all__ = [
+    "LossTerms",
+    "PluginArguments",
+    "PluginError",
+    "PluginIncompatibleError",
+    "PluginLoadError",
+    "PluginOptionError",
+    "UnknownPluginError",
+    "__version__",
+    "attach",
+    "hookimpl",
+    "hookspec",
+    "state",
+    "trainer_family",
+]
 
 if TYPE_CHECKING:
     from perl_plugins.errors import (

@@ -283,7 +283,7 @@ def test_save_total_limit_keeps_best_checkpoint(base_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([best.name, "checkpoint-4"])
     with safe_open(str(best / "adapters/default/adapter_model.safetensors"), framework="pt") as f:
         saved = {k: f.get_tensor(k) for k in f.keys()}
-    from perl_plugins.plugins.adapter_ckpt import adapter_state
+    from perl_plugins.checkpoint.model_state import adapter_state
 
     loaded = adapter_state(trainer.model, "default")  # load_best_model_at_end restored the best adapter
     assert all(torch.equal(saved[k], loaded[k]) for k in saved)

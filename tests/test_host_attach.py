@@ -69,7 +69,7 @@ def fake_distribution(tmp_path, monkeypatch):
     sys.modules.pop("fakeplug_impl", None)
 
 
-def test_builtins_are_listed_through_entry_points():
+def test_builtins_are_listed_from_code():
     found = installed_plugins()
     for name in BUILTINS:
         assert found[name].source == "builtin"

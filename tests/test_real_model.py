@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+import perl_plugins
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -186,7 +188,7 @@ def test_rloo_with_the_reward_adapter_on_the_shared_base(pointwise, tmp_path):
          "--num_generations", "2", "--max_completion_length", "8", "--beta", "0.0",
          "--save_strategy", "no", "--output_dir", str(tmp_path)],
     )
-    roles = trainer.perl_roles
+    roles = perl_plugins.state(trainer)["lora"]
     assert set(roles.adapters) >= {"policy", "reward"} and trainer.ref_model is None
     logged = [e for e in trainer.state.log_history if "reward" in e]
     assert finite([e["reward"] for e in logged])

@@ -13,9 +13,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from perl_plugins.checkpoint.store import CheckpointError, verify_checkpoint
+from perl_plugins.checkpoint.store import verify_checkpoint
 from perl_plugins.models.reward import HEAD_SPEC_FILE
-from perl_plugins.plugins.adapter_ckpt import (
+from perl_plugins.checkpoint.model_state import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     ADAPTERS_DIR,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # annotations only: plugins import this module while they are only listed
     import torch.nn as nn
@@ -63,3 +63,14 @@ class Roles:
             yield self.model
         finally:
             self.model.set_adapter(previous, inference_mode=not previous_trainable)
+
+
+def roles(trainer: Any) -> Roles:
+    """The :class:`Roles` the ``lora`` plugin set up on ``trainer`` (``with roles(t).use("reward")``)."""
+    attached = getattr(trainer, "perl_plugins", None)
+    found = attached.state.get("lora") if attached is not None else None
+    if found is None:
+        from perl_plugins.errors import PluginIncompatibleError
+
+        raise PluginIncompatibleError("This trainer has no roles: attach the 'lora' plugin first.")
+    return found

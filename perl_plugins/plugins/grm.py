@@ -28,10 +28,10 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
-from perl_plugins import hookimpl
-from perl_plugins.host.attach import trainer_family
+from perl_plugins import hookimpl, trainer_family
 from perl_plugins.errors import PluginIncompatibleError
 from perl_plugins.lazy import lazy_import
+from perl_plugins.models.logprobs import response_logps
 from perl_plugins.models.reward import HEAD_ATTR, HEAD_KINDS, decoder, set_reward_head, unwrap
 
 # Imported when a hook or loss first runs: listing this plugin's options needs no torch.
@@ -107,16 +107,6 @@ def grm_loss(
     reward_loss = -F.logsigmoid(reward_chosen - reward_rejected).mean()
     regularizer = grm_regularizer(logp_chosen, logp_rejected, ref_chosen, ref_rejected, reg=reg, beta=beta)
     return (1 - alpha) * reward_loss + alpha * regularizer
-
-
-def response_logps(lm_head: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum over response tokens of log p(token | prefix), per row; only masked positions reach the
-    LM head, so the (tokens x vocab) logits are never built for prompt or padding."""
-    targets = mask[:, 1:].bool()
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(targets)[targets]
-    logits = lm_head(hidden[:, :-1][targets]).float()
-    token_logps = logits.log_softmax(-1).gather(-1, input_ids[:, 1:][targets][:, None]).squeeze(-1)
-    return torch.zeros(input_ids.shape[0], device=logits.device, dtype=logits.dtype).index_add(0, rows, token_logps)
 
 
 def find_lm_head(model: nn.Module) -> nn.Module:
@@ -304,14 +294,14 @@ def _reference_logps(trainer: Any, inputs: dict[str, Any]) -> torch.Tensor:
             with model.disable_adapter():
                 model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         lm_head = unwrap(state.reference).lm_head if state.reference is not None else state.lm_head
-        return response_logps(lm_head, state.hidden, inputs["input_ids"], inputs["completion_mask"])
+        return response_logps(state.hidden, inputs["input_ids"], inputs["completion_mask"], lm_head)
 
 
 @hookimpl
 def perl_compute_loss(trainer: Any, inputs: dict[str, Any], outputs: Any, terms: Any, options: dict[str, Any]) -> None:
     opts: GRMOptions = options["grm"]
     state: _GRMState = trainer.perl_grm
-    logps = response_logps(state.lm_head, state.hidden, inputs["input_ids"], inputs["completion_mask"])
+    logps = response_logps(state.hidden, inputs["input_ids"], inputs["completion_mask"], state.lm_head)
     state.hidden = None  # do not keep the graph alive past this step
     if _is_pairwise(trainer):
         logp_chosen, logp_rejected = logps.chunk(2)
