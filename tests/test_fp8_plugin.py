@@ -66,3 +66,40 @@ def test_deepspeed_configs_fp8adamw_cannot_serve_are_refused(make_trainer):
     with pytest.raises(PluginIncompatibleError, match="'optimizer' section"):
         attach(trainer, plugins="fp8")
     assert not hasattr(trainer, "perl_plugins")
+
+
+def test_fp8_comm_scales_round_trip_through_the_checkpointed_optimizer_state(tmp_path):
+    """fp8_comm's per-parameter scales and step counts are saved with the optimizer (optimizer.pt)
+    and restored onto the resumed run's parameters: a resume that restarted them at init_scale
+    quantized its next gradients differently from the uninterrupted run."""
+    from types import SimpleNamespace
+
+    from perl_plugins.plugins import fp8 as fp8_plugin
+    from perl_plugins.plugins.fp8 import FP8Options
+
+    def trainer_and_model():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+        args = SimpleNamespace(learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+                               weight_decay=0.0)
+        trainer = SimpleNamespace(args=args, get_decay_parameter_names=lambda m: [n for n, _ in m.named_parameters()])
+        options = {"fp8": FP8Options(fp8_comm=True, fp8_compile=False)}
+        return trainer, model, fp8_plugin.perl_create_optimizer(trainer=trainer, model=model, options=options)
+
+    trainer, model, optimizer = trainer_and_model()
+    comm = trainer.perl_fp8_comm
+    params = list(model.parameters())
+    for i, p in enumerate(params):
+        comm.commit(id(p), 2.0 ** (10 - i))
+    comm.commit(id(params[0]), 2.0**9)  # a halving
+    comm.commit(id(params[1]), 2.0**9)  # a quiet step
+    comm.bytes_sent, comm.bytes_fp32_equivalent = 100, 400
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+
+    resumed, model2, optimizer2 = trainer_and_model()
+    optimizer2.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True))
+    restored = resumed.perl_fp8_comm
+    by_position = [(comm.scales[id(p)], comm.good_steps[id(p)]) for p in params]
+    assert [(restored.scales[id(p)], restored.good_steps[id(p)]) for p in model2.parameters()] == by_position
+    assert by_position[:2] == [(2.0**9, 0), (2.0**9, 1)]
+    assert (restored.halvings, restored.bytes_sent, restored.bytes_fp32_equivalent) == (comm.halvings, 100, 400)

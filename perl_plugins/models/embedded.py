@@ -83,6 +83,9 @@ _SIZES = {
                      num_key_value_heads=2, intermediate_size=1536),
     "bench100m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                       num_key_value_heads=4, intermediate_size=2688),
+    # Memory benchmark where weights, gradients and optimizer states dominate: ~0.5B parameters.
+    "bench500m": dict(hidden_size=1536, num_hidden_layers=20, num_attention_heads=16,
+                      num_key_value_heads=4, intermediate_size=4096),
 }
 
 
@@ -158,7 +161,7 @@ def build_tokenizer(cache_dir: str | Path | None = None) -> PreTrainedTokenizerF
 
 def tiny_config(size: str = "tiny", vocab_size: int = VOCAB_SIZE) -> LlamaConfig:
     """A small Llama config: "tiny" (tests, ~0.3M params), "demo" (~1.8M; only used for random init
-    when the pre-trained base is absent), "bench20m", "bench100m".
+    when the pre-trained base is absent), "bench20m", "bench100m", "bench500m".
 
     The LM head is untied from the embeddings (its own module, e.g. for LoRA targeting).
     """

@@ -133,7 +133,36 @@ def perl_create_optimizer(trainer: Any, model: Any, options: dict[str, Any]) -> 
         nonfinite=opts.fp8_nonfinite,
         compile=opts.fp8_compile,
     )
+    if opts.fp8_comm:
+        trainer.perl_fp8_comm = _comm_state_saved_with(optimizer)
     return optimizer
+
+
+def _comm_state_saved_with(optimizer: Any) -> Any:
+    """A fresh FP8CommState that travels in ``optimizer``'s state_dict, keyed by the optimizer's
+    parameter indices. optimizer.pt is written by whatever saves the checkpoint (adapter_ckpt or the
+    stock trainer) and read back before training resumes, so a resumed run quantizes with the
+    scales the uninterrupted run had; restarting them at ``init_scale`` changed its gradients.
+    (The save/load hooks are first-result hooks owned by the checkpoint writer, so they cannot
+    carry a second plugin's file.)"""
+    from perl_plugins.plugins.fp8.comm import FP8CommState
+
+    comm = FP8CommState()
+
+    def ids() -> dict[int, int]:  # torch's state_dict numbers parameters across groups, in order
+        return {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+
+    def save(_: Any, state_dict: dict[str, Any]) -> None:
+        state_dict["fp8_comm"] = comm.state_dict(ids())
+
+    def load(_: Any, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("fp8_comm")
+        if saved is not None:  # a checkpoint written without fp8_comm starts from init_scale
+            comm.load_state_dict(saved, {i: k for k, i in ids().items()})
+
+    optimizer.register_state_dict_post_hook(save)
+    optimizer.register_load_state_dict_pre_hook(load)
+    return comm
 
 
 def innermost_optimizer(optimizer: Any) -> Any:
@@ -159,11 +188,11 @@ def perl_on_train_begin(trainer: Any, model: Any, options: dict[str, Any]) -> No
         return
     from torch.nn.parallel import DistributedDataParallel
 
-    from perl_plugins.plugins.fp8.comm import FP8CommState, register_fp8_comm_hook
+    from perl_plugins.plugins.fp8.comm import register_fp8_comm_hook
 
     if not isinstance(model, DistributedDataParallel):
         raise PluginIncompatibleError(f"fp8_comm needs a DDP-wrapped model, got {type(model).__name__}.")
-    trainer.perl_fp8_comm = FP8CommState()
+    # Built with the optimizer (perl_create_optimizer), so a resume has already restored its scales.
     register_fp8_comm_hook(model, trainer.perl_fp8_comm)
 
 

@@ -19,7 +19,9 @@ downstream checks still see them; they never shrink ``mu``.
 
 
 import math
+from collections.abc import Hashable, Mapping
 from itertools import accumulate
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -88,6 +90,28 @@ class FP8CommState:
             agreed *= 2.0
             self.good_steps[key] = 0
         self.scales[key] = agreed
+
+    def state_dict(self, keys: Mapping[int, Hashable]) -> dict[str, Any]:
+        """Scales, step counts and counters, each parameter's ``id`` replaced by ``keys[id]``: a key
+        that names the same parameter in a resumed run (ids do not survive a restart)."""
+        return {
+            "scales": {keys[k]: mu for k, mu in self.scales.items()},
+            "good_steps": {keys[k]: n for k, n in self.good_steps.items()},
+            "halvings": self.halvings,
+            "bytes_sent": self.bytes_sent,
+            "bytes_fp32_equivalent": self.bytes_fp32_equivalent,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], ids: Mapping[Hashable, int]) -> None:
+        """Restore :meth:`state_dict`'s output; ``ids`` maps its keys to this run's parameter ids."""
+        unknown = set(state["scales"]) - set(ids)
+        if unknown:
+            raise ValueError(f"fp8_comm state names parameters this run does not have: {sorted(unknown)[:5]}")
+        self.scales = {ids[k]: float(mu) for k, mu in state["scales"].items()}
+        self.good_steps = {ids[k]: int(n) for k, n in state["good_steps"].items()}
+        self.halvings = int(state["halvings"])
+        self.bytes_sent = int(state["bytes_sent"])
+        self.bytes_fp32_equivalent = int(state["bytes_fp32_equivalent"])
 
 
 def _quantize(grad: Tensor, mu: float) -> Tensor:
