@@ -23,6 +23,7 @@ _PUBLIC = {
     "save_entropy_control": "perl_plugins.host.trainer_compat",
     "push_checkpoint": "perl_plugins.host.trainer_compat",
     "LossTerms": "perl_plugins.host.loss_terms",
+    "compile_available": "perl_plugins.host.trainer_compat",
     "PluginArguments": "perl_plugins.host.arguments",
     "hookimpl": "perl_plugins.hookspecs",
     "hookspec": "perl_plugins.hookspecs",
@@ -43,6 +44,7 @@ __all__ = [
     "UnknownPluginError",
     "__version__",
     "attach",
+    "compile_available",
     "hookimpl",
     "hookspec",
     "keep_columns",
@@ -66,6 +68,7 @@ if TYPE_CHECKING:
     from perl_plugins.host.attach import attach, keep_columns, state, trainer_family
     from perl_plugins.host.loss_terms import LossTerms
     from perl_plugins.host.trainer_compat import (
+        compile_available,
         push_checkpoint,
         save_entropy_control,
         save_optimizer_state,

@@ -82,12 +82,15 @@ def test_fp8_comm_scales_round_trip_through_the_checkpointed_optimizer_state(tmp
         model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
         args = SimpleNamespace(learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
                                weight_decay=0.0)
-        trainer = SimpleNamespace(args=args, get_decay_parameter_names=lambda m: [n for n, _ in m.named_parameters()])
+        trainer = SimpleNamespace(
+            args=args, get_decay_parameter_names=lambda m: [n for n, _ in m.named_parameters()],
+            perl_plugins=SimpleNamespace(state={}),
+        )
         options = {"fp8": FP8Options(fp8_comm=True, fp8_compile=False)}
         return trainer, model, fp8_plugin.perl_create_optimizer(trainer=trainer, model=model, options=options)
 
     trainer, model, optimizer = trainer_and_model()
-    comm = trainer.perl_fp8_comm
+    comm = trainer.perl_plugins.state["fp8"]
     params = list(model.parameters())
     for i, p in enumerate(params):
         comm.commit(id(p), 2.0 ** (10 - i))
@@ -98,7 +101,7 @@ def test_fp8_comm_scales_round_trip_through_the_checkpointed_optimizer_state(tmp
 
     resumed, model2, optimizer2 = trainer_and_model()
     optimizer2.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True))
-    restored = resumed.perl_fp8_comm
+    restored = resumed.perl_plugins.state["fp8"]
     by_position = [(comm.scales[id(p)], comm.good_steps[id(p)]) for p in params]
     assert [(restored.scales[id(p)], restored.good_steps[id(p)]) for p in model2.parameters()] == by_position
     assert by_position[:2] == [(2.0**9, 0), (2.0**9, 1)]

@@ -35,10 +35,6 @@ ALLOWED = {
     "perl_plugins/host/trainer_compat.py",  # the compat module
     "perl_plugins/checkpoint/zero.py",  # DeepSpeed ZeRO internals
 }
-# TODO(lead): move the fp8 plugin's private torch names (torch._inductor.cpp_builder.get_cpp_compiler,
-# torch.utils._triton.has_triton in plugins/fp8/optim.py) into host/trainer_compat.py, reached through
-# the public API, then drop this exemption.
-ALLOWED_DIRS = ("perl_plugins/plugins/fp8/",)
 ATTR_FUNCTIONS = {"getattr", "setattr", "hasattr", "delattr"}
 IMPORT_FUNCTIONS = {"lazy_import", "import_module"}
 
@@ -109,7 +105,7 @@ def _scanned_files() -> list[Path]:
     for top in SCANNED:
         for path in sorted((ROOT / top).rglob("*.py")):
             rel = path.relative_to(ROOT).as_posix()
-            if rel not in ALLOWED and not rel.startswith(ALLOWED_DIRS):
+            if rel not in ALLOWED:
                 files.append(path)
     return files
 
@@ -196,14 +192,7 @@ def new_trainer_attributes(source: str, path: str = "<source>") -> list[str]:
 
 
 def test_plugin_state_lives_in_state_not_in_new_attributes():
-    # TODO(lead): the fp8 plugin still sets trainer.perl_fp8_comm; drop this exemption once it
-    # keeps its communication state in state(trainer)["fp8"].
-    files = [
-        path
-        for top in ("perl_plugins/plugins", "recipes", "hooks")
-        for path in sorted((ROOT / top).rglob("*.py"))
-        if not path.relative_to(ROOT).as_posix().startswith(ALLOWED_DIRS)
-    ]
+    files = [path for top in ("perl_plugins/plugins", "recipes", "hooks") for path in sorted((ROOT / top).rglob("*.py"))]
     found = [line for path in files for line in new_trainer_attributes(path.read_text(), path.relative_to(ROOT).as_posix())]
     assert not found, "Plugin state belongs in perl_plugins.state(trainer)[plugin]:\n" + "\n".join(found)
     flagged = "trainer.perl_grm = s\nsetattr(model, 'perl_x', 1)\ntrainer.monitor = m\nunwrap(model).perl_y = 1"

@@ -16,8 +16,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from perl_plugins.lazy import lazy_import
+
+torch = lazy_import("torch")
 
 # The stock directory name of a checkpoint, f"{CHECKPOINT_PREFIX}-{global_step}" (public in
 # transformers.trainer_utils as PREFIX_CHECKPOINT_DIR; spelled out to keep this import cheap).
@@ -114,3 +119,17 @@ def save_entropy_control(trainer: Any, directory: str) -> None:
         state = {"entropy_coef": trainer.entropy_coef, "last_world_entropy": trainer._last_world_entropy}
         with open(os.path.join(directory, "entropy_ctrl_state.json"), "w") as f:
             json.dump(state, f)
+
+
+def compile_available(device: Any = "cpu") -> bool:
+    """Whether inductor has a backend compiler for ``device`` (C++ on CPU, Triton on GPUs)."""
+    if torch.device(device).type == "cpu":
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
+            return shutil.which(get_cpp_compiler()) is not None
+        except Exception:  # no or broken compiler: inductor cannot build CPU kernels
+            return False
+    from torch.utils._triton import has_triton
+
+    return has_triton()

@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import perl_plugins
 from perl_plugins import hookimpl
 from perl_plugins.errors import PluginIncompatibleError
 from perl_plugins.lazy import lazy_import
@@ -134,7 +135,7 @@ def perl_create_optimizer(trainer: Any, model: Any, options: dict[str, Any]) -> 
         compile=opts.fp8_compile,
     )
     if opts.fp8_comm:
-        trainer.perl_fp8_comm = _comm_state_saved_with(optimizer)
+        perl_plugins.state(trainer)["fp8"] = _comm_state_saved_with(optimizer)
     return optimizer
 
 
@@ -193,7 +194,7 @@ def perl_on_train_begin(trainer: Any, model: Any, options: dict[str, Any]) -> No
     if not isinstance(model, DistributedDataParallel):
         raise PluginIncompatibleError(f"fp8_comm needs a DDP-wrapped model, got {type(model).__name__}.")
     # Built with the optimizer (perl_create_optimizer), so a resume has already restored its scales.
-    register_fp8_comm_hook(model, trainer.perl_fp8_comm)
+    register_fp8_comm_hook(model, perl_plugins.state(trainer)["fp8"])
 
 
 @hookimpl
@@ -201,7 +202,7 @@ def perl_on_log(trainer: Any, logs: dict[str, float], options: dict[str, Any]) -
     optimizer = innermost_optimizer(trainer.optimizer)
     if isinstance(optimizer, fp8_optim.FP8AdamW):
         logs["fp8/nonfinite_skips"] = optimizer.nonfinite_skips
-    state = getattr(trainer, "perl_fp8_comm", None)
+    state = perl_plugins.state(trainer).get("fp8")
     if state is not None and state.bytes_fp32_equivalent:
         logs["fp8/comm_bytes_ratio"] = state.bytes_sent / state.bytes_fp32_equivalent
         logs["fp8/comm_scale"] = float(state.scale)

@@ -42,15 +42,16 @@ compiled is much faster on CPU, where eager fp8 casts are not vectorized).
 from __future__ import annotations
 
 import math
-import shutil
 from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any, Literal
 
 import torch
+
+import perl_plugins
 from torch import Tensor
 
-__all__ = ["FP8AdamW", "compile_available", "describe"]
+__all__ = ["FP8AdamW", "describe"]
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -316,20 +317,6 @@ def _compiled() -> _Passes:
     return _compiled_passes
 
 
-def compile_available(device: torch.device | str = "cpu") -> bool:
-    """Whether inductor has a backend compiler for ``device`` (C++ on CPU, Triton on GPUs)."""
-    if torch.device(device).type == "cpu":
-        try:
-            from torch._inductor.cpp_builder import get_cpp_compiler
-
-            return shutil.which(get_cpp_compiler()) is not None
-        except Exception:  # no or broken compiler: inductor cannot build CPU kernels
-            return False
-    from torch.utils._triton import has_triton
-
-    return has_triton()
-
-
 class FP8AdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay) with compact optimizer states; see the module docstring.
 
@@ -376,7 +363,7 @@ class FP8AdamW(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         if compile is None:
             devices = {p.device for p in self._params()}
-            compile = all(compile_available(d) for d in devices)
+            compile = all(perl_plugins.compile_available(d) for d in devices)
         self.compile = compile
         self.nonfinite_skips = 0
         self._segments: dict[Tensor, list[int]] = {}  # flat parameter -> piece boundaries (see set_segments)
