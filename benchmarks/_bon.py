@@ -1,11 +1,13 @@
-"""Best-of-n numerics for benchmarks/grm_eval.py: the paper's KL_bon x-axis and the unbiased
-estimate of best-of-n scores from m >= n samples per prompt drawn once."""
+"""Numerics of benchmarks/grm_eval.py: the paper's KL_bon x-axis, the unbiased estimate of
+best-of-n scores from m >= n samples per prompt drawn once, and the completion log-probabilities
+its RL probes estimate KL(policy || reference) from."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
+import torch
 
 
 def kl_bon(n: int) -> float:
@@ -32,3 +34,22 @@ def best_of_n(proxy: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
         raise ValueError(f"proxy and values must be (prompts, m) arrays of one shape, got {proxy.shape} and {values.shape}.")
     order = np.argsort(proxy, axis=1, kind="stable")
     return np.take_along_axis(values, order, axis=1) @ bon_weights(proxy.shape[1], n)
+
+
+def completion_mask(generated: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 on generated tokens up to and including the first EOS, 0 after it (generate's padding)."""
+    is_eos = (generated == eos_id).long()
+    return (is_eos.cumsum(-1) - is_eos == 0).long()
+
+
+def completion_logps(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
+    """Per row, the sum of log p(token | prefix) over positions >= ``start`` that ``mask`` keeps.
+    Rows are left-padded prompts followed by completions; positions count attended tokens only, as
+    ``generate`` numbered them, so a row scores as it would unpadded (rotary models are blind to
+    the shift anyway; absolute-position models are not)."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, :-1].float()
+    token = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    keep = mask[:, 1:].clone()
+    keep[:, : start - 1] = 0
+    return (token * keep).sum(-1)

@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 import torch
-from _bon import best_of_n, kl_bon
+from _bon import best_of_n, completion_logps, completion_mask, kl_bon
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
 
 from perl_plugins import attach, recipe_kit
@@ -103,15 +103,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gold_epochs", type=float, default=1.0, help="Epochs of the fully fine-tuned gold candidate.")
     p.add_argument("--gold_rows", type=int, default=0, help="Train rows for the gold model (0: all).")
     p.add_argument("--prompts", type=int, default=64, help="Held-out prompts for best-of-n and the RL probes.")
-    p.add_argument("--rl_variants", default="baseline,sft,dpo,dpo_noref",
-                   help="Proxies to run RL against (comma-separated, or all); the alpha points cost too much time here.")
-    p.add_argument("--rl_max_steps", type=int, default=20, help="RLOO steps (the recipe's other settings stay).")
-    p.add_argument("--probe_every", type=int, default=5, help="RL steps between held-out gold probes.")
+    p.add_argument("--rl_variants", default="baseline,sft",
+                   help="Proxies to run RL against (comma-separated, or all); each costs ~1/3 of a seed's time.")
+    p.add_argument("--rl_max_steps", type=int, default=16, help="RLOO steps (the recipe's other settings stay).")
+    p.add_argument("--probe_every", type=int, default=4, help="RL steps between held-out gold probes.")
     p.add_argument("--probe_samples", type=int, default=1, help="Policy samples per held-out prompt at each probe.")
     p.add_argument("--quick", action="store_true", help="1 seed, 16 prompts, short training and RL (<= 10 min).")
     p.add_argument("--no_write", action="store_true", help="Do not write the plots and grm_eval.json.")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "gold" or "seed:N" (internal)
-    p.add_argument("--work_dir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--work_dir", default=None,
+                   help="Keep the jobs' files here (default: a temporary dir) and reuse the jobs that finished there.")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.prompts, args.proxy_epochs, args.gold_rows = "0", 16, 1.0, args.gold_rows or 400
@@ -266,12 +267,6 @@ def train_proxy(name: str, reg: str, alpha: float, seed: int, args: argparse.Nam
 # --- RL probes -------------------------------------------------------------------------------
 
 
-def completion_mask(generated: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """1 on generated tokens up to and including the first EOS, 0 after (padding)."""
-    is_eos = (generated == eos_id).long()
-    return (is_eos.cumsum(-1) - is_eos == 0).long()
-
-
 class HeldOutProbe(TrainerCallback):
     """At step 0 and every ``every`` steps: ``samples`` completions per held-out prompt from the
     policy (fixed sampling seed), their texts, and per-sample KL(policy || reference) estimates
@@ -308,24 +303,14 @@ class HeldOutProbe(TrainerCallback):
                     width = batch["input_ids"].shape[1]
                     generated = out[:, width:]
                     mask = torch.cat([batch["attention_mask"], completion_mask(generated, tok.eos_token_id)], dim=1)
-                    policy = self.logps(model, out, mask, width)
+                    policy = completion_logps(model, out, mask, width)
                     with model.disable_adapter():
-                        reference = self.logps(model, out, mask, width)
+                        reference = completion_logps(model, out, mask, width)
                     kls.extend((policy - reference).tolist())
                     texts.extend(tok.batch_decode(generated, skip_special_tokens=True))
         finally:
             model.train(was_training)
         self.records.append({"step": step, "prompts": flat, "completions": texts, "kl": kls})
-
-    @staticmethod
-    def logps(model: Any, ids: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
-        """Sum of log p(token) over positions >= ``start`` that ``mask`` keeps; positions as generate gave them."""
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, :-1].float()
-        token = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        keep = mask[:, 1:].clone()
-        keep[:, : start - 1] = 0
-        return (token * keep).sum(-1)
 
 
 def rl_run(name: str, seed: int, args: argparse.Namespace, cfg: Any, model_path: str, tokenizer: Any,
@@ -569,8 +554,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     seeds = [int(s) for s in args.seeds.split(",")]
     with tempfile.TemporaryDirectory(prefix="grm_eval_") as tmp:
-        work = Path(tmp)
-        run_jobs(["gold", *(f"seed:{s}" for s in seeds)], argv, work, args.jobs)
+        work = Path(args.work_dir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        jobs = [job for job in ("gold", *(f"seed:{s}" for s in seeds)) if not (work / f"{job.replace(':', '')}.json").exists()]
+        run_jobs(jobs, argv, work, args.jobs)
         gold_info = json.loads((work / "gold.json").read_text())
         cfg = recipe_config(args, 0, tmp)
         gold = Gold(str(work / "gold"), cfg.max_length)

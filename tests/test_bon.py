@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _bon import best_of_n, bon_weights, kl_bon
+from _bon import best_of_n, bon_weights, completion_logps, completion_mask, kl_bon
 
 
 def test_best_of_n_equals_the_mean_over_all_subsets():
@@ -39,3 +40,31 @@ def test_kl_bon_is_the_limit_of_the_exact_kl_over_many_outcomes():
         kl_bon(0)
     with pytest.raises(ValueError, match="same shape|one shape"):
         best_of_n(np.zeros((2, 3)), np.zeros((2, 4)), 1)
+
+
+def test_completion_mask_keeps_tokens_up_to_the_first_eos():
+    generated = torch.tensor([[5, 6, 2, 0, 0], [5, 2, 7, 2, 0], [5, 6, 7, 8, 9]])
+    expected = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]])
+    assert torch.equal(completion_mask(generated, eos_id=2), expected)
+
+
+def test_completion_logps_of_a_left_padded_batch_equal_each_row_scored_alone():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).eval()
+    prompts, completions = [[3, 4, 5], [7, 8]], [[9, 10, 11, 2], [12, 2, 0, 0]]  # row 2: EOS, then padding
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p + c for p, c in zip(prompts, completions)])
+    prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    mask = torch.cat([prompt_mask, completion_mask(ids[:, width:], eos_id=2)], dim=1)
+    with torch.no_grad():
+        got = completion_logps(model, ids, mask, width)
+        for row, (p, c) in enumerate(zip(prompts, completions)):
+            kept = c[: c.index(2) + 1]
+            alone = torch.tensor([p + kept])
+            logp = model(input_ids=alone).logits[0, :-1].log_softmax(-1)
+            direct = sum(logp[len(p) - 1 + t, tok] for t, tok in enumerate(kept))
+            assert got[row].item() == pytest.approx(direct.item(), abs=1e-5)
