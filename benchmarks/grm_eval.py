@@ -88,6 +88,17 @@ def variants(alpha: float) -> dict[str, tuple[str, float]]:
     }
 
 
+def chosen_variants(args: argparse.Namespace) -> dict[str, tuple[str, float]]:
+    everything = variants(args.grm_alpha)
+    if args.proxies == "all":
+        return everything
+    names = {"baseline", *(n for n in args.proxies.split(",") if n)}
+    unknown = names - set(everything)
+    if unknown:
+        raise SystemExit(f"Unknown proxies {sorted(unknown)}; choose from {', '.join(everything)}.")
+    return {k: v for k, v in everything.items() if k in names}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="Base model (path, hub id or alias); default: the embedded one.")
@@ -100,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--proxy_epochs", type=float, default=2.0)
     p.add_argument("--proxy_learning_rate", type=float, default=1e-3)
     p.add_argument("--proxy_batch_size", type=int, default=8, help="Pairs per step.")
+    p.add_argument("--proxies", default="all", help="Proxies to train (comma-separated names, or all); baseline always.")
+    p.add_argument("--gold_candidates", default="tfidf,rm_full", help="Gold kinds compared on the validation split.")
     p.add_argument("--gold_epochs", type=float, default=1.0, help="Epochs of the fully fine-tuned gold candidate.")
     p.add_argument("--gold_rows", type=int, default=0, help="Train rows for the gold model (0: all).")
     p.add_argument("--prompts", type=int, default=64, help="Held-out prompts for best-of-n and the RL probes.")
@@ -221,7 +234,8 @@ def gold_worker(args: argparse.Namespace, model_path: str, work: Path) -> dict[s
         scores = Gold(save_to, cfg.max_length)([r.prompt + r.completion for r in eval_rows])
         return roc_auc(scores, np.asarray([r.label for r in eval_rows]))
 
-    validation = {kind: auc(kind, inner["train"], inner["test"], str(work / f"gold_val_{kind}")) for kind in ("tfidf", "rm_full")}
+    kinds = [k for k in args.gold_candidates.split(",") if k]
+    validation = {kind: auc(kind, inner["train"], inner["test"], str(work / f"gold_val_{kind}")) for kind in kinds}
     kind = max(validation, key=validation.get)
     test_auc = auc(kind, train, test, str(work / "gold"))
     return {"kind": kind, "validation_auc": validation, "test_auc": test_auc, "train_rows": len(train),
@@ -367,8 +381,9 @@ def seed_worker(args: argparse.Namespace, seed: int, model_path: str, work: Path
     scarce = pairs["train"].select(sorted(np.random.default_rng(seed).choice(len(pairs["train"]), take, replace=False)))
     data = {"pairs": scarce, "test_pairs": pairs["test"], "test_rows": rows["test"]}
     out: dict[str, Any] = {"seed": seed, "proxies": {}, "rl": {}}
-    adapters = {name: str(work / f"seed{seed}" / f"adapter-{name}") for name in variants(args.grm_alpha)}
-    for name, (reg, alpha) in variants(args.grm_alpha).items():
+    chosen = chosen_variants(args)
+    adapters = {name: str(work / f"seed{seed}" / f"adapter-{name}") for name in chosen}
+    for name, (reg, alpha) in chosen.items():
         out["proxies"][name] = train_proxy(name, reg, alpha, seed, args, cfg, model_path, tokenizer, data, adapters[name])
         log(f"seed {seed} proxy {name}: auc {out['proxies'][name]['auc']:.3f}, "
             f"pair acc {out['proxies'][name]['pair_accuracy']:.3f}, {out['proxies'][name]['train_s']:.0f}s")
@@ -566,10 +581,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = {
         k: getattr(args, k) for k in ("scarce_fraction", "grm_alpha", "grm_beta", "proxy_epochs", "proxy_learning_rate",
                                        "proxy_batch_size", "gold_epochs", "prompts", "rl_max_steps", "probe_every",
-                                       "probe_samples", "quick")
+                                       "probe_samples", "quick", "gold_candidates")
     }
     settings.update(
-        model=model_path, seeds=seeds, variants={k: {"grm_reg": r, "grm_alpha": a} for k, (r, a) in variants(args.grm_alpha).items()},
+        model=model_path, seeds=seeds, variants={k: {"grm_reg": r, "grm_alpha": a} for k, (r, a) in chosen_variants(args).items()},
         proxy=f"LoRA r {cfg.lora_r} + GRM's MLP head, trl RewardTrainer on pairs", bon_samples_per_prompt=max(NS),
         rl=(f"recipes/perl.yaml RLOO stage (lr {cfg.rl_learning_rate:g}, beta {cfg.rl_beta:g}, batch {cfg.rl_batch_size}, "
             f"k {cfg.rl_num_generations}, {cfg.rl_max_completion_length} tokens)"),
