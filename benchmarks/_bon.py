@@ -31,7 +31,9 @@ def best_of_n(proxy: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
     drawn without replacement from the row's m samples. ``proxy`` and ``values``: (prompts, m)."""
     proxy, values = np.asarray(proxy, dtype=np.float64), np.asarray(values, dtype=np.float64)
     if proxy.shape != values.shape or proxy.ndim != 2:
-        raise ValueError(f"proxy and values must be (prompts, m) arrays of one shape, got {proxy.shape} and {values.shape}.")
+        raise ValueError(
+            f"proxy and values must be (prompts, m) arrays of one shape, got {proxy.shape} and {values.shape}."
+        )
     order = np.argsort(proxy, axis=1, kind="stable")
     return np.take_along_axis(values, order, axis=1) @ bon_weights(proxy.shape[1], n)
 

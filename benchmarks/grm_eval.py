@@ -55,22 +55,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np
-import torch
-from _bon import best_of_n, completion_logps, completion_mask, kl_bon
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from _bon import best_of_n, completion_logps, completion_mask, kl_bon  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed  # noqa: E402
 
-from perl_plugins import attach, recipe_kit
-from perl_plugins.data import taskmaster
-from perl_plugins.data.defaults import default_dataset, trim_context
-from perl_plugins.embedded import resolve_model
-from perl_plugins.recipe_stages import sample_completions
-from perl_plugins.reward_metrics import evaluate_pairs, roc_auc
-from perl_plugins.reward_model import (
-    load_reward_adapter,
-    save_reward_adapter,
-    score_texts,
-)
+from perl_plugins import attach  # noqa: E402
+from perl_plugins.data import taskmaster  # noqa: E402
+from perl_plugins.data.defaults import default_dataset, trim_context  # noqa: E402
+from perl_plugins.models.embedded import resolve_model  # noqa: E402
+from perl_plugins.models.reward import load_reward_adapter, save_reward_adapter, score_texts  # noqa: E402
+from perl_plugins.training import recipe_kit  # noqa: E402
+from perl_plugins.training.reward_metrics import evaluate_pairs, roc_auc  # noqa: E402
+from perl_plugins.training.sampling import sample_completions  # noqa: E402
 
 NS = (1, 2, 4, 8, 16, 32)
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -111,21 +108,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--proxy_epochs", type=float, default=2.0)
     p.add_argument("--proxy_learning_rate", type=float, default=1e-3)
     p.add_argument("--proxy_batch_size", type=int, default=8, help="Pairs per step.")
-    p.add_argument("--proxies", default="all", help="Proxies to train (comma-separated names, or all); baseline always.")
+    p.add_argument(
+        "--proxies", default="all", help="Proxies to train (comma-separated names, or all); baseline always."
+    )
     p.add_argument("--gold_candidates", default="tfidf,rm_full", help="Gold kinds compared on the validation split.")
     p.add_argument("--gold_epochs", type=float, default=1.0, help="Epochs of the fully fine-tuned gold candidate.")
     p.add_argument("--gold_rows", type=int, default=0, help="Train rows for the gold model (0: all).")
     p.add_argument("--prompts", type=int, default=64, help="Held-out prompts for best-of-n and the RL probes.")
-    p.add_argument("--rl_variants", default="baseline,sft",
-                   help="Proxies to run RL against (comma-separated, or all); each costs ~1/3 of a seed's time.")
+    p.add_argument(
+        "--rl_variants",
+        default="baseline,sft",
+        help="Proxies to run RL against (comma-separated, or all); each costs ~1/3 of a seed's time.",
+    )
     p.add_argument("--rl_max_steps", type=int, default=16, help="RLOO steps (the recipe's other settings stay).")
     p.add_argument("--probe_every", type=int, default=4, help="RL steps between held-out gold probes.")
     p.add_argument("--probe_samples", type=int, default=1, help="Policy samples per held-out prompt at each probe.")
     p.add_argument("--quick", action="store_true", help="1 seed, 16 prompts, short training and RL (<= 10 min).")
     p.add_argument("--no_write", action="store_true", help="Do not write the plots and grm_eval.json.")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "gold" or "seed:N" (internal)
-    p.add_argument("--work_dir", default=None,
-                   help="Keep the jobs' files here (default: a temporary dir) and reuse the jobs that finished there.")
+    p.add_argument(
+        "--work_dir",
+        default=None,
+        help="Keep the jobs' files here (default: a temporary dir) and reuse the jobs that finished there.",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.prompts, args.proxy_epochs, args.gold_rows = "0", 16, 1.0, args.gold_rows or 400
@@ -140,8 +145,20 @@ def recipe_config(args: argparse.Namespace, seed: int, output_dir: str) -> Any:
     from trl import TrlParser
 
     config = args.config or str(Path(perl.__file__).with_suffix(".yaml"))
-    cli = ["--config", config, "--output_dir", output_dir, "--seed", str(seed), "--rl_max_steps", str(args.rl_max_steps),
-           "--rl_eval_prompts", "4", "--rl_eval_samples", "2"]
+    cli = [
+        "--config",
+        config,
+        "--output_dir",
+        output_dir,
+        "--seed",
+        str(seed),
+        "--rl_max_steps",
+        str(args.rl_max_steps),
+        "--rl_eval_prompts",
+        "4",
+        "--rl_eval_samples",
+        "2",
+    ]
     if args.model:
         cli += ["--model_name_or_path", args.model]
     (cfg,) = TrlParser([perl.PerlConfig]).parse_args_and_config(cli)
@@ -188,7 +205,9 @@ def fit_gold(kind: str, cfg: Any, model_path: str, train: list, save_to: str | N
     tokenizer = tokenizer_for(model_path)
     full = dataclasses.replace(cfg, rm_learning_rate=cfg.rm_full_learning_rate, rm_epochs=cfg.rm_epochs)
     set_seed(cfg.seed)
-    trainer = recipe_kit.reward_trainer(full, model_path, tokenizer, taskmaster.pointwise(train).shuffle(seed=0), None, plugins="")
+    trainer = recipe_kit.reward_trainer(
+        full, model_path, tokenizer, taskmaster.pointwise(train).shuffle(seed=0), None, plugins=""
+    )
     trainer.train()
     model = trainer.model.eval()
     if save_to:
@@ -238,32 +257,67 @@ def gold_worker(args: argparse.Namespace, model_path: str, work: Path) -> dict[s
     validation = {kind: auc(kind, inner["train"], inner["test"], str(work / f"gold_val_{kind}")) for kind in kinds}
     kind = max(validation, key=validation.get)
     test_auc = auc(kind, train, test, str(work / "gold"))
-    return {"kind": kind, "validation_auc": validation, "test_auc": test_auc, "train_rows": len(train),
-            "validation_rows": len(inner["test"]), "test_rows": len(test), "epochs_if_rm_full": args.gold_epochs}
+    return {
+        "kind": kind,
+        "validation_auc": validation,
+        "test_auc": test_auc,
+        "train_rows": len(train),
+        "validation_rows": len(inner["test"]),
+        "test_rows": len(test),
+        "epochs_if_rm_full": args.gold_epochs,
+    }
 
 
 # --- proxies ---------------------------------------------------------------------------------
 
 
-def train_proxy(name: str, reg: str, alpha: float, seed: int, args: argparse.Namespace, cfg: Any, model_path: str,
-                tokenizer: Any, data: dict, save_to: str) -> dict[str, Any]:
+def train_proxy(
+    name: str,
+    reg: str,
+    alpha: float,
+    seed: int,
+    args: argparse.Namespace,
+    cfg: Any,
+    model_path: str,
+    tokenizer: Any,
+    data: dict,
+    save_to: str,
+) -> dict[str, Any]:
     """One LoRA proxy on the scarce pairs: its held-out metrics; the adapter saved to ``save_to``."""
     from trl import RewardConfig, RewardTrainer
 
-    from perl_plugins.pointwise import reward_classifier
+    from perl_plugins.training.pointwise import reward_classifier
 
     # RewardConfig(seed=seed) reseeds before attach() builds the MLP head and LoRA: every proxy of
     # a seed starts from identical weights.
     config = RewardConfig(
-        output_dir=os.path.join(cfg.output_dir, f"proxy-{name}"), num_train_epochs=args.proxy_epochs,
-        per_device_train_batch_size=args.proxy_batch_size, learning_rate=args.proxy_learning_rate,
-        max_length=cfg.max_length, gradient_checkpointing=False, seed=seed, use_cpu=True, bf16=False,
-        report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True,
+        output_dir=os.path.join(cfg.output_dir, f"proxy-{name}"),
+        num_train_epochs=args.proxy_epochs,
+        per_device_train_batch_size=args.proxy_batch_size,
+        learning_rate=args.proxy_learning_rate,
+        max_length=cfg.max_length,
+        gradient_checkpointing=False,
+        seed=seed,
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
     )
-    trainer = RewardTrainer(model=reward_classifier(model_path), args=config, train_dataset=data["pairs"],
-                            processing_class=tokenizer)
-    attach(trainer, plugins="lora,grm", lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, grm_head="mlp",
-           grm_reg=reg, grm_alpha=alpha, grm_beta=args.grm_beta)
+    trainer = RewardTrainer(
+        model=reward_classifier(model_path), args=config, train_dataset=data["pairs"], processing_class=tokenizer
+    )
+    attach(
+        trainer,
+        plugins="lora,grm",
+        lora_r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        grm_head="mlp",
+        grm_reg=reg,
+        grm_alpha=alpha,
+        grm_beta=args.grm_beta,
+    )
     started = time.perf_counter()
     loss = trainer.train().training_loss
     model = trainer.model.eval()
@@ -273,8 +327,11 @@ def train_proxy(name: str, reg: str, alpha: float, seed: int, args: argparse.Nam
     save_reward_adapter(model, save_to, model.active_adapter)
     return {
         "auc": roc_auc(row_scores, np.asarray(rows["label"])),
-        "pair_accuracy": pairs["eval_pair_accuracy"], "pair_auc": pairs["eval_auc"], "train_loss": loss,
-        "train_s": time.perf_counter() - started, "train_pairs": len(trainer.train_dataset),
+        "pair_accuracy": pairs["eval_pair_accuracy"],
+        "pair_auc": pairs["eval_auc"],
+        "train_loss": loss,
+        "train_s": time.perf_counter() - started,
+        "train_pairs": len(trainer.train_dataset),
     }
 
 
@@ -286,7 +343,9 @@ class HeldOutProbe(TrainerCallback):
     policy (fixed sampling seed), their texts, and per-sample KL(policy || reference) estimates
     (sum of log pi - log pi_ref over the completion's tokens; reference = adapters off)."""
 
-    def __init__(self, tokenizer: Any, prompts: list[str], samples: int, max_new_tokens: int, every: int, seed: int) -> None:
+    def __init__(
+        self, tokenizer: Any, prompts: list[str], samples: int, max_new_tokens: int, every: int, seed: int
+    ) -> None:
         self.tokenizer, self.prompts, self.samples = tokenizer, prompts, samples
         self.max_new_tokens, self.every, self.seed = max_new_tokens, every, seed
         self.records: list[dict[str, Any]] = []
@@ -312,8 +371,13 @@ class HeldOutProbe(TrainerCallback):
                 torch.manual_seed(self.seed + 7919)
                 for start in range(0, len(flat), 32):
                     batch = tok(flat[start : start + 32], return_tensors="pt", padding=True, padding_side="left")
-                    out = model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=True, temperature=1.0,
-                                         pad_token_id=tok.pad_token_id)
+                    out = model.generate(
+                        **batch,
+                        max_new_tokens=self.max_new_tokens,
+                        do_sample=True,
+                        temperature=1.0,
+                        pad_token_id=tok.pad_token_id,
+                    )
                     width = batch["input_ids"].shape[1]
                     generated = out[:, width:]
                     mask = torch.cat([batch["attention_mask"], completion_mask(generated, tok.eos_token_id)], dim=1)
@@ -327,8 +391,16 @@ class HeldOutProbe(TrainerCallback):
         self.records.append({"step": step, "prompts": flat, "completions": texts, "kl": kls})
 
 
-def rl_run(name: str, seed: int, args: argparse.Namespace, cfg: Any, model_path: str, tokenizer: Any,
-           prompts: list[str], reward_dir: str) -> list[dict[str, Any]]:
+def rl_run(
+    name: str,
+    seed: int,
+    args: argparse.Namespace,
+    cfg: Any,
+    model_path: str,
+    tokenizer: Any,
+    prompts: list[str],
+    reward_dir: str,
+) -> list[dict[str, Any]]:
     """The recipe's RLOO stage against one proxy; the probes, with proxy scores of their texts."""
     probe = HeldOutProbe(tokenizer, prompts, args.probe_samples, cfg.rl_max_completion_length, args.probe_every, seed)
     set_seed(seed)
@@ -349,9 +421,15 @@ def base_samples(args: argparse.Namespace, model_path: str, work: Path) -> None:
     prompts = held_out_prompts(cfg, args.prompts)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(104729)
-        completions = sample_completions(AutoModelForCausalLM.from_pretrained(model_path), tokenizer_for(model_path),
-                                         prompts, max(NS), cfg.rl_max_completion_length, batch_size=64,
-                                         desc="Best-of-n samples")
+        completions = sample_completions(
+            AutoModelForCausalLM.from_pretrained(model_path),
+            tokenizer_for(model_path),
+            prompts,
+            max(NS),
+            cfg.rl_max_completion_length,
+            batch_size=64,
+            desc="Best-of-n samples",
+        )
     partial = work / "samples.json.part"
     partial.write_text(json.dumps({"prompts": prompts, "completions": completions}))
     partial.rename(work / "samples.json")  # atomic: seed workers poll for it
@@ -384,9 +462,13 @@ def seed_worker(args: argparse.Namespace, seed: int, model_path: str, work: Path
     chosen = chosen_variants(args)
     adapters = {name: str(work / f"seed{seed}" / f"adapter-{name}") for name in chosen}
     for name, (reg, alpha) in chosen.items():
-        out["proxies"][name] = train_proxy(name, reg, alpha, seed, args, cfg, model_path, tokenizer, data, adapters[name])
-        log(f"seed {seed} proxy {name}: auc {out['proxies'][name]['auc']:.3f}, "
-            f"pair acc {out['proxies'][name]['pair_accuracy']:.3f}, {out['proxies'][name]['train_s']:.0f}s")
+        out["proxies"][name] = train_proxy(
+            name, reg, alpha, seed, args, cfg, model_path, tokenizer, data, adapters[name]
+        )
+        log(
+            f"seed {seed} proxy {name}: auc {out['proxies'][name]['auc']:.3f}, "
+            f"pair acc {out['proxies'][name]['pair_accuracy']:.3f}, {out['proxies'][name]['train_s']:.0f}s"
+        )
     samples = json.loads(wait_for(work / "samples.json").read_text())
     texts = [p + c for p, cs in zip(samples["prompts"], samples["completions"]) for c in cs]
     for name, adapter in adapters.items():
@@ -396,7 +478,10 @@ def seed_worker(args: argparse.Namespace, seed: int, model_path: str, work: Path
     for name in rl_names:
         started = time.perf_counter()
         out["rl"][name] = rl_run(name, seed, args, cfg, model_path, tokenizer, samples["prompts"], adapters[name])
-        log(f"seed {seed} RL {name}: final KL {np.mean(out['rl'][name][-1]['kl']):.3f}, {time.perf_counter() - started:.0f}s")
+        log(
+            f"seed {seed} RL {name}: final KL {np.mean(out['rl'][name][-1]['kl']):.3f}, "
+            f"{time.perf_counter() - started:.0f}s"
+        )
     return out
 
 
@@ -418,15 +503,19 @@ def aggregate(samples: dict[str, Any], runs: list[dict[str, Any]], gold: Gold) -
         for name, proxy in run["proxies"].items():
             scores = np.asarray(proxy["bon_proxy_scores"]).reshape(shape)
             entry = {
-                "auc": proxy["auc"], "pair_accuracy": proxy["pair_accuracy"],
+                "auc": proxy["auc"],
+                "pair_accuracy": proxy["pair_accuracy"],
                 "bon_gold": {n: float(best_of_n(scores, gold_bon, n).mean()) for n in NS},
                 "bon_proxy_gain": {n: float((best_of_n(scores, scores, n) - scores.mean(axis=1)).mean()) for n in NS},
             }
             if name in run["rl"]:
                 entry["rl"] = [
-                    {"step": r["step"], "kl": float(np.mean(r["kl"])),
-                     "gold": float(gold([p + c for p, c in zip(r["prompts"], r["completions"])]).mean()),
-                     "proxy_gain": float(np.mean(r["proxy"]) - np.mean(run["rl"][name][0]["proxy"]))}
+                    {
+                        "step": r["step"],
+                        "kl": float(np.mean(r["kl"])),
+                        "gold": float(gold([p + c for p, c in zip(r["prompts"], r["completions"])]).mean()),
+                        "proxy_gain": float(np.mean(r["proxy"]) - np.mean(run["rl"][name][0]["proxy"])),
+                    }
                     for r in run["rl"][name]
                 ]
             per_seed.setdefault(name, []).append(entry)
@@ -443,13 +532,22 @@ def aggregate(samples: dict[str, Any], runs: list[dict[str, Any]], gold: Gold) -
             curve = []
             for i, point in enumerate(entries[0]["rl"]):
                 stats = {k: mean_se([e["rl"][i][k] for e in entries]) for k in ("kl", "gold", "proxy_gain")}
-                curve.append({"step": point["step"], **{k: s[0] for k, s in stats.items()},
-                              **{k + "_se": s[1] for k, s in stats.items()}})
+                curve.append(
+                    {
+                        "step": point["step"],
+                        **{k: s[0] for k, s in stats.items()},
+                        **{k + "_se": s[1] for k, s in stats.items()},
+                    }
+                )
             row["rl"] = curve
             row["rl_gold_final"], row["rl_gold_final_se"] = curve[-1]["gold"], curve[-1]["gold_se"]
             row["rl_gold_start"], row["rl_kl_final"] = curve[0]["gold"], curve[-1]["kl"]
-        row["per_seed"] = [{k: e[k] for k in ("auc", "pair_accuracy")} | {"bon_gold_32": e["bon_gold"][32]}
-                           | ({"rl_gold_final": e["rl"][-1]["gold"]} if "rl" in e else {}) for e in entries]
+        row["per_seed"] = [
+            {k: e[k] for k in ("auc", "pair_accuracy")}
+            | {"bon_gold_32": e["bon_gold"][32]}
+            | ({"rl_gold_final": e["rl"][-1]["gold"]} if "rl" in e else {})
+            for e in entries
+        ]
         out[name] = row
     return out
 
@@ -461,11 +559,13 @@ def goals(proxy: dict[str, Any]) -> dict[str, Any]:
         return {}
 
     def beats(key: str, se_key: str, index: str | None = None) -> bool:
-        value = (lambda r, k: r[k][index] if index else r[k])
+        value = lambda r, k: r[k][index] if index else r[k]
         return value(sft, key) - value(base, key) > value(sft, se_key) + value(base, se_key)
 
-    out = {"sft_bon_gold_32_beats_baseline": beats("bon_gold", "bon_gold_se", "32"),
-           "sft_auc_ge_baseline": sft["auc"] >= base["auc"]}
+    out = {
+        "sft_bon_gold_32_beats_baseline": beats("bon_gold", "bon_gold_se", "32"),
+        "sft_auc_ge_baseline": sft["auc"] >= base["auc"],
+    }
     if "rl_gold_final" in sft and "rl_gold_final" in base:
         out["sft_rl_gold_final_beats_baseline"] = beats("rl_gold_final", "rl_gold_final_se")
     return out
@@ -487,7 +587,11 @@ def plot_bon(proxy: dict[str, Any], path: Path) -> None:
             ys = [row[key][str(n)] for n in NS]
             err = [0 if math.isnan(e) else e for e in (row[key + "_se"][str(n)] for n in NS)]
             axis.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name)
-    left.set(title="proxy score gain of the proxy's pick", xlabel="KL_bon = log n - (n-1)/n", ylabel="proxy score - mean (n=1)")
+    left.set(
+        title="proxy score gain of the proxy's pick",
+        xlabel="KL_bon = log n - (n-1)/n",
+        ylabel="proxy score - mean (n=1)",
+    )
     right.set(title="gold score of the proxy's pick", xlabel="KL_bon = log n - (n-1)/n", ylabel="gold score")
     right.legend(fontsize=8)
     fig.suptitle("Best-of-n on held-out prompts, n = 1..32 (mean ± SE over seeds)")
@@ -510,8 +614,14 @@ def plot_rl(proxy: dict[str, Any], path: Path) -> None:
         for axis, key in ((left, "proxy_gain"), (right, "gold")):
             err = [0 if math.isnan(p[key + "_se"]) else p[key + "_se"] for p in row["rl"]]
             axis.errorbar(xs, [p[key] for p in row["rl"]], xerr=xerr, yerr=err, marker="o", capsize=3, label=name)
-    left.set(title="proxy score gain (held-out samples)", xlabel="KL(policy || base), nats per completion", ylabel="proxy gain")
-    right.set(title="gold score (held-out samples)", xlabel="KL(policy || base), nats per completion", ylabel="gold score")
+    left.set(
+        title="proxy score gain (held-out samples)",
+        xlabel="KL(policy || base), nats per completion",
+        ylabel="proxy gain",
+    )
+    right.set(
+        title="gold score (held-out samples)", xlabel="KL(policy || base), nats per completion", ylabel="gold score"
+    )
     right.legend(fontsize=8)
     fig.suptitle("PERL RLOO against each proxy, probes every few steps (mean ± SE over seeds)")
     fig.tight_layout()
@@ -571,7 +681,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="grm_eval_") as tmp:
         work = Path(args.work_dir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        jobs = [job for job in ("gold", *(f"seed:{s}" for s in seeds)) if not (work / f"{job.replace(':', '')}.json").exists()]
+        jobs = [
+            job
+            for job in ("gold", *(f"seed:{s}" for s in seeds))
+            if not (work / f"{job.replace(':', '')}.json").exists()
+        ]
         run_jobs(jobs, argv, work, args.jobs)
         gold_info = json.loads((work / "gold.json").read_text())
         cfg = recipe_config(args, 0, tmp)
@@ -579,22 +693,46 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs = [json.loads((work / f"seed{s}.json").read_text()) for s in seeds]
         proxy = aggregate(json.loads((work / "samples.json").read_text()), runs, gold)
     settings = {
-        k: getattr(args, k) for k in ("scarce_fraction", "grm_alpha", "grm_beta", "proxy_epochs", "proxy_learning_rate",
-                                       "proxy_batch_size", "gold_epochs", "prompts", "rl_max_steps", "probe_every",
-                                       "probe_samples", "quick", "gold_candidates")
+        k: getattr(args, k)
+        for k in (
+            "scarce_fraction",
+            "grm_alpha",
+            "grm_beta",
+            "proxy_epochs",
+            "proxy_learning_rate",
+            "proxy_batch_size",
+            "gold_epochs",
+            "prompts",
+            "rl_max_steps",
+            "probe_every",
+            "probe_samples",
+            "quick",
+            "gold_candidates",
+        )
     }
     settings.update(
-        model=model_path, seeds=seeds, variants={k: {"grm_reg": r, "grm_alpha": a} for k, (r, a) in chosen_variants(args).items()},
-        proxy=f"LoRA r {cfg.lora_r} + GRM's MLP head, trl RewardTrainer on pairs", bon_samples_per_prompt=max(NS),
-        rl=(f"recipes/perl.yaml RLOO stage (lr {cfg.rl_learning_rate:g}, beta {cfg.rl_beta:g}, batch {cfg.rl_batch_size}, "
-            f"k {cfg.rl_num_generations}, {cfg.rl_max_completion_length} tokens)"),
+        model=model_path,
+        seeds=seeds,
+        variants={k: {"grm_reg": r, "grm_alpha": a} for k, (r, a) in chosen_variants(args).items()},
+        proxy=f"LoRA r {cfg.lora_r} + GRM's MLP head, trl RewardTrainer on pairs",
+        bon_samples_per_prompt=max(NS),
+        rl=(
+            f"recipes/perl.yaml RLOO stage (lr {cfg.rl_learning_rate:g}, beta {cfg.rl_beta:g}, "
+            f"batch {cfg.rl_batch_size}, k {cfg.rl_num_generations}, {cfg.rl_max_completion_length} tokens)"
+        ),
         scarce_pairs=runs[0]["proxies"]["baseline"]["train_pairs"],
         command="python benchmarks/grm_eval.py " + shlex.join(argv),
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     )
-    result = {"gold_auc": gold_info["test_auc"], "gold": gold_info, "proxy": proxy, "goals": goals(proxy),
-              "kl_bon": {str(n): kl_bon(n) for n in NS}, "settings": settings,
-              "wall_s": round(time.perf_counter() - started, 1)}
+    result = {
+        "gold_auc": gold_info["test_auc"],
+        "gold": gold_info,
+        "proxy": proxy,
+        "goals": goals(proxy),
+        "kl_bon": {str(n): kl_bon(n) for n in NS},
+        "settings": settings,
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
     if not args.no_write:
         RESULTS.mkdir(parents=True, exist_ok=True)
         plot_bon(proxy, RESULTS / "grm_bon.png")

@@ -53,15 +53,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np
 import torch
 from _common import StepTimer, median, peak_rss_mb, reset_peak_rss
-from perl_plugins import recipe_kit
+from perl_plugins.training import recipe_kit
 from perl_plugins.recipes import perl
 from transformers import AutoTokenizer, set_seed
 
 from perl_plugins.data import taskmaster
 from perl_plugins.data.defaults import trim_context
-from perl_plugins.embedded import resolve_model
-from perl_plugins.reward_metrics import roc_auc
-from perl_plugins.reward_model import save_reward_adapter
+from perl_plugins.models.embedded import resolve_model
+from perl_plugins.training.reward_metrics import roc_auc
+from perl_plugins.models.reward import save_reward_adapter
 
 METHODS = ("tfidf_logreg", "rm_lora", "rm_full", "rm_lora_grm")
 RM_PLUGINS = {"rm_lora": "lora", "rm_full": "", "rm_lora_grm": "lora,grm"}

@@ -40,7 +40,7 @@ def perl_plugin_options() -> type:
 @perl_plugins.hookimpl
 def perl_check_trainer(trainer: Any, options: dict[str, Any]) -> None:
     """Refuse trainers this plugin cannot handle. Must not modify anything; raise to refuse."""
-    # from perl_plugins.attach import trainer_family
+    # from perl_plugins import trainer_family
     # from perl_plugins.errors import PluginIncompatibleError
     # if trainer_family(trainer) not in ("GRPOTrainer", "RLOOTrainer"):
     #     raise PluginIncompatibleError(f"plugin_template needs GRPO/RLOO, got {type(trainer).__name__}")

@@ -78,7 +78,7 @@ def perl_compute_loss(
     Fires: on every training and evaluation step, right after the stock ``compute_loss`` ran
     (called with ``return_outputs=True`` when an implementation takes ``outputs``: trl's SFT/DPO/KTO
     trainers pay an extra forward pass for it). ``outputs`` is what the model returned to the stock
-    loss; ``terms`` is a :class:`perl_plugins.loss_terms.LossTerms` holding the stock loss under
+    loss; ``terms`` is a :class:`perl_plugins.host.loss_terms.LossTerms` holding the stock loss under
     a trainer-specific name (``reward_loss``, ``dpo_loss``, ``sft_loss``, ``policy_loss``...).
     Returns: nothing; call ``terms.add(name, value, weight)`` or ``terms.reweight(name, w)``. The
     trainer optimizes ``sum(weight * value)`` and every term is logged under its own name. All

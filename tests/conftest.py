@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from perl_plugins import hookspecs
-from perl_plugins.manager import PluginSet
+from perl_plugins.host.plugin_set import PluginSet
 
 TESTS_DIR = Path(__file__).resolve().parent
 PLUGINS_DIR = TESTS_DIR / "plugins_for_tests"
@@ -165,7 +165,7 @@ def plugin_file() -> Callable[[str], str]:
 
 @pytest.fixture(scope="session")
 def tokenizer(perl_cache: Path):
-    from perl_plugins.embedded import build_tokenizer
+    from perl_plugins.models.embedded import build_tokenizer
 
     return build_tokenizer()
 

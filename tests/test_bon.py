@@ -52,8 +52,15 @@ def test_completion_logps_of_a_left_padded_batch_equal_each_row_scored_alone():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(config).eval()
     prompts, completions = [[3, 4, 5], [7, 8]], [[9, 10, 11, 2], [12, 2, 0, 0]]  # row 2: EOS, then padding
     width = max(map(len, prompts))

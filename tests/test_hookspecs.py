@@ -10,7 +10,7 @@ import pytest
 from conftest import HookRecorder, hookspec_names, pytest_sessionfinish, ran_whole_suite
 
 from perl_plugins import hookimpl, hookspecs
-from perl_plugins.manager import PluginSet
+from perl_plugins.host.plugin_set import PluginSet
 
 # The hooks the host was written with; more may be added (each then needs docs and a test).
 CORE = {
