@@ -131,7 +131,13 @@ def rl_report(before: dict[str, Any], after: dict[str, Any], prefix: str = "rl")
 
 
 def rl_stage(
-    cfg: Any, model_path: str, tokenizer, reward_dir: str, data: Any = None, policy: str = "lora", callbacks: list | None = None
+    cfg: Any,
+    model_path: str,
+    tokenizer,
+    reward_dir: str,
+    data: Any = None,
+    policy: str = "lora",
+    callbacks: list | None = None,
 ) -> tuple[dict, list, dict]:
     """Stage 2: RLOO from ``model_path`` scored by the reward adapter at ``reward_dir``; returns
     (metrics, logs, {"before": ..., "after": ...} held-out rewards and samples).
