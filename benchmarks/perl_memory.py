@@ -105,7 +105,7 @@ def _rl_trainer(case: str, base: str, tokenizer: Any, args: argparse.Namespace, 
     from perl_plugins.data.defaults import default_dataset
     from perl_plugins.plugins.lora import AdapterReward, LoraOptions, lora_config
     from perl_plugins.training.pointwise import reward_classifier
-    from perl_plugins.training.sampling import trim_prompts
+    from perl_plugins.data.text import trim_prompts
 
     prompts = default_dataset("rloo")["train"].select(range(steps * args.batch_size))
     prompts = trim_prompts(prompts, tokenizer, args.seq_len - args.completion_length)

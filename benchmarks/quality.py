@@ -55,7 +55,7 @@ import torch
 from _common import StepTimer, median, peak_rss_mb, reset_peak_rss
 from perl_plugins.training import recipe_kit
 from perl_plugins.recipes import perl
-from transformers import AutoTokenizer, set_seed
+from transformers import set_seed
 
 from perl_plugins.data import taskmaster
 from perl_plugins.data.defaults import trim_context
@@ -160,9 +160,7 @@ def reward_model(
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Train the recipe's stage 1 (with ``method``'s plugins), score ``evaluation``, and save the
     reward adapter to ``save_to`` if given (LoRA methods only)."""
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = recipe_kit.padded_tokenizer(model_path)
     if method == "rm_full":
         cfg = dataclasses.replace(cfg, rm_learning_rate=cfg.rm_full_learning_rate)
     set_seed(cfg.seed)
@@ -188,9 +186,7 @@ def rl_both(cfg: perl.PerlConfig, model_path: str, reward_dir: str) -> dict[str,
     """The recipe's RL stage from one reward adapter, with a LoRA policy and a fully fine-tuned one."""
     out = {}
     for kind in ("lora", "full"):
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer = recipe_kit.padded_tokenizer(model_path)
         set_seed(cfg.seed)
         reset_peak_rss()
         start = time.perf_counter()

@@ -8,7 +8,8 @@ the hooks you need, and load it with ``--plugins ./hooks/my_plugin.py`` or
 Every hook receives ``options``: {plugin name: options instance}; read yours as
 ``options["plugin_template"]``. A hook may declare only the arguments it uses. Hooks are listed
 in the order they fire; the full contracts are in ``perl_plugins/hookspecs.py``. Only the hooks
-you define are wired into the trainer, so keep unused ones commented out.
+you define are wired into the trainer, so keep unused ones commented out. Run with
+``PERL_PLUGINS_TRACE=1`` to see each hook call (plugins, arguments, result, time) on stderr.
 """
 
 import dataclasses
@@ -61,6 +62,12 @@ def perl_check_trainer(trainer: Any, options: dict[str, Any]) -> None:
 #     return None
 
 
+# Build what depends on the final models (after every plugin's perl_prepare_model), e.g. forward hooks.
+# @perl_plugins.hookimpl
+# def perl_models_ready(trainer, model, options):
+#     print(f"training {type(model).__name__}, peft adapters: {hasattr(model, 'peft_config')}")
+
+
 # Add or re-weight named loss terms after the stock loss ran; each term is logged by name.
 # @perl_plugins.hookimpl
 # def perl_compute_loss(trainer, model, inputs, outputs, terms, options):
@@ -84,6 +91,12 @@ def perl_check_trainer(trainer: Any, options: dict[str, Any]) -> None:
 # Restore model state when resuming; return True to skip the stock loader, None to let it run.
 # @perl_plugins.hookimpl
 # def perl_load_checkpoint(trainer, model, checkpoint_dir, options):
+#     return None
+
+
+# With load_best_model_at_end: load the best checkpoint; True skips the stock loader, None lets it run.
+# @perl_plugins.hookimpl
+# def perl_load_best_model(trainer, model, checkpoint_dir, options):
 #     return None
 
 

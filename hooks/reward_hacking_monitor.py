@@ -187,7 +187,9 @@ def perl_check_trainer(trainer: Any) -> None:
 @perl_plugins.hookimpl
 def perl_configure(trainer: Any, options: dict[str, Any]) -> None:
     # Per-trainer state: the plugin module is shared by every trainer it is attached to.
-    trainer.reward_hacking_monitor = RewardHackingDetector.from_options(options["reward_hacking_monitor"])
+    perl_plugins.state(trainer)["reward_hacking_monitor"] = RewardHackingDetector.from_options(
+        options["reward_hacking_monitor"]
+    )
     if getattr(trainer, "beta", 0.0) == 0.0:
         warnings.warn(
             "reward_hacking_monitor: beta == 0, so trl logs no KL; only entropy is watched.",
@@ -198,7 +200,7 @@ def perl_configure(trainer: Any, options: dict[str, Any]) -> None:
 
 @perl_plugins.hookimpl
 def perl_on_log(trainer: Any, logs: dict[str, float], state: Any, control: Any, options: dict[str, Any]) -> None:
-    detector: RewardHackingDetector = trainer.reward_hacking_monitor
+    detector: RewardHackingDetector = perl_plugins.state(trainer)["reward_hacking_monitor"]
     seen = len(detector.history)
     alerts = detector.update(logs, step=state.global_step)
     if len(detector.history) == seen:  # not a training-metrics log

@@ -18,6 +18,10 @@ _PUBLIC = {
     "attach": "perl_plugins.host.attach",
     "trainer_family": "perl_plugins.host.attach",
     "state": "perl_plugins.host.attach",
+    "keep_columns": "perl_plugins.host.attach",
+    "save_optimizer_state": "perl_plugins.host.trainer_compat",
+    "save_entropy_control": "perl_plugins.host.trainer_compat",
+    "push_checkpoint": "perl_plugins.host.trainer_compat",
     "LossTerms": "perl_plugins.host.loss_terms",
     "PluginArguments": "perl_plugins.host.arguments",
     "hookimpl": "perl_plugins.hookspecs",
@@ -41,6 +45,10 @@ __all__ = [
     "attach",
     "hookimpl",
     "hookspec",
+    "keep_columns",
+    "push_checkpoint",
+    "save_entropy_control",
+    "save_optimizer_state",
     "state",
     "trainer_family",
 ]
@@ -55,8 +63,13 @@ if TYPE_CHECKING:
     )
     from perl_plugins.hookspecs import hookimpl, hookspec
     from perl_plugins.host.arguments import PluginArguments
-    from perl_plugins.host.attach import attach, state, trainer_family
+    from perl_plugins.host.attach import attach, keep_columns, state, trainer_family
     from perl_plugins.host.loss_terms import LossTerms
+    from perl_plugins.host.trainer_compat import (
+        push_checkpoint,
+        save_entropy_control,
+        save_optimizer_state,
+    )
 
 
 def __getattr__(name: str) -> Any:

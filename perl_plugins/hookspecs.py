@@ -4,6 +4,15 @@ A plugin is a module (or object) with functions marked ``@perl_plugins.hookimpl`
 match the specs below. Like pytest's hooks, an implementation may accept any subset of a spec's
 arguments. Hooks fire in the order they are listed here over the life of one attached trainer.
 
+Order of implementations: within one hook, implementations run in the order the plugins were
+given (``--plugins grm,lora`` runs grm's first), except that ``@hookimpl(tryfirst=True)`` ones run
+before all others and ``@hookimpl(trylast=True)`` ones after all others (each group keeping the
+given order). Chained hooks feed each result to the next implementation, and ``firstresult``
+hooks stop at the first implementation that returns something other than ``None``. A plugin
+implements each hook once; one that must act after every other plugin prepared the models does it
+in :func:`perl_models_ready`. Plugins cooperate through these hooks and what they leave on the
+trainer's models, never by testing which other plugins are enabled.
+
 Every hook receives ``options``: a mapping from plugin name to that plugin's options dataclass
 instance (see :func:`perl_plugin_options`), so a plugin reads its own settings as
 ``options["grm"].grm_alpha``.
@@ -11,9 +20,15 @@ instance (see :func:`perl_plugin_options`), so a plugin reads its own settings a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
+
+if TYPE_CHECKING:  # annotations only: importing the contract must not import torch (plugins are listed without it)
+    import torch
+    from transformers import Trainer, TrainerControl, TrainerState
+
+    from perl_plugins.host.loss_terms import LossTerms
 
 PROJECT = "perl_plugins"
 
@@ -35,7 +50,7 @@ def perl_plugin_options() -> type | None:
 
 
 @hookspec
-def perl_check_trainer(trainer: Any, options: dict[str, Any]) -> None:
+def perl_check_trainer(trainer: Trainer, options: dict[str, Any]) -> None:
     """Refuse a trainer this plugin cannot work with.
 
     Fires: in :func:`perl_plugins.attach`, for every enabled plugin, *before* anything is changed,
@@ -47,7 +62,7 @@ def perl_check_trainer(trainer: Any, options: dict[str, Any]) -> None:
 
 
 @hookspec
-def perl_configure(trainer: Any, options: dict[str, Any]) -> None:
+def perl_configure(trainer: Trainer, options: dict[str, Any]) -> None:
     """Adjust the trainer's training arguments or attributes.
 
     Fires: in :func:`perl_plugins.attach`, once, after every plugin's check passed and before
@@ -57,7 +72,9 @@ def perl_configure(trainer: Any, options: dict[str, Any]) -> None:
 
 
 @hookspec
-def perl_prepare_model(trainer: Any, model: Any, role: str, options: dict[str, Any]) -> Any:
+def perl_prepare_model(
+    trainer: Trainer, model: torch.nn.Module, role: str, options: dict[str, Any]
+) -> torch.nn.Module | None:
     """Wrap or modify one of the trainer's models before training.
 
     Fires: in :func:`perl_plugins.attach`, once per role present on the trainer: ``"policy"``
@@ -70,8 +87,25 @@ def perl_prepare_model(trainer: Any, model: Any, role: str, options: dict[str, A
 
 
 @hookspec
+def perl_models_ready(trainer: Trainer, model: torch.nn.Module, options: dict[str, Any]) -> None:
+    """Build what depends on the final models, e.g. a frozen copy of the initial policy or forward hooks.
+
+    Fires: in :func:`perl_plugins.attach`, once, after every plugin's ``perl_prepare_model`` ran for
+    every role (``model`` is ``trainer.model`` as the plugins left it: heads added, adapters on), so
+    a plugin can react to what other plugins did without knowing them by name (``grm`` copies a
+    reference for its dpo regularizer only when no plugin gave the model peft adapters).
+    Returns: nothing. All implementations run.
+    """
+
+
+@hookspec
 def perl_compute_loss(
-    trainer: Any, model: Any, inputs: dict[str, Any], outputs: Any, terms: Any, options: dict[str, Any]
+    trainer: Trainer,
+    model: torch.nn.Module,
+    inputs: dict[str, Any],
+    outputs: Any,
+    terms: LossTerms,
+    options: dict[str, Any],
 ) -> None:
     """Add or re-weight named loss terms around the trainer's own ``compute_loss``.
 
@@ -87,7 +121,9 @@ def perl_compute_loss(
 
 
 @hookspec(firstresult=True)
-def perl_create_optimizer(trainer: Any, model: Any, options: dict[str, Any]) -> Any:
+def perl_create_optimizer(
+    trainer: Trainer, model: torch.nn.Module, options: dict[str, Any]
+) -> torch.optim.Optimizer | None:
     """Build the optimizer the trainer will use.
 
     Fires: once, when the trainer creates its optimizer at the start of ``train()``.
@@ -97,7 +133,9 @@ def perl_create_optimizer(trainer: Any, model: Any, options: dict[str, Any]) -> 
 
 
 @hookspec(firstresult=True)
-def perl_save_checkpoint(trainer: Any, model: Any, checkpoint_dir: str, options: dict[str, Any]) -> bool | None:
+def perl_save_checkpoint(
+    trainer: Trainer, model: torch.nn.Module, checkpoint_dir: str, options: dict[str, Any]
+) -> bool | None:
     """Write a checkpoint.
 
     Fires: each time the trainer saves a checkpoint (``save_steps`` / end of epoch), in place of
@@ -108,7 +146,9 @@ def perl_save_checkpoint(trainer: Any, model: Any, checkpoint_dir: str, options:
 
 
 @hookspec(firstresult=True)
-def perl_load_checkpoint(trainer: Any, model: Any, checkpoint_dir: str, options: dict[str, Any]) -> bool | None:
+def perl_load_checkpoint(
+    trainer: Trainer, model: torch.nn.Module, checkpoint_dir: str, options: dict[str, Any]
+) -> bool | None:
     """Restore model-side state from a checkpoint when resuming.
 
     Fires: when ``train(resume_from_checkpoint=...)`` loads the model state, in place of
@@ -120,8 +160,21 @@ def perl_load_checkpoint(trainer: Any, model: Any, checkpoint_dir: str, options:
     """
 
 
+@hookspec(firstresult=True)
+def perl_load_best_model(trainer: Any, model: Any, checkpoint_dir: str, options: dict[str, Any]) -> bool | None:
+    """Load the best checkpoint's model state at the end of training.
+
+    Fires: once, at the end of ``train()`` with ``load_best_model_at_end``, in place of
+    ``Trainer._load_best_model``; ``checkpoint_dir`` is ``trainer.state.best_model_checkpoint`` and
+    ``model`` the unwrapped model to load into (the host wraps that method only when some plugin
+    implements this hook, e.g. one whose checkpoints the stock loader cannot read).
+    Returns: ``True`` when this plugin loaded it (the stock loader is skipped), ``None`` to leave it
+    to the next plugin or the stock trainer. First result wins.
+    """
+
+
 @hookspec
-def perl_on_train_begin(trainer: Any, model: Any, options: dict[str, Any]) -> None:
+def perl_on_train_begin(trainer: Trainer, model: torch.nn.Module, options: dict[str, Any]) -> None:
     """Set up what needs the training-time model, e.g. a DDP communication hook.
 
     Fires: once per ``train()``, after the model was wrapped for distributed training (``model``
@@ -132,7 +185,7 @@ def perl_on_train_begin(trainer: Any, model: Any, options: dict[str, Any]) -> No
 
 
 @hookspec
-def perl_on_step_end(trainer: Any, state: Any, control: Any, options: dict[str, Any]) -> None:
+def perl_on_step_end(trainer: Trainer, state: TrainerState, control: TrainerControl, options: dict[str, Any]) -> None:
     """React to the end of an optimizer step.
 
     Fires: after every optimizer step (``TrainerCallback.on_step_end``).
@@ -141,7 +194,9 @@ def perl_on_step_end(trainer: Any, state: Any, control: Any, options: dict[str, 
 
 
 @hookspec
-def perl_on_log(trainer: Any, logs: dict[str, float], state: Any, control: Any, options: dict[str, Any]) -> None:
+def perl_on_log(
+    trainer: Trainer, logs: dict[str, float], state: TrainerState, control: TrainerControl, options: dict[str, Any]
+) -> None:
     """See (and extend) every dict of logged metrics.
 
     Fires: each time the trainer logs (``TrainerCallback.on_log``), after loss terms were added.
@@ -151,8 +206,8 @@ def perl_on_log(trainer: Any, logs: dict[str, float], state: Any, control: Any, 
 
 @hookspec
 def perl_shape_rewards(
-    trainer: Any, prompts: list[Any], completions: list[Any], rewards: Any, options: dict[str, Any]
-) -> Any:
+    trainer: Trainer, prompts: list[Any], completions: list[Any], rewards: torch.Tensor, options: dict[str, Any]
+) -> torch.Tensor | None:
     """Reshape the rewards an RL trainer (GRPO/RLOO) computed from its reward functions.
 
     Fires: each generation round, after the reward functions ran and before advantages are

@@ -19,16 +19,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import AutoTokenizer, set_seed
+from transformers import set_seed
 from trl import DPOConfig, TrlParser
 
 from perl_plugins.host.arguments import check_options
 from perl_plugins.data.defaults import default_dataset
-from perl_plugins.training.device import cpu_settings
-from perl_plugins.models.embedded import resolve_model
-from perl_plugins.plugins.lora import LoraOptions
-from perl_plugins.training.recipe_kit import save_policy, train_dpo
-from perl_plugins.training.sampling import trim_prompts
+from perl_plugins.data.text import trim_prompts
+from perl_plugins.models.adapters import LoraOptions
+from perl_plugins.training.recipe_kit import load_base, save_policy, stage_args, take, train_dpo
 from perl_plugins.training.reporting import plot_curves, write_summary
 
 
@@ -64,23 +62,19 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("This recipe's reference is the base with adapters off: keep 'lora' in plugins.")
     set_seed(cfg.seed)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    model_path = resolve_model(cfg.model_name_or_path, cfg.model_size)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    model_path, tokenizer = load_base(cfg.model_name_or_path, cfg.model_size)
     data = default_dataset("dpo", cfg.taskmaster_file, cfg.context_turns, seed=cfg.seed)
     train, test = data["train"].shuffle(seed=cfg.seed), data["test"]
-    if cfg.train_samples:
-        train = train.select(range(min(cfg.train_samples, len(train))))
-    if cfg.eval_samples:
-        test = test.select(range(min(cfg.eval_samples, len(test))))
+    train, test = take(train, cfg.train_samples), take(test, cfg.eval_samples)
     train, test = (
         trim_prompts(train, tokenizer, cfg.max_prompt_tokens),
         trim_prompts(test, tokenizer, cfg.max_prompt_tokens),
     )
     print(f"[dpo] LoRA policy on {len(train)} preference pairs, {len(test)} held out", flush=True)
-    args = DPOConfig(
-        output_dir=os.path.join(cfg.output_dir, "policy"),
+    args = stage_args(
+        DPOConfig,
+        os.path.join(cfg.output_dir, "policy"),
+        cfg.seed,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size,
@@ -90,11 +84,6 @@ def main(argv: list[str] | None = None) -> dict:
         loss_type=cfg.loss_type,
         max_length=cfg.max_length,
         gradient_checkpointing=cfg.gradient_checkpointing,
-        logging_steps=5,
-        save_strategy="no",
-        report_to="none",
-        **cpu_settings(),  # CPU and fp32 without an accelerator
-        seed=cfg.seed,
     )
     lora = LoraOptions(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
     metrics, logs, trainer = train_dpo(model_path, tokenizer, train, test, args, lora, cfg.plugins, cfg.plugin_options)

@@ -20,13 +20,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import AutoTokenizer, set_seed
+from transformers import set_seed
 from trl import TrlParser
 
 from perl_plugins.host.arguments import check_options
 from perl_plugins.data.defaults import default_dataset
-from perl_plugins.models.embedded import resolve_model
-from perl_plugins.training.recipe_kit import STAGE_DEFAULTS, rl_stage, train_reward_model, write_samples
+from perl_plugins.training.recipe_kit import STAGE_DEFAULTS, load_base, rl_stage, train_reward_model, write_samples
 from perl_plugins.training.reporting import plot_curves, write_summary
 
 
@@ -86,10 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("The PERL recipe trains through LoRA: keep 'lora' in rm_plugins and rl_plugins.")
     set_seed(cfg.seed)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    model_path = resolve_model(cfg.model_name_or_path, cfg.model_size)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    model_path, tokenizer = load_base(cfg.model_name_or_path, cfg.model_size)
     rm_data = default_dataset("reward", cfg.taskmaster_file, cfg.context_turns, seed=cfg.split_seed)
     if cfg.reward_adapter:
         reward_dir, rm_logs = cfg.reward_adapter, []

@@ -33,7 +33,6 @@ import math
 import os
 import platform
 import random
-import shutil
 import sys
 import tempfile
 import time
@@ -61,6 +60,7 @@ from perl_plugins.data.taskmaster import (
     load_dialog_texts,
     load_splits,
 )
+from perl_plugins.models.atomic import atomic_dir
 from perl_plugins.models.embedded import MAX_POSITIONS, build_tokenizer
 from perl_plugins.training.reporting import plot_curves
 
@@ -280,18 +280,12 @@ def main(argv: list[str] | None = None) -> dict:
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     environ = dict(os.environ)  # full_determinism sets CUDA/cuBLAS variables
     torch.set_num_threads(cfg.num_threads)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        card = _run(cfg, stage, start)
-        if out.exists():
-            shutil.rmtree(out)
-        stage.rename(out)
-        out.chmod(0o755)  # mkdtemp made it private (and safetensors writes its file private)
-        for path in out.iterdir():
-            path.chmod(0o644)
+        with atomic_dir(out) as stage:  # an earlier output is replaced only by a complete one
+            card = _run(cfg, stage, start)
+            for path in stage.iterdir():
+                path.chmod(0o644)  # safetensors writes its file private
     finally:  # leave the process as we found it (tests call main() in-process)
-        shutil.rmtree(stage, ignore_errors=True)
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
         for key in set(os.environ) - set(environ):

@@ -25,18 +25,17 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers import AutoModelForCausalLM, set_seed
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 from perl_plugins import attach
 from perl_plugins.host.arguments import check_options, options_for
 from perl_plugins.data.defaults import default_dataset
-from perl_plugins.training.device import cpu_settings
-from perl_plugins.models.embedded import resolve_model
+from perl_plugins.data.text import trim_prompt
 from perl_plugins.models.card import training_data, write_model_card
-from perl_plugins.plugins.lora import AdapterReward, LoraOptions
-from perl_plugins.training.recipe_kit import train_reward_model
-from perl_plugins.training.sampling import iteration_log, policy_with_reward, sample_completions, trim_prompt
+from perl_plugins.models.adapters import AdapterReward, LoraOptions
+from perl_plugins.training.recipe_kit import load_base, stage_args, train_reward_model
+from perl_plugins.training.sampling import iteration_log, policy_with_reward, sample_completions
 from perl_plugins.training.reporting import plot_curves, write_summary
 
 SELECTIONS = ("local", "top")
@@ -106,18 +105,16 @@ def fine_tune(
     policy: Any, tokenizer: Any, pairs: list[tuple[str, str, float]], cfg: RAFTRecipeConfig, iteration: int
 ) -> list[dict]:
     """Stock SFTTrainer on the kept pairs, training the same policy adapter further."""
-    args = SFTConfig(
-        output_dir=os.path.join(cfg.output_dir, "policy"),
+    args = stage_args(
+        SFTConfig,
+        os.path.join(cfg.output_dir, "policy"),
+        cfg.seed + iteration,
         num_train_epochs=cfg.sft_epochs,
         per_device_train_batch_size=cfg.sft_batch_size,
         learning_rate=cfg.sft_learning_rate,
         max_length=cfg.max_length,
         gradient_checkpointing=cfg.gradient_checkpointing,
         logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        **cpu_settings(),  # CPU and fp32 without an accelerator
-        seed=cfg.seed + iteration,
     )
     data = datasets.Dataset.from_dict({"prompt": [p for p, _, _ in pairs], "completion": [c for _, c, _ in pairs]})
     trainer = SFTTrainer(model=policy, args=args, train_dataset=data, processing_class=tokenizer)
@@ -138,10 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("RAFT trains both adapters through LoRA: keep 'lora' in rm_plugins and sft_plugins.")
     set_seed(cfg.seed)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    model_path = resolve_model(cfg.model_name_or_path, cfg.model_size)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    model_path, tokenizer = load_base(cfg.model_name_or_path, cfg.model_size)
 
     rm_data = default_dataset("reward", cfg.taskmaster_file, cfg.context_turns, seed=cfg.seed)
     print(f"[raft] stage 1: LoRA reward model on thumbs up/down ({cfg.rm_train_samples or 'all'} rows)", flush=True)

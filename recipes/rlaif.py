@@ -47,21 +47,28 @@ import datasets
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, set_seed
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
 from trl import DPOConfig, RewardConfig, RewardTrainer, TrlParser
 
-from perl_plugins import attach, hookimpl, trainer_family
+from perl_plugins import attach, hookimpl, keep_columns, trainer_family
 from perl_plugins.models import smollm2
 from perl_plugins.host.arguments import check_options, options_for
 from perl_plugins.data.defaults import default_dataset
-from perl_plugins.training.device import cpu_settings
+from perl_plugins.data.text import trim_prompt, trim_prompts
 from perl_plugins.models.embedded import CHAT_TEMPLATE as EMBEDDED_CHAT_TEMPLATE
 from perl_plugins.models.embedded import resolve_model
 from perl_plugins.errors import PluginIncompatibleError
 from perl_plugins.models.card import training_data, write_model_card
-from perl_plugins.plugins.lora import LoraOptions
-from perl_plugins.training.recipe_kit import run_rl, train_dpo
-from perl_plugins.training.sampling import trim_prompt, trim_prompts
+from perl_plugins.models.adapters import LoraOptions
+from perl_plugins.training.recipe_kit import (
+    load_base,
+    padded_tokenizer,
+    reward_stage_args,
+    run_rl,
+    stage_args,
+    take,
+    train_dpo,
+)
 from perl_plugins.training.reporting import plot_curves, write_summary
 from perl_plugins.models.reward import reward_ids, save_reward_adapter
 
@@ -281,9 +288,7 @@ def label_with_ai(
 ) -> list[dict[str, Any]]:
     """Label candidate pairs with the AI labeller and write OUTPUT_DIR/rlaif_labels.jsonl."""
     labeller_path = labeller_path or labeller_choice(cfg, model_path)
-    labeller_tokenizer = tokenizer if labeller_path == model_path else AutoTokenizer.from_pretrained(labeller_path)
-    if labeller_tokenizer.pad_token is None:
-        labeller_tokenizer.pad_token = labeller_tokenizer.eos_token
+    labeller_tokenizer = tokenizer if labeller_path == model_path else padded_tokenizer(labeller_path)
     model = AutoModelForCausalLM.from_pretrained(labeller_path)
     if uses_chat_format(cfg, labeller_tokenizer):
         cue, options = generation_prompt(labeller_tokenizer), CHAT_OPTIONS
@@ -345,18 +350,13 @@ class SoftLabelLoss:
             batch["soft_label"] = torch.tensor([e["soft_label"] for e in examples], dtype=torch.float32)
             return batch
 
-        trainer.data_collator = collate
-        trainer._set_signature_columns_if_needed()
-        trainer._signature_columns = [*trainer._signature_columns, "soft_label"]
-        trainer.perl_plugins.private_inputs.add("soft_label")
+        keep_columns(trainer, ["soft_label"], collator=collate, private=["soft_label"])
 
-    @hookimpl
-    def perl_compute_loss(
-        self, trainer: Any, inputs: dict[str, Any], outputs: Any, terms: Any, options: dict[str, Any]
-    ) -> None:
+    @hookimpl(trylast=True)  # after plugins that re-weight the reward loss (grm: 1 - alpha)
+    def perl_compute_loss(self, trainer: Any, inputs: dict[str, Any], outputs: Any, terms: Any) -> None:
         chosen, rejected = outputs.logits.squeeze(-1).chunk(2)
         loss = F.binary_cross_entropy_with_logits(chosen - rejected, inputs["soft_label"].to(chosen.dtype))
-        weight = 1.0 - options["grm"].grm_alpha if "grm" in options else 1.0
+        weight = terms.weight(terms.base_name)  # the soft-label loss takes the reward loss's place
         terms.reweight(terms.base_name, 0.0)
         terms.add("soft_label_loss", loss, weight)
 
@@ -388,20 +388,8 @@ def train_soft_reward_model(
         for p, c, r in zip(human_pairs["prompt"], human_pairs["chosen"], human_pairs["rejected"])
     ]
     test = soft_label_pairs(tokenizer, human, cfg.max_length)
-    args = RewardConfig(
-        output_dir=os.path.join(cfg.output_dir, "reward_model"),
-        num_train_epochs=cfg.rm_epochs,
-        max_steps=cfg.rm_max_steps,
-        per_device_train_batch_size=cfg.rm_batch_size,
-        per_device_eval_batch_size=cfg.rm_batch_size,
-        learning_rate=cfg.rm_learning_rate,
-        max_length=cfg.max_length,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        logging_steps=5,
-        save_strategy="no",
-        report_to="none",
-        **cpu_settings(),  # CPU and fp32 without an accelerator
-        seed=cfg.seed,
+    args = reward_stage_args(
+        cfg, RewardConfig, max_length=cfg.max_length, gradient_checkpointing=cfg.gradient_checkpointing
     )
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1)
     trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=test, processing_class=tokenizer)
@@ -430,8 +418,10 @@ def learn_with_dpo(
             "rejected": [r["response_2"] if r["p_1_preferred"] >= 0.5 else r["response_1"] for r in labelled],
         }
     )
-    args = DPOConfig(
-        output_dir=os.path.join(cfg.output_dir, "policy"),
+    args = stage_args(
+        DPOConfig,
+        os.path.join(cfg.output_dir, "policy"),
+        cfg.seed,
         num_train_epochs=cfg.dpo_epochs,
         max_steps=cfg.dpo_max_steps,
         per_device_train_batch_size=cfg.dpo_batch_size,
@@ -440,11 +430,6 @@ def learn_with_dpo(
         beta=cfg.dpo_beta,
         max_length=cfg.max_length,
         gradient_checkpointing=cfg.gradient_checkpointing,
-        logging_steps=5,
-        save_strategy="no",
-        report_to="none",
-        **cpu_settings(),  # CPU and fp32 without an accelerator
-        seed=cfg.seed,
     )
     lora = LoraOptions(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
     dpo_metrics, logs, trainer = train_dpo(
@@ -497,10 +482,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("RLAIF trains every adapter through LoRA: keep 'lora' in rm_plugins and rl_plugins.")
     set_seed(cfg.seed)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    model_path = resolve_model(cfg.model_name_or_path, cfg.model_size)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    model_path, tokenizer = load_base(cfg.model_name_or_path, cfg.model_size)
 
     rows = default_dataset("reward", cfg.taskmaster_file, cfg.context_turns, seed=cfg.seed)
     labeller_path = labeller_choice(cfg, model_path)
@@ -508,8 +490,7 @@ def main(argv: list[str] | None = None) -> dict:
     labelled = label_with_ai(cfg, model_path, tokenizer, rows["train"], labeller_path)
     metrics = labeller_metrics(labelled)
     human = default_dataset("dpo", cfg.taskmaster_file, cfg.context_turns, seed=cfg.seed)["test"]
-    if cfg.eval_pairs:
-        human = human.select(range(min(cfg.eval_pairs, len(human))))
+    human = take(human, cfg.eval_pairs)
     human = trim_prompts(human, tokenizer, cfg.max_prompt_tokens)
 
     learn = learn_with_dpo if cfg.preference_learning == "dpo" else learn_with_reward_model

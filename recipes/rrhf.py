@@ -19,7 +19,6 @@ length-normalised log-prob, before and after training. Writes OUTPUT_DIR/summary
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -31,19 +30,19 @@ from typing import Any
 import datasets
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
 from trl import TrlParser
 
 from perl_plugins import attach
-from perl_plugins.host.arguments import check_options, options_for
+from perl_plugins.host.arguments import check_options, options_for, parse_plugin_options
 from perl_plugins.data.defaults import default_dataset
-from perl_plugins.training.device import cpu_settings
-from perl_plugins.models.embedded import resolve_model
+from perl_plugins.data.text import trim_prompt
 from perl_plugins.models.card import training_data, write_model_card
-from perl_plugins.plugins.lora import AdapterReward
-from perl_plugins.plugins.rrhf import RRHFCollator, response_logps, tokenize_groups
-from perl_plugins.training.recipe_kit import train_reward_model
-from perl_plugins.training.sampling import sample_completions, trim_prompt
+from perl_plugins.models.adapters import AdapterReward
+from perl_plugins.models.logprobs import response_logps
+from perl_plugins.plugins.rrhf import RRHFCollator, tokenize_groups
+from perl_plugins.training.recipe_kit import load_base, stage_args, take, train_reward_model
+from perl_plugins.training.sampling import sample_completions
 from perl_plugins.training.reporting import plot_curves, write_summary
 from perl_plugins.models.reward import load_reward_adapter
 from perl_plugins.models.roles import Roles
@@ -169,17 +168,11 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("The RRHF loss is the 'rrhf' plugin: keep it in plugins.")
     set_seed(cfg.seed)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    model_path = resolve_model(cfg.model_name_or_path, cfg.model_size)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    model_path, tokenizer = load_base(cfg.model_name_or_path, cfg.model_size)
     data = default_dataset("reward", cfg.taskmaster_file, cfg.context_turns, seed=cfg.seed)
     train = scored_groups(data["train"], cfg.max_responses, tokenizer, cfg.max_prompt_tokens).shuffle(seed=cfg.seed)
     test = scored_groups(data["test"], len(data["test"]), tokenizer, cfg.max_prompt_tokens)  # every held-out pair
-    if cfg.train_groups:
-        train = train.select(range(min(cfg.train_groups, len(train))))
-    if cfg.eval_groups:
-        test = test.select(range(min(cfg.eval_groups, len(test))))
+    train, test = take(train, cfg.train_groups), take(test, cfg.eval_groups)
     metrics: dict[str, float] = {}
     rm_logs: list = []
     if cfg.policy_samples:
@@ -191,18 +184,15 @@ def main(argv: list[str] | None = None) -> dict:
     train_tok = tokenize_groups(train, tokenizer, cfg.max_length)
     test_tok = tokenize_groups(test, tokenizer, cfg.max_length)
     train_probe = train_tok.select(range(min(cfg.train_eval_groups, len(train_tok))))
-    args = TrainingArguments(
-        output_dir=os.path.join(cfg.output_dir, "policy"),
+    args = stage_args(
+        TrainingArguments,
+        os.path.join(cfg.output_dir, "policy"),
+        cfg.seed,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate,
         gradient_checkpointing=cfg.gradient_checkpointing,
-        logging_steps=5,
-        save_strategy="no",
-        report_to="none",
-        **cpu_settings(),  # CPU and fp32 without an accelerator
-        seed=cfg.seed,
     )
     collator = RRHFCollator(tokenizer.pad_token_id)
     trainer = Trainer(
@@ -213,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=tokenizer,
     )
     options = {"lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "rrhf_weight": cfg.rrhf_weight}
-    attach(trainer, plugins=cfg.plugins, **options_for(cfg.plugins, {**_mapping(cfg.plugin_options), **options}))
+    attach(trainer, plugins=cfg.plugins, **options_for(cfg.plugins, {**parse_plugin_options(cfg.plugin_options), **options}))
     before = ranking_accuracy(trainer.model, collator, test_tok, cfg.batch_size)
     train_before = ranking_accuracy(trainer.model, collator, train_probe, cfg.batch_size)
     trainer.train()
@@ -235,10 +225,6 @@ def main(argv: list[str] | None = None) -> dict:
         panels["reward model: loss"] = (rm_logs, ["loss"])
     plot_curves(cfg.output_dir, panels)
     return metrics
-
-
-def _mapping(options: dict | str | None) -> dict:
-    return json.loads(options or "{}") if isinstance(options, str) else dict(options or {})
 
 
 if __name__ == "__main__":

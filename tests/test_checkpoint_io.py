@@ -19,7 +19,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from perl_plugins.checkpoint import store as checkpoint_io
+from perl_plugins.models import atomic
 from perl_plugins.checkpoint.store import (
     MANIFEST_NAME,
     SAVE_DELAY_ENV,
@@ -177,7 +177,7 @@ def test_reserved_metadata_key_fails_cleanly(tmp_path):
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "rename-aside"])
 def test_resave_replaces_existing_checkpoint(tmp_path, monkeypatch, exchange):
     if not exchange:
-        monkeypatch.setattr(checkpoint_io, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
     final = write_checkpoint(tmp_path / "checkpoint-3", {"attempt": 1}, n_files=3)
     with atomic_checkpoint_dir(final, {"attempt": 2}) as tmp:
         (tmp / "only.bin").write_bytes(b"new")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from perl_plugins import embedded as E
+from perl_plugins.models import embedded as E
 from perl_plugins.data import load_feedback
 
 

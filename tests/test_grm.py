@@ -15,9 +15,10 @@ from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
 
 from perl_plugins import PluginIncompatibleError
 from perl_plugins import PluginOptionError
-from perl_plugins import attach
+from perl_plugins import attach, state
 from perl_plugins.models.embedded import save_default
-from perl_plugins.plugins.grm import grm_loss, grm_regularizer, response_logps
+from perl_plugins.models.logprobs import response_logps
+from perl_plugins.plugins.grm import grm_loss, grm_regularizer
 from perl_plugins.training.pointwise import pointwise_trainer, reward_classifier
 from perl_plugins.models.reward import MLP_WIDTH, load_reward_adapter, save_reward_adapter, score_texts
 
@@ -79,7 +80,7 @@ def test_response_logps_sum_only_masked_tokens():
     expected = torch.stack(
         [sum(logp[b, t - 1, ids[b, t]] for t in range(1, 6) if mask[b, t]) for b in range(2)]
     )
-    torch.testing.assert_close(response_logps(head, hidden, ids, mask), expected)
+    torch.testing.assert_close(response_logps(hidden, ids, mask, head), expected)
 
 
 def test_alpha_zero_reproduces_stock_reward_loss(base_dir, tokenizer, tmp_path):
@@ -133,7 +134,7 @@ def test_grm_logs_both_terms_and_mlp_head_shape(base_dir, tokenizer, tmp_path):
 def test_dpo_regularizer_reference_is_the_initial_model(base_dir, tokenizer, tmp_path, with_lora):
     plugins = "lora,grm" if with_lora else "grm"
     trainer = attach(reward_trainer(base_dir, tokenizer, tmp_path), plugins=plugins, grm_reg="dpo", grm_alpha=0.5)
-    assert (trainer.perl_grm.reference is None) == with_lora
+    assert (state(trainer)["grm"].reference is None) == with_lora
     batch = next(iter(trainer.get_train_dataloader()))
     trainer.model.eval()
     with torch.no_grad():

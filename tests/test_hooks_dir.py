@@ -291,7 +291,8 @@ def test_monitor_flags_kl_threshold_and_entropy_collapse_once_until_recovered(mo
 def test_monitor_hook_warns_logs_alerts_and_stops_on_request(monitor, stop):
     opts = monitor.RewardHackingMonitorOptions(reward_hacking_monitor_stop=stop)
     options = {"reward_hacking_monitor": opts}
-    trainer = SimpleNamespace(reward_hacking_monitor=monitor.RewardHackingDetector.from_options(opts))
+    detector = monitor.RewardHackingDetector.from_options(opts)
+    trainer = SimpleNamespace(perl_plugins=SimpleNamespace(state={"reward_hacking_monitor": detector}))
     control = SimpleNamespace(should_training_stop=False)
     state = SimpleNamespace(global_step=0)
     for entropy in [2.0] * 5:
@@ -315,7 +316,7 @@ def test_monitor_sees_every_log_of_a_real_grpo_run(model_dir, tokenizer, tmp_pat
     trainer.train()
 
     logged = [log for log in trainer.state.log_history if "reward" in log]
-    detector = trainer.reward_hacking_monitor
+    detector = perl_plugins.state(trainer)["reward_hacking_monitor"]
     assert len(logged) == len(detector.history) == 3
     assert [h["kl"] for h in detector.history] == [log["kl"] for log in logged]
     assert all(log["monitor/alerts"] == 0.0 for log in logged)  # added keys reach the log history

@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 from perl_plugins import PluginError
 from perl_plugins import attach
 from perl_plugins import hookimpl
+from perl_plugins import keep_columns
 from perl_plugins.host.arguments import make_plugin_arguments
 from perl_plugins.host.plugin_set import PluginSet
 from perl_plugins.host.registry import installed_plugins, load
@@ -69,7 +70,7 @@ def fake_distribution(tmp_path, monkeypatch):
     sys.modules.pop("fakeplug_impl", None)
 
 
-def test_builtins_are_listed_through_entry_points():
+def test_builtins_are_listed_from_code():
     found = installed_plugins()
     for name in BUILTINS:
         assert found[name].source == "builtin"
@@ -279,6 +280,91 @@ def test_stock_checkpoints_and_plugin_loading(make_trainer, plugin_file, tmp_pat
         assert not _same_weights(initial, trained)
 
 
+class BestModel:
+    """Answers ``perl_load_best_model``; it zeroes the weights, so whether the stock loader ran after
+    it shows in the final weights."""
+
+    PLUGIN_NAME = "best_model"
+
+    def __init__(self, handled) -> None:
+        self.handled = handled
+        self.calls = []
+
+    @hookimpl
+    def perl_load_best_model(self, trainer, model, checkpoint_dir):
+        self.calls.append((checkpoint_dir, model))
+        with torch.no_grad():
+            for param in model.parameters():
+                param.zero_()
+        return self.handled
+
+
+def test_plugin_loads_the_best_model(make_trainer, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    for handled in (True, None):
+        data = make_trainer("trainer", max_steps=2)
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"best-{handled}"), max_steps=2, per_device_train_batch_size=2,
+            eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1, load_best_model_at_end=True,
+            use_cpu=True, report_to="none", disable_tqdm=True,
+        )
+        trainer = Trainer(model=data.model, args=args, train_dataset=data.train_dataset,
+                          eval_dataset=data.train_dataset.select(range(4)), data_collator=data.data_collator)
+        plugin = BestModel(handled)
+        attach(trainer, plugins=[plugin])
+        train_quietly(trainer)
+        assert plugin.calls == [(trainer.state.best_model_checkpoint, trainer.model)]
+        zeroed = all(not p.any() for p in trainer.model.parameters())
+        assert zeroed == bool(handled)  # True: the stock loader was skipped; None: it loaded the best weights
+
+    untouched = attach(make_trainer("trainer", max_steps=1), plugins=[RecordRoles()])
+    assert "_load_best_model" not in vars(untouched)  # wrapped only for a plugin implementing the hook
+
+
+class RowIds:
+    """Feeds a dataset column of its own to its loss term through ``keep_columns``."""
+
+    PLUGIN_NAME = "row_ids"
+
+    def __init__(self) -> None:
+        self.seen = []
+
+    @hookimpl
+    def perl_configure(self, trainer):
+        trainer.train_dataset = trainer.train_dataset.add_column("row_id", list(range(len(trainer.train_dataset))))
+        inner = trainer.data_collator
+
+        def collate(examples):
+            batch = inner([{k: v for k, v in e.items() if k != "row_id"} for e in examples])
+            batch["row_ids"] = torch.tensor([e["row_id"] for e in examples])
+            return batch
+
+        keep_columns(trainer, ["row_id"], collator=collate, private=["row_ids"])
+
+    @hookimpl
+    def perl_compute_loss(self, inputs):
+        self.seen.append(inputs["row_ids"].tolist())
+
+
+def test_keep_columns_feeds_a_plugins_columns_past_the_stock_loss(make_trainer):
+    trainer = make_trainer("trainer", max_steps=2)
+    stock, stock_keys = trainer.compute_loss, []
+
+    def spy(model, inputs, *args, **kwargs):
+        stock_keys.append(set(inputs))
+        return stock(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = spy  # what attach wraps: the stock loss as the trainer has it
+    plugin = RowIds()
+    attach(trainer, plugins=[plugin])
+    train_quietly(trainer)
+    # remove_unused_columns kept row_id (the collator read it); the stock loss never saw row_ids
+    assert len(plugin.seen) == 2 and all(len(ids) == 2 for ids in plugin.seen)
+    assert all(0 <= i < len(trainer.train_dataset) for ids in plugin.seen for i in ids)
+    assert len(stock_keys) == 2 and all("row_ids" not in keys and "input_ids" in keys for keys in stock_keys)
+
+
 # ---------------------------------------------------------------- PluginArguments
 
 
@@ -374,6 +460,7 @@ def test_loss_terms_total_is_the_weighted_sum_with_added_terms_scaled():
     terms.add("extra", extra, 0.5)
     terms.add("other", other)
     terms.reweight("dpo_loss", 0.9)
+    assert terms.weight("dpo_loss") == 0.9 and terms.weight("extra") == 0.5
     assert terms.total().item() == pytest.approx(0.9 * 2 + 0.5 * 3 + 5)
     assert terms.total(added_scale=0.25).item() == pytest.approx(0.9 * 2 + 0.25 * (0.5 * 3 + 5))
     assert terms.detached() == {"dpo_loss": 2.0, "extra": 3.0, "other": 5.0}

@@ -216,3 +216,17 @@ def test_processes_that_would_each_train_alone_are_refused(trainer, monkeypatch)
     with pytest.raises(PluginIncompatibleError, match="use_cpu=True"):
         attach(trainer, plugins="lora")
     assert not hasattr(trainer, "perl_plugins")
+
+
+def test_a_chained_hook_implemented_twice_in_one_plugin_is_refused():
+    """Chained hooks call each plugin once: a second implementation (pluggy's specname) would see the
+    first one's input, not its result, so the plugin is refused with the hook named."""
+    import types
+
+    from perl_plugins.host.plugin_set import PluginSet
+
+    twice = types.ModuleType("twice")
+    twice.perl_prepare_model = hookimpl(lambda model: None)
+    twice.again = hookimpl(specname="perl_prepare_model", trylast=True)(lambda model: None)
+    with pytest.raises(PluginLoadError, match="'twice' implements perl_prepare_model twice"):
+        PluginSet.from_names([twice])

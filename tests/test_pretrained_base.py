@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from perl_plugins import embedded as E
+from perl_plugins.models import embedded as E
 from perl_plugins.data.taskmaster import (
     DEFAULT_DIALOGS_FILE,
     DEFAULT_REWARD_FILE,

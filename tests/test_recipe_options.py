@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-from perl_plugins.host.arguments import check_options, options_for
+from perl_plugins.host.arguments import check_options, options_for, parse_plugin_options
 from perl_plugins.errors import PluginOptionError
 
 
@@ -28,11 +28,26 @@ def test_an_option_of_no_plugin_is_refused():
         check_options({"grm_alpah": 0.05}, "lora,grm")
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [("{grm_alpha: 0.05}", r"plugin_options '\{grm_alpha: 0.05\}' is not valid JSON"), ("[1, 2]", r"got list \[1, 2\]")],
+)
+def test_plugin_options_that_are_no_mapping_are_refused_naming_the_value(options, message):
+    for parse in (lambda: check_options(options, "lora"), lambda: options_for("lora", options)):
+        with pytest.raises(PluginOptionError, match=message):
+            parse()
+
+
+def test_plugin_options_from_yaml_or_the_command_line_read_alike():
+    assert parse_plugin_options('{"lora_r": 8}') == parse_plugin_options({"lora_r": 8}) == {"lora_r": 8}
+    assert parse_plugin_options("") == parse_plugin_options(None) == {}
+
+
 @pytest.mark.parametrize("recipe", ["dpo", "raft", "rrhf", "rlaif"])
 def test_recipes_refuse_before_loading_anything(recipe, tmp_path, monkeypatch):
     module = importlib.import_module(f"perl_plugins.recipes.{recipe}")
     loaded = []
-    monkeypatch.setattr(module, "resolve_model", lambda *a, **k: loaded.append(a) or "unused")
+    monkeypatch.setattr(module, "load_base", lambda *a, **k: loaded.append(a) or ("unused", None))
     argv = ["--output_dir", str(tmp_path / "out"), "--plugin_options", '{"fp8_comm": true}']
     with pytest.raises(PluginOptionError, match="'fp8_comm' is an option of plugin 'fp8'"):
         module.main(argv)

@@ -12,10 +12,10 @@ from conftest import tiny_lm, train_quietly
 
 from perl_plugins import attach
 from perl_plugins.errors import PluginIncompatibleError
+from perl_plugins.models.logprobs import response_logps
 from perl_plugins.plugins.rrhf import (
     RRHFCollator,
     best_of_groups,
-    response_logps,
     rrhf_loss,
     rrhf_rank_loss,
     tokenize_groups,

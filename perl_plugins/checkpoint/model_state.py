@@ -133,7 +133,7 @@ def write_model_state(model: nn.Module, directory: Path, collected: dict[str, An
         "fingerprint_exclusions": exclusions,
         "model": {
             "class": type(base).__name__,
-            "base": getattr(base.config, "_name_or_path", "") or None,
+            "base": base.config.name_or_path or None,
             "config": json.loads(base.config.to_json_string(use_diff=False)),
             "active_adapter": model.active_adapter if adapters else None,
             "adapters": {

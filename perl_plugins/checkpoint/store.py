@@ -23,9 +23,6 @@ directories (Linux, macOS).
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
-import functools
 import hashlib
 import importlib.metadata
 import json
@@ -48,6 +45,7 @@ from perl_plugins.models.fingerprint import (
     fingerprint_differences,
 )
 from perl_plugins.lazy import lazy_import
+from perl_plugins.models.atomic import TMP_PREFIX, atomic_dir, fsync_dir
 
 # Imported on first use: the adapter_ckpt plugin imports this module while plugins are only listed.
 np = lazy_import("numpy")
@@ -87,7 +85,6 @@ MANIFEST_FORMAT = 1
 #: its files are hashed/fsynced and before the manifest and rename, so a test can
 #: kill the process mid-save.  Never set it in real runs.
 SAVE_DELAY_ENV = "PERL_PLUGINS_TEST_SAVE_DELAY"
-TMP_PREFIX = ".tmp-"
 _CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 _HASH_CHUNK = 1 << 20
 # Temp dirs of saves in flight in this process; prune must not delete them.
@@ -151,19 +148,13 @@ def atomic_checkpoint_dir(
     so a complete copy always exists.  On any exception the temporary directory
     is removed and the exception propagates.
     """
-    final = Path(final_dir)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f"{TMP_PREFIX}{final.name}-{secrets.token_hex(4)}"
-    tmp.mkdir()  # not tempfile.mkdtemp: its 0700 mode would stick to the checkpoint
-    active_key = tmp.resolve()
-    _ACTIVE_TMP_DIRS.add(active_key)
+    active_key = None
     try:
-        yield tmp
-        _write_manifest(tmp, dict(metadata or {}))
-        _commit(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_dir(final_dir) as tmp:
+            active_key = tmp.resolve()
+            _ACTIVE_TMP_DIRS.add(active_key)
+            yield tmp
+            _write_manifest(tmp, dict(metadata or {}))
     finally:
         _ACTIVE_TMP_DIRS.discard(active_key)
 
@@ -413,14 +404,6 @@ def _sha256_file(file: Path, *, fsync: bool = False) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_manifest(tmp: Path, metadata: dict[str, Any]) -> None:
     reserved = {"format", "files"} & metadata.keys()
     if reserved:
@@ -437,8 +420,8 @@ def _write_manifest(tmp: Path, metadata: dict[str, Any]) -> None:
         os.fsync(fh.fileno())
     # Deepest first, so each directory entry is durable before its parent's.
     for directory in sorted((p for p in tmp.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-        _fsync_dir(directory)
-    _fsync_dir(tmp)
+        fsync_dir(directory)
+    fsync_dir(tmp)
 
 
 def _file_entry(file: Path) -> dict[str, Any]:
@@ -450,44 +433,3 @@ def _test_save_delay(tmp: Path) -> None:
     if delay > 0:
         logger.warning("%s=%s: test hook sleeping before committing %s", SAVE_DELAY_ENV, delay, tmp)
         time.sleep(delay)
-
-
-def _commit(tmp: Path, final: Path) -> None:
-    old = None
-    if final.exists():
-        if _exchange(tmp, final):
-            old = tmp  # now holds the previous checkpoint
-        else:
-            old = final.with_name(f"{TMP_PREFIX}{final.name}-old-{secrets.token_hex(4)}")
-            final.rename(old)
-            tmp.rename(final)
-    else:
-        tmp.rename(final)
-    _fsync_dir(final.parent)  # the new name must be durable before the old copy goes
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-@functools.cache
-def _renameat2() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    func = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc >= 2.28
-    if func is not None:
-        func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-        func.restype = ctypes.c_int
-    return func
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths; False where the OS or filesystem can't."""
-    renameat2 = _renameat2()
-    if renameat2 is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(a), None, str(b))

@@ -177,20 +177,17 @@ def build_trainer(
     ``evaluate`` the held-out split (if any) is kept as the eval set, also when ``eval_strategy`` is
     "no": the CLI then evaluates once at the end."""
     import trl
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from perl_plugins import attach
     from perl_plugins.data.split_checks import check_splits
-    from perl_plugins.models.embedded import resolve_model
     from perl_plugins.models.adapters import LoraOptions, lora_config
     from perl_plugins.training.pointwise import pointwise_trainer, reward_classifier
+    from perl_plugins.training.recipe_kit import load_base
 
     plugins, options = plugin_args.attach_kwargs(model_args)
     check_request(command, script_args, training_args, plugins)
-    model_path = resolve_model(model_args.model_name_or_path, script_args.model_size)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    model_path, tokenizer = load_base(model_args.model_name_or_path, script_args.model_size)
     train, test = _datasets(command, script_args, evaluate)
     uses_lora = "lora" in plugins
 

@@ -25,10 +25,10 @@ import gzip
 import hashlib
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import datasets
 
@@ -38,6 +38,7 @@ DEFAULT_DIALOGS_FILE = _HERE / "taskmaster_coffee_dialogs.jsonl.gz"
 
 AGENT_PREFIX = "Agent:"
 _DIALOG_ROLES = {"user": "user", "assistant": "agent", "agent": "agent"}
+T = TypeVar("T")
 
 
 class DatasetFormatError(ValueError):
@@ -164,14 +165,20 @@ def load_feedback(path: str | Path | None = None) -> list[FeedbackRow]:
 
     Raises DatasetFormatError naming the file, the 1-based row and what is wrong.
     """
-    path = Path(path) if path is not None else DEFAULT_REWARD_FILE
-    rows = []
+    return _parse_records(path, DEFAULT_REWARD_FILE, _feedback_row)
+
+
+def _parse_records(path: str | Path | None, default: Path, parse: Callable[[Any], T]) -> list[T]:
+    """``parse`` on each record of ``path`` (``default`` if None); a ``ValueError`` becomes a
+    DatasetFormatError naming the file and the 1-based row."""
+    path = Path(path) if path is not None else default
+    out = []
     for n, rec in _read_records(path):
         try:
-            rows.append(_feedback_row(rec))
+            out.append(parse(rec))
         except ValueError as e:
             raise DatasetFormatError(f"{path}: row {n}: {e}") from None
-    return rows
+    return out
 
 
 def split_ids(
@@ -343,11 +350,4 @@ def _dialog_text(rec: Any) -> str:
 def load_dialog_texts(path: str | Path | None = None) -> list[str]:
     """Whole dialogs as "User: ..." / "Agent: ..." text, one string per dialog (default: the
     shipped coffee dialogs, 3,710): a corpus for tokenizer or base-model training."""
-    path = Path(path) if path is not None else DEFAULT_DIALOGS_FILE
-    texts = []
-    for n, rec in _read_records(path):
-        try:
-            texts.append(_dialog_text(rec))
-        except ValueError as e:
-            raise DatasetFormatError(f"{path}: row {n}: {e}") from None
-    return texts
+    return _parse_records(path, DEFAULT_DIALOGS_FILE, _dialog_text)

@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from perl_plugins.errors import PluginError, PluginOptionError
@@ -71,13 +72,10 @@ def check_options(options: dict[str, Any] | str | None, *stage_plugins: str | Se
     """A recipe shares one option table between stages that enable different plugins (see
     :func:`options_for`): an option that no stage's plugins declare would be ignored in silence, so
     refuse it, naming the plugin it belongs to, as the CLI and ``attach()`` do."""
-    import json
-
-    if isinstance(options, str):
-        options = json.loads(options or "{}")
+    options = parse_plugin_options(options)
     enabled = list(dict.fromkeys(n for plugins in stage_plugins for n in split_names(plugins)))
     declared = PluginSet.from_names(enabled).option_fields()
-    stray = [key for key in options or {} if key not in declared]
+    stray = [key for key in options if key not in declared]
     if not stray:
         return
     owners = make_plugin_arguments().option_owners
@@ -139,9 +137,24 @@ def __getattr__(name: str) -> Any:
 def options_for(plugins: str | Sequence[Any], options: dict[str, Any] | str | None) -> dict[str, Any]:
     """The subset of ``options`` (a dict or a JSON object string) that ``plugins`` declare: lets a
     recipe share one option table between stages that enable different plugins."""
-    import json
-
-    if isinstance(options, str):
-        options = json.loads(options or "{}")
     owned = PluginSet.from_names(plugins).option_fields()
-    return {key: value for key, value in (options or {}).items() if key in owned}
+    return {key: value for key, value in parse_plugin_options(options).items() if key in owned}
+
+
+def parse_plugin_options(options: Mapping[str, Any] | str | None) -> dict[str, Any]:
+    """A recipe's ``plugin_options`` as a dict: a mapping (from YAML) or a JSON object string (from
+    the command line); anything else is refused, naming the value."""
+    if isinstance(options, str):
+        try:
+            options = json.loads(options or "{}")
+        except json.JSONDecodeError as exc:
+            raise PluginOptionError(
+                f"plugin_options {options!r} is not valid JSON ({exc.msg}); give an object, e.g. '{{\"lora_r\": 8}}'."
+            ) from None
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise PluginOptionError(
+            f"plugin_options must map option names to values, got {type(options).__name__} {options!r}."
+        )
+    return dict(options)

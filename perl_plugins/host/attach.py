@@ -7,12 +7,13 @@ Only the methods some enabled plugin needs are wrapped, on the instance (never t
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from perl_plugins.errors import PluginIncompatibleError
 from perl_plugins.lazy import lazy_import
 from perl_plugins.host.loss_terms import LossTermRecorder, LossTerms
+from perl_plugins.host import trainer_compat
 from perl_plugins.host.plugin_set import PluginSet
 from perl_plugins.checkpoint.zero import zero_stage
 
@@ -80,10 +81,31 @@ def state(trainer: Any) -> dict[str, Any]:
     Plugins keep what they build at attach time here rather than in new trainer attributes, so
     everything plugins added to a trainer is in one place (and goes with ``trainer.perl_plugins``).
     """
+    return _attached(trainer).state
+
+
+def _attached(trainer: Any) -> AttachedPlugins:
     attached = getattr(trainer, "perl_plugins", None)
     if attached is None:
         raise PluginIncompatibleError(f"No plugins are attached to this {type(trainer).__name__}: call attach() first.")
-    return attached.state
+    return attached
+
+
+def keep_columns(
+    trainer: Any, columns: Sequence[str], *, collator: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None,
+    private: Iterable[str] = (),
+) -> None:
+    """Feed a plugin's own dataset columns to its loss term, from ``perl_configure``.
+
+    ``columns`` are kept past ``remove_unused_columns`` (which keeps only the model's ``forward``
+    arguments); ``collator``, when given, becomes the trainer's data collator and receives the rows
+    with those columns; ``private`` batch keys reach ``perl_compute_loss`` but never the stock loss.
+    """
+    attached = _attached(trainer)
+    trainer_compat.keep_signature_columns(trainer, columns)
+    if collator is not None:
+        trainer.data_collator = collator
+    attached.private_inputs.update(private)
 
 
 def attach(trainer: Trainer, plugins: str | Sequence[Any] | None = None, **options: Any) -> Trainer:
@@ -152,6 +174,7 @@ def _install(trainer: Trainer, plugin_set: PluginSet) -> None:
     trainer.perl_plugins = attached
     plugin_set.call("perl_configure", trainer=trainer)
     _prepare_models(trainer, plugin_set)
+    plugin_set.call("perl_models_ready", trainer=trainer, model=trainer.model)
     _one_dtype_for_zero3(trainer)
     if plugin_set.implements("perl_compute_loss"):
         _wrap_compute_loss(trainer, attached)
@@ -161,6 +184,8 @@ def _install(trainer: Trainer, plugin_set: PluginSet) -> None:
         _wrap_save_checkpoint(trainer, plugin_set)
     if plugin_set.implements("perl_load_checkpoint"):
         _wrap_load_checkpoint(trainer, plugin_set)
+    if plugin_set.implements("perl_load_best_model"):
+        _wrap_load_best_model(trainer, plugin_set)
     if plugin_set.implements("perl_shape_rewards"):
         _wrap_calculate_rewards(trainer, plugin_set)
     if any(plugin_set.implements(h) for h in ("perl_on_train_begin", "perl_on_step_end", "perl_on_log")):
@@ -277,57 +302,61 @@ def _wrap_create_optimizer(trainer: Trainer, plugin_set: PluginSet) -> None:
 
 
 def _wrap_save_checkpoint(trainer: Trainer, plugin_set: PluginSet) -> None:
-    stock = trainer._save_checkpoint
-
-    def _save_checkpoint(model, trial):
-        checkpoint_dir = os.path.join(trainer._get_output_dir(trial=trial), f"checkpoint-{trainer.state.global_step}")
+    def save_checkpoint(stock, model, trial):
+        checkpoint_dir = trainer_compat.checkpoint_dir(trainer, trial)
         handled = plugin_set.call("perl_save_checkpoint", trainer=trainer, model=model, checkpoint_dir=checkpoint_dir)
         if not handled:
             stock(model, trial)
 
-    trainer._save_checkpoint = _save_checkpoint
+    trainer_compat.wrap_save_checkpoint(trainer, save_checkpoint)
 
 
 def _wrap_load_checkpoint(trainer: Trainer, plugin_set: PluginSet) -> None:
-    stock = trainer._load_from_checkpoint
-
-    def _load_from_checkpoint(resume_from_checkpoint, model=None):
+    def load_from_checkpoint(stock, resume_from_checkpoint, model=None):
         handled = plugin_set.call(
             "perl_load_checkpoint", trainer=trainer, model=model or trainer.model, checkpoint_dir=resume_from_checkpoint
         )
         if not handled:
             stock(resume_from_checkpoint, model)
 
-    trainer._load_from_checkpoint = _load_from_checkpoint
+    trainer_compat.wrap_load_from_checkpoint(trainer, load_from_checkpoint)
     if getattr(trainer, "is_deepspeed_enabled", False):
-        # DeepSpeed resumes from its engine shards inside the training loop and never calls
-        # _load_from_checkpoint: plugins see the checkpoint before the engine reads it.
-        stock_loop = trainer._inner_training_loop
-
-        def _inner_training_loop(*args, resume_from_checkpoint=None, **kwargs):
+        # DeepSpeed resumes from its engine shards inside the training loop and never loads the
+        # checkpoint's model weights itself: plugins see the checkpoint before the engine reads it.
+        def training_loop(stock_loop, *args, resume_from_checkpoint=None, **kwargs):
             if resume_from_checkpoint is not None:
                 plugin_set.call(
                     "perl_load_checkpoint", trainer=trainer, model=trainer.model, checkpoint_dir=resume_from_checkpoint
                 )
             return stock_loop(*args, resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
-        trainer._inner_training_loop = _inner_training_loop
+        trainer_compat.wrap_inner_training_loop(trainer, training_loop)
+
+
+def _wrap_load_best_model(trainer: Trainer, plugin_set: PluginSet) -> None:
+    def load_best_model(stock):
+        checkpoint_dir = trainer.state.best_model_checkpoint
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        handled = plugin_set.call("perl_load_best_model", trainer=trainer, model=model, checkpoint_dir=checkpoint_dir)
+        if not handled:
+            stock()
+
+    trainer_compat.wrap_load_best_model(trainer, load_best_model)
 
 
 def _wrap_calculate_rewards(trainer: Trainer, plugin_set: PluginSet) -> None:
-    stock = getattr(trainer, "_calculate_rewards", None)
-    if stock is None:
+    if not trainer_compat.computes_rewards(trainer):
         raise PluginIncompatibleError(
             f"A plugin shapes RL rewards, but {type(trainer).__name__} computes no rewards (use GRPO or RLOO)."
         )
 
-    def _calculate_rewards(inputs, prompts, completions, completion_ids_list):
+    def calculate_rewards(stock, inputs, prompts, completions, completion_ids_list):
         rewards = stock(inputs, prompts, completions, completion_ids_list)
         return plugin_set.chain(
             "perl_shape_rewards", "rewards", rewards, trainer=trainer, prompts=prompts, completions=completions
         )
 
-    trainer._calculate_rewards = _calculate_rewards
+    trainer_compat.wrap_calculate_rewards(trainer, calculate_rewards)
 
 
 def _plugin_callback(trainer: Trainer, plugin_set: PluginSet) -> Any:

@@ -30,6 +30,10 @@ class LossTerms:
         """Set the weight of an existing term (e.g. the stock loss)."""
         self._terms[name][1] = float(weight)
 
+    def weight(self, name: str) -> float:
+        """The current weight of a term (plugins that ran before may have re-weighted it)."""
+        return self._terms[name][1]
+
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._terms[name][0]
 

@@ -10,7 +10,12 @@ import pluggy
 
 from perl_plugins import hookspecs
 from perl_plugins.errors import PluginLoadError, PluginOptionError
+from perl_plugins.host import tracing
 from perl_plugins.host.registry import LoadedPlugin, load, split_names
+
+
+# Hooks whose results feed the next implementation (see PluginSet.chain).
+CHAINED_HOOKS = ("perl_prepare_model", "perl_shape_rewards")
 
 
 class PluginSet:
@@ -19,6 +24,7 @@ class PluginSet:
     def __init__(self, plugins: Sequence[LoadedPlugin]) -> None:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
+        tracing.install(self.pm)  # before registering: perl_plugin_options calls are seen too
         self.plugins = list(plugins)
         # pluggy calls the last registered plugin first: register in reverse so that hooks run
         # (and chain, and firstresult hooks pick) in the order the plugins were given.
@@ -34,8 +40,21 @@ class PluginSet:
         except pluggy.PluginValidationError as exc:
             name = self.pm.get_name(exc.plugin)
             raise PluginLoadError(f"Plugin {name!r} implements an unknown hook: {exc}") from exc
+        self._refuse_twice_chained()
+        self._callers: dict[str, list[tuple[str, pluggy.HookCaller]]] = {}
         self.option_classes = self._collect_option_classes()
         self.options: dict[str, Any] = {}
+
+    def _refuse_twice_chained(self) -> None:
+        """A chained hook calls each plugin once, so two implementations of it in one plugin (pluggy's
+        ``specname``) would both see the same input: refuse that rather than chain it wrongly."""
+        for hook_name in CHAINED_HOOKS:
+            plugins = [impl.plugin_name for impl in getattr(self.pm.hook, hook_name).get_hookimpls()]
+            for name in sorted({p for p in plugins if plugins.count(p) > 1}):
+                raise PluginLoadError(
+                    f"Plugin {name!r} implements {hook_name} twice; a chained hook takes one implementation per "
+                    "plugin (act after every plugin prepared the models in perl_models_ready)."
+                )
 
     @classmethod
     def from_names(cls, plugins: str | Sequence[Any] | None) -> PluginSet:
@@ -60,19 +79,20 @@ class PluginSet:
     def _collect_option_classes(self) -> dict[str, type | None]:
         classes: dict[str, type | None] = {name: None for name in self.names}
         owners: dict[str, str] = {}
-        for impl in self.pm.hook.perl_plugin_options.get_hookimpls():
-            option_cls = impl.function()
-            if option_cls is None:
+        for name, caller in self._per_plugin("perl_plugin_options"):
+            results = caller()  # pluggy drops None: [] for a plugin without options
+            if not results:
                 continue
+            option_cls = results[-1]
             if not dataclasses.is_dataclass(option_cls):
-                raise PluginLoadError(f"Plugin {impl.plugin_name!r}: perl_plugin_options must return a dataclass type.")
+                raise PluginLoadError(f"Plugin {name!r}: perl_plugin_options must return a dataclass type.")
             for field in dataclasses.fields(option_cls):
                 if field.name in owners:
                     raise PluginLoadError(
-                        f"Option {field.name!r} is declared by both {owners[field.name]!r} and {impl.plugin_name!r}."
+                        f"Option {field.name!r} is declared by both {owners[field.name]!r} and {name!r}."
                     )
-                owners[field.name] = impl.plugin_name
-            classes[impl.plugin_name] = option_cls
+                owners[field.name] = name
+            classes[name] = option_cls
         return classes
 
     def option_fields(self) -> dict[str, str]:
@@ -113,13 +133,33 @@ class PluginSet:
         ``None`` from an implementation keeps the current value.
         """
         kwargs["options"] = self.options
-        for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):  # pluggy calls LIFO
-            call_args = {**kwargs, value_arg: value}
-            result = impl.function(*[call_args[arg] for arg in impl.argnames])
-            if result is not None:
-                value = result
+        for _, caller in self._per_plugin(hook_name):
+            results = caller(**kwargs, **{value_arg: value})
+            if results:  # pluggy drops None results: an empty list keeps the value
+                value = results[-1]
         return value
 
     def call(self, hook_name: str, **kwargs: Any) -> Any:
         """Call a hook the pluggy way (all results, or the first one for ``firstresult`` hooks)."""
         return getattr(self.pm.hook, hook_name)(options=self.options, **kwargs)
+
+    def _per_plugin(self, hook_name: str) -> list[tuple[str, pluggy.HookCaller]]:
+        """One pluggy hook caller per plugin implementing ``hook_name``, in the order pluggy calls them.
+
+        Chained hooks and option collection need each plugin's result on its own. Calling each
+        plugin through ``pm.subset_hook_caller`` rather than its function keeps every call visible
+        to pluggy's monitoring (``$PERL_PLUGINS_TRACE``), and keeps the hookspecs' "return a
+        replacement or None" contract, so plugins written against it need no change (a mutable
+        carrier, as ``LossTerms`` is, would change the signature of every chained hook).
+        Plugins never change once the set is built: the callers are made once per hook.
+        """
+        callers = self._callers.get(hook_name)
+        if callers is None:
+            impls = getattr(self.pm.hook, hook_name).get_hookimpls()
+            order = list(dict.fromkeys(impl.plugin for impl in reversed(impls)))  # pluggy calls LIFO
+            callers = [
+                (self.pm.get_name(plugin), self.pm.subset_hook_caller(hook_name, [p for p in order if p is not plugin]))
+                for plugin in order
+            ]
+            self._callers[hook_name] = callers
+        return callers

@@ -1,4 +1,4 @@
-"""Finding plugins: installed entry points (built-ins included), local files, environment lists."""
+"""Finding plugins: the built-ins (listed in code), third-party entry points, local files, environment lists."""
 
 from __future__ import annotations
 
@@ -21,6 +21,15 @@ from perl_plugins.errors import PluginLoadError, UnknownPluginError
 ENTRY_POINT_GROUP = "perl_plugins"
 ENV_DEFAULT = "PERL_PLUGINS"
 ENV_DISABLE = "PERL_PLUGINS_DISABLE"
+# name -> module. In code rather than in entry points so that a source checkout that was never
+# pip-installed has them too. Nothing imports one until it is asked for by name.
+BUILTIN: tuple[tuple[str, str], ...] = (
+    ("lora", "perl_plugins.plugins.lora"),
+    ("grm", "perl_plugins.plugins.grm"),
+    ("fp8", "perl_plugins.plugins.fp8"),
+    ("adapter_ckpt", "perl_plugins.plugins.adapter_ckpt"),
+    ("rrhf", "perl_plugins.plugins.rrhf"),
+)
 
 
 @dataclass(frozen=True)
@@ -40,12 +49,21 @@ class LoadedPlugin:
 
 
 def installed_plugins() -> dict[str, PluginSpec]:
-    """Plugins registered under the ``perl_plugins`` entry-point group, built-ins included."""
-    found = {}
+    """The built-in plugins, plus third-party plugins registered under the ``perl_plugins`` entry-point group."""
+    found = {name: PluginSpec(name, "builtin", target) for name, target in BUILTIN}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         dist = ep.dist.name if ep.dist is not None else "unknown"
-        source = "builtin" if dist.replace("_", "-") == "perl-plugins" else f"entry point ({dist})"
-        found[ep.name] = PluginSpec(ep.name, source, ep.value)
+        if dist.replace("_", "-").lower() == "perl-plugins":
+            continue  # an install made before BUILTIN existed declares the built-ins as entry points too
+        if ep.name in found:
+            warnings.warn(
+                f"perl-plugins: ignoring entry point {ep.name!r} of {dist} ({ep.value}): the name is taken by "
+                f"{found[ep.name].target!r} ({found[ep.name].source}); rename the plugin in {dist}'s entry points.",
+                UserWarning,
+                stacklevel=2,
+            )
+            continue
+        found[ep.name] = PluginSpec(ep.name, f"entry point ({dist})", ep.value)
     return dict(sorted(found.items()))
 
 

@@ -167,7 +167,7 @@ def write_model_card(
         return path
     facts = {**_saved_facts(directory), **read_card(directory)}
     if base_model is None and not facts.get("base_model") and model is not None:
-        base_model = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        base_model = getattr(getattr(model, "config", None), "name_or_path", None) or None
     given = {
         "base_model": base_model,
         "fingerprint": fingerprint,

@@ -18,8 +18,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,6 +38,7 @@ from perl_plugins.data.taskmaster import (
     load_dialog_texts,
     load_splits,
 )
+from perl_plugins.models.atomic import atomic_dir
 
 DEFAULT_MODEL_ID = "perl-plugins/embedded-default"
 ASSETS_BASE_DIR = Path(__file__).resolve().parent.parent / "assets" / "base"
@@ -97,18 +96,9 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
 def _materialize(final: Path, write: Callable[[Path], None]) -> Path:
     """Create directory ``final`` by ``write(tmp)`` then one rename, so that no process ever sees
     a half-written directory and two processes racing both end up with one complete copy."""
-    if final.is_dir():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        write(tmp)
-        os.rename(tmp, final)
-    except OSError:
-        if not final.is_dir():
-            raise  # a real failure, not a lost race (the winner's copy is as good as ours)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not final.is_dir():
+        with atomic_dir(final, replace=False) as tmp:
+            write(tmp)
     return final
 
 

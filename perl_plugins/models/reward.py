@@ -160,7 +160,7 @@ def base_description(model: nn.Module) -> dict[str, Any]:
     body = base.base_model_prefix + "."  # only the shared backbone: heads differ between roles
     return {
         "model_type": config.model_type,
-        "name_or_path": getattr(base.config, "_name_or_path", ""),
+        "name_or_path": base.config.name_or_path or "",
         "hidden_size": config.hidden_size,
         "fingerprint": base_fingerprint(model, exclude=lambda name: not name.startswith(body))["id"],
     }

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from perl_plugins import hookimpl, trainer_family
+from perl_plugins import hookimpl, push_checkpoint, save_entropy_control, save_optimizer_state, trainer_family
 from perl_plugins.checkpoint.model_state import (
     OPTIMIZER_FILE,
     TOKENIZER_DIR,
@@ -147,22 +147,18 @@ def save_checkpoint(trainer: Any, model: nn.Module, checkpoint_dir: str, opts: A
         if not args.save_only_model:
             # optimizer.pt (state dtypes kept) and scheduler.pt; under DeepSpeed, every process
             # writes its engine's shards (global_step*/), which resume at the same world size.
-            trainer._save_optimizer_and_scheduler(str(tmp))
+            save_optimizer_state(trainer, str(tmp))
             if portable:
                 state = portable_optimizer_state(trainer)  # every process takes part in the gather
                 if writer:
                     torch.save(state, tmp / OPTIMIZER_FILE)
-            trainer._save_scaler(str(tmp))
             save_rng_state(tmp, args.process_index, world_size=args.world_size)  # every process, its own file
         collected = collect_model_state(model, zero=True) if zero else None  # a collective under ZeRO
         if writer:
             metadata.update(write_model_state(model, tmp, collected))
             if opts.adapter_ckpt_save_tokenizer and trainer.processing_class is not None:
                 trainer.processing_class.save_pretrained(str(tmp / TOKENIZER_DIR))
-            if getattr(trainer, "use_adaptive_entropy", False):  # GRPO reads it back in _load_optimizer_and_scheduler
-                (tmp / "entropy_ctrl_state.json").write_text(
-                    json.dumps({"entropy_coef": trainer.entropy_coef, "last_world_entropy": trainer._last_world_entropy})
-                )
+            save_entropy_control(trainer, str(tmp))  # GRPO's adaptive entropy coefficient, read back on resume
             _save_trainer_state(trainer, tmp)
             metadata.update(
                 plugins=_jsonable(_plugin_options(trainer)),
@@ -179,7 +175,7 @@ def save_checkpoint(trainer: Any, model: nn.Module, checkpoint_dir: str, opts: A
             trainer.accelerator.wait_for_everyone()  # every rank's RNG file is in before the commit
     if writer:
         if args.push_to_hub:
-            trainer._push_from_checkpoint(checkpoint_dir)
+            push_checkpoint(trainer, checkpoint_dir)
         if args.save_total_limit:  # only now: the new checkpoint is complete
             prune_to_limit(run_dir, args.save_total_limit, trainer.state.best_model_checkpoint)
     if args.world_size > 1:
@@ -249,16 +245,13 @@ def _warn_inside_generation_round(trainer: Any) -> None:
 
 
 @hookimpl
-def perl_configure(trainer: Any, options: dict[str, Any]) -> None:
-    # Under DeepSpeed the stock _load_best_model reads the engine shards each checkpoint holds.
-    if trainer.args.load_best_model_at_end and zero_stage(trainer) is None:
-        opts: AdapterCkptOptions = options["adapter_ckpt"]
-
-        def _load_best_model() -> None:  # the stock one looks for full weights or a top-level adapter
-            model = trainer.accelerator.unwrap_model(trainer.model)
-            load_checkpoint(model, trainer.state.best_model_checkpoint, verify=opts.adapter_ckpt_verify)
-
-        trainer._load_best_model = _load_best_model
+def perl_load_best_model(trainer: Any, model: Any, checkpoint_dir: str, options: dict[str, Any]) -> bool | None:
+    # The stock loader looks for full weights or a top-level adapter; under DeepSpeed it reads the
+    # engine shards each checkpoint holds, so it is left to do that.
+    if zero_stage(trainer) is not None:
+        return None
+    load_checkpoint(model, checkpoint_dir, verify=options["adapter_ckpt"].adapter_ckpt_verify)
+    return True
 
 
 @hookimpl

@@ -28,9 +28,11 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
-from perl_plugins import hookimpl, trainer_family
+from perl_plugins import hookimpl, keep_columns, trainer_family
+from perl_plugins import state as plugin_state
 from perl_plugins.errors import PluginIncompatibleError
 from perl_plugins.lazy import lazy_import
+from perl_plugins.models.logprobs import response_logps
 from perl_plugins.models.reward import HEAD_ATTR, HEAD_KINDS, decoder, set_reward_head, unwrap
 
 # Imported when a hook or loss first runs: listing this plugin's options needs no torch.
@@ -108,16 +110,6 @@ def grm_loss(
     return (1 - alpha) * reward_loss + alpha * regularizer
 
 
-def response_logps(lm_head: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum over response tokens of log p(token | prefix), per row; only masked positions reach the
-    LM head, so the (tokens x vocab) logits are never built for prompt or padding."""
-    targets = mask[:, 1:].bool()
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(targets)[targets]
-    logits = lm_head(hidden[:, :-1][targets]).float()
-    token_logps = logits.log_softmax(-1).gather(-1, input_ids[:, 1:][targets][:, None]).squeeze(-1)
-    return torch.zeros(input_ids.shape[0], device=logits.device, dtype=logits.dtype).index_add(0, rows, token_logps)
-
-
 def find_lm_head(model: nn.Module) -> nn.Module:
     """The LM head of a causal LM, or the one of the checkpoint a classification model came from."""
     base = unwrap(model)
@@ -129,11 +121,11 @@ def find_lm_head(model: nn.Module) -> nn.Module:
     if getattr(base.config, "tie_word_embeddings", False):
         head.weight = embeddings.weight
         return head
-    weight = _checkpoint_tensor(getattr(base.config, "_name_or_path", ""), "lm_head.weight")
+    weight = _checkpoint_tensor(base.config.name_or_path or "", "lm_head.weight")
     if weight is None:
         raise PluginIncompatibleError(
             f"grm: {type(base).__name__} has no LM head, its embeddings are not tied, and its checkpoint "
-            f"{getattr(base.config, '_name_or_path', '') or '(none: built in memory)'!r} holds no 'lm_head.weight'. "
+            f"{base.config.name_or_path or '(none: built in memory)'!r} holds no 'lm_head.weight'. "
             "Load the reward model from a causal-LM checkpoint (AutoModelForSequenceClassification.from_pretrained "
             "on it), or give the trainer a model that has an lm_head."
         )
@@ -152,12 +144,10 @@ def _checkpoint_tensor(name_or_path: str, tensor_name: str) -> torch.Tensor | No
         return None
 
     def resolve(filename: str) -> str | None:
-        return cached_file(
-            name_or_path,
-            filename,
-            _raise_exceptions_for_missing_entries=False,
-            _raise_exceptions_for_connection_errors=False,
-        )
+        try:
+            return cached_file(name_or_path, filename)
+        except OSError:  # no such file or checkpoint, or the hub is out of reach
+            return None
 
     index = resolve("model.safetensors.index.json")
     if index is not None:
@@ -265,10 +255,8 @@ def perl_configure(trainer: Any, options: dict[str, Any]) -> None:
         trainer.train_dataset = trainer.train_dataset.map(**lengths, desc="GRM prompt lengths")
         if trainer.eval_dataset is not None:
             trainer.eval_dataset = trainer.eval_dataset.map(**lengths, desc="GRM prompt lengths")
-    trainer._set_signature_columns_if_needed()
-    trainer._signature_columns = [*trainer._signature_columns, "prompt_len"]
-    trainer.data_collator = _CompletionMaskCollator(trainer.data_collator, pairwise)
-    trainer.perl_plugins.private_inputs.add("completion_mask")
+    collator = _CompletionMaskCollator(trainer.data_collator, pairwise)
+    keep_columns(trainer, ["prompt_len"], collator=collator, private=["completion_mask"])
 
 
 @hookimpl(tryfirst=True)  # before lora wraps the model, so the head is saved with the adapter
@@ -276,25 +264,31 @@ def perl_prepare_model(trainer: Any, model: Any, role: str, options: dict[str, A
     if role != "policy":
         return None
     opts: GRMOptions = options["grm"]
-    state = _GRMState()
-    state.lm_head = find_lm_head(model)
+    grm = plugin_state(trainer)["grm"] = _GRMState()
+    grm.lm_head = find_lm_head(model)
     base = unwrap(model)
     if not hasattr(base, "lm_head"):
-        base.lm_head = state.lm_head  # a submodule, so it moves with the model and LoRA freezes it
+        base.lm_head = grm.lm_head  # a submodule, so it moves with the model and LoRA freezes it
     if opts.grm_head == "mlp":
         set_reward_head(base, "mlp")
     elif not hasattr(base, HEAD_ATTR):
         set_reward_head(base, "linear")
-    if opts.grm_reg == "dpo" and not hasattr(model, "peft_config") and "lora" not in trainer.perl_plugins.names:
-        state.reference = copy.deepcopy(model).eval().requires_grad_(False)
-        decoder(state.reference).register_forward_hook(state.capture)
-    decoder(base).register_forward_hook(state.capture)
-    trainer.perl_grm = state
     return None
 
 
+@hookimpl
+def perl_models_ready(trainer: Any, model: Any, options: dict[str, Any]) -> None:
+    """The dpo regularizer's reference: the model with its adapters disabled when some plugin gave
+    it peft adapters, else a frozen copy of the initial model."""
+    grm: _GRMState = plugin_state(trainer)["grm"]
+    if options["grm"].grm_reg == "dpo" and not hasattr(model, "peft_config"):
+        grm.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        decoder(grm.reference).register_forward_hook(grm.capture)
+    decoder(model).register_forward_hook(grm.capture)
+
+
 def _reference_logps(trainer: Any, inputs: dict[str, Any]) -> torch.Tensor:
-    state: _GRMState = trainer.perl_grm
+    state: _GRMState = plugin_state(trainer)["grm"]
     model = trainer.model
     with torch.no_grad():
         if state.reference is not None:
@@ -303,14 +297,14 @@ def _reference_logps(trainer: Any, inputs: dict[str, Any]) -> torch.Tensor:
             with model.disable_adapter():
                 model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         lm_head = unwrap(state.reference).lm_head if state.reference is not None else state.lm_head
-        return response_logps(lm_head, state.hidden, inputs["input_ids"], inputs["completion_mask"])
+        return response_logps(state.hidden, inputs["input_ids"], inputs["completion_mask"], lm_head)
 
 
 @hookimpl
 def perl_compute_loss(trainer: Any, inputs: dict[str, Any], outputs: Any, terms: Any, options: dict[str, Any]) -> None:
     opts: GRMOptions = options["grm"]
-    state: _GRMState = trainer.perl_grm
-    logps = response_logps(state.lm_head, state.hidden, inputs["input_ids"], inputs["completion_mask"])
+    state: _GRMState = plugin_state(trainer)["grm"]
+    logps = response_logps(state.hidden, inputs["input_ids"], inputs["completion_mask"], state.lm_head)
     state.hidden = None  # do not keep the graph alive past this step
     if _is_pairwise(trainer):
         logp_chosen, logp_rejected = logps.chunk(2)

@@ -19,9 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from perl_plugins import hookimpl, trainer_family
+from perl_plugins import hookimpl, keep_columns, trainer_family
 from perl_plugins.errors import PluginIncompatibleError
 from perl_plugins.lazy import lazy_import
+from perl_plugins.models.logprobs import response_logps
 
 # Imported when a hook or loss first runs: listing this plugin's options needs no torch.
 torch = lazy_import("torch")
@@ -90,16 +91,6 @@ def rrhf_loss(
     best = best_of_groups(scores, groups)
     ft = -logps_sum[best].sum() / lengths[best].sum().to(logps_sum.dtype)
     return weight * rrhf_rank_loss(logps_sum, lengths, scores, groups) + ft
-
-
-def response_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Per row, the sum of log p(token | prefix) over the tokens where ``response_mask`` is set;
-    only those positions go through the log-softmax."""
-    targets = response_mask[:, 1:].bool()
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(targets)[targets]
-    token_logps = logits[:, :-1][targets].float().log_softmax(-1)
-    token_logps = token_logps.gather(-1, input_ids[:, 1:][targets][:, None]).squeeze(-1)
-    return torch.zeros(input_ids.shape[0], device=logits.device).index_add(0, rows, token_logps)
 
 
 def tokenize_groups(
@@ -206,12 +197,9 @@ def perl_check_trainer(trainer: Any, options: dict[str, Any]) -> None:
 
 @hookimpl
 def perl_configure(trainer: Any, options: dict[str, Any]) -> None:
-    if not isinstance(trainer.data_collator, RRHFCollator):
-        trainer.data_collator = RRHFCollator(_pad_token_id(trainer))
+    collator = None if isinstance(trainer.data_collator, RRHFCollator) else RRHFCollator(_pad_token_id(trainer))
     # The group columns are not forward() arguments: keep them past remove_unused_columns.
-    trainer._set_signature_columns_if_needed()
-    trainer._signature_columns = [*trainer._signature_columns, *GROUP_COLUMNS]
-    trainer.perl_plugins.private_inputs.update(PRIVATE_INPUTS)
+    keep_columns(trainer, GROUP_COLUMNS, collator=collator, private=PRIVATE_INPUTS)
 
 
 @hookimpl

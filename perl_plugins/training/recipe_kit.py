@@ -9,12 +9,12 @@ import contextlib
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import datasets
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 from trl import DPOConfig, DPOTrainer, RLOOConfig, RLOOTrainer
 
 from perl_plugins import attach
@@ -23,12 +23,15 @@ from perl_plugins.data.defaults import default_dataset
 from perl_plugins.training.device import cpu_settings
 from perl_plugins.models.card import training_data, write_model_card
 from perl_plugins.models.adapters import AdapterReward, LoraOptions, lora_config
+from perl_plugins.models.embedded import resolve_model
 from perl_plugins.models.roles import roles
 from perl_plugins.training.pointwise import pointwise_trainer, reward_classifier
 from perl_plugins.training.progress import quiet_progress
 from perl_plugins.training.sampling import policy_with_reward, sample_completions
 from perl_plugins.models.reward import save_reward_adapter
 
+
+ArgsT = TypeVar("ArgsT", bound=TrainingArguments)
 
 # Stage settings recipes other than PERL's may lack (PERL's YAML declares each with this default).
 STAGE_DEFAULTS: dict[str, Any] = {
@@ -46,21 +49,12 @@ def reward_trainer(cfg: Any, model_path: str, tokenizer, train, test, plugins: s
     ``plugins`` defaults to ``cfg.rm_plugins``; ``""`` fine-tunes the whole model (the comparison
     PERL draws: LoRA reward models on par with full fine-tuning at the same budget)."""
     plugins = cfg.rm_plugins if plugins is None else plugins
-    args = TrainingArguments(
-        output_dir=os.path.join(cfg.output_dir, "reward_model"),
-        num_train_epochs=cfg.rm_epochs,
-        max_steps=cfg.rm_max_steps,
-        per_device_train_batch_size=cfg.rm_batch_size,
-        per_device_eval_batch_size=cfg.rm_batch_size,
-        learning_rate=cfg.rm_learning_rate,
+    args = reward_stage_args(
+        cfg,
+        TrainingArguments,
         lr_scheduler_type=_setting(cfg, "rm_lr_scheduler"),
         warmup_steps=_setting(cfg, "rm_warmup_ratio"),  # a float below 1 is a share of the steps
         train_sampling_strategy="group_by_length",  # batches of like lengths: far less padding to compute
-        logging_steps=5,
-        save_strategy="no",
-        report_to="none",
-        **cpu_settings(),  # CPU and fp32 without an accelerator
-        seed=cfg.seed,
     )
     trainer = pointwise_trainer(reward_classifier(model_path), tokenizer, args, train, test, max_length=cfg.max_length)
     names = [name for name in plugins.split(",") if name]
@@ -73,10 +67,7 @@ def reward_trainer(cfg: Any, model_path: str, tokenizer, train, test, plugins: s
 def train_reward_model(cfg: Any, model_path: str, tokenizer, data) -> tuple[str, dict, list]:
     """Stage 1: LoRA reward model on pointwise thumbs up/down; returns (adapter dir, metrics, logs)."""
     train, test = data["train"].shuffle(seed=cfg.seed), data["test"]
-    if cfg.rm_train_samples:
-        train = train.select(range(min(cfg.rm_train_samples, len(train))))
-    if cfg.rm_eval_samples:
-        test = test.select(range(min(cfg.rm_eval_samples, len(test))))
+    train, test = take(train, cfg.rm_train_samples), take(test, cfg.rm_eval_samples)
     trainer = reward_trainer(cfg, model_path, tokenizer, train, test)
     trainer.train()
     metrics = trainer.evaluate()
@@ -150,8 +141,10 @@ def rl_stage(
         data = default_dataset("rloo", cfg.taskmaster_file, cfg.context_turns, seed=_setting(cfg, "split_seed"))
     prompts = list(dict.fromkeys(data["train"]["prompt"]))[: cfg.rl_prompts]
     eval_prompts = list(dict.fromkeys(data["test"]["prompt"]))[: cfg.rl_eval_prompts]
-    args = RLOOConfig(
-        output_dir=os.path.join(cfg.output_dir, "policy" if policy == "lora" else "policy_full"),
+    args = stage_args(
+        RLOOConfig,
+        os.path.join(cfg.output_dir, "policy" if policy == "lora" else "policy_full"),
+        cfg.seed,
         max_steps=cfg.rl_max_steps,
         per_device_train_batch_size=cfg.rl_batch_size,
         num_generations=cfg.rl_num_generations,
@@ -159,10 +152,6 @@ def rl_stage(
         learning_rate=cfg.rl_learning_rate if policy == "lora" else _setting(cfg, "rl_full_learning_rate"),
         beta=cfg.rl_beta,
         logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        **cpu_settings(),  # CPU and fp32 without an accelerator
-        seed=cfg.seed,
     )
     model = AutoModelForCausalLM.from_pretrained(model_path)
     if policy == "lora":
@@ -276,3 +265,47 @@ def save_policy(trainer: Any, output_dir: str, metrics: dict[str, Any], taskmast
     trainer.save_model(output_dir)
     write_model_card(output_dir, trainer=trainer, metrics=metrics, data=training_data(taskmaster_file))
     return output_dir
+
+
+def load_base(name_or_path: str | None, size: str = "demo") -> tuple[str, Any]:
+    """The base model's path (:func:`~perl_plugins.models.embedded.resolve_model`: a path, hub id
+    or alias; ``None``: the embedded default of ``size``) and its :func:`padded_tokenizer`."""
+    model_path = resolve_model(name_or_path, size)
+    return model_path, padded_tokenizer(model_path)
+
+
+def padded_tokenizer(model_path: str) -> Any:
+    """The model's tokenizer, padding with EOS where it declares no pad token (batches pad)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def stage_args(config_class: type[ArgsT], output_dir: str, seed: int, **settings: Any) -> ArgsT:
+    """``config_class`` (``TrainingArguments`` or a trl config) as a recipe stage runs it: no
+    checkpoints (the recipe saves what it keeps), no report backend, a log line every 5 steps,
+    CPU and fp32 without an accelerator; ``settings`` add to or override these."""
+    defaults = {"logging_steps": 5, "save_strategy": "no", "report_to": "none", **cpu_settings()}
+    return config_class(output_dir=output_dir, seed=seed, **{**defaults, **settings})
+
+
+def take(dataset: datasets.Dataset, n: int) -> datasets.Dataset:
+    """The first ``n`` rows of ``dataset`` (all of them when ``n`` is 0 or more than it has)."""
+    return dataset.select(range(min(n, len(dataset)))) if n else dataset
+
+
+def reward_stage_args(cfg: Any, config_class: type[ArgsT], **settings: Any) -> ArgsT:
+    """:func:`stage_args` of a reward-model stage from the recipe's ``rm_*`` keys (epochs, steps,
+    batch size, learning rate), writing to OUTPUT_DIR/reward_model."""
+    return stage_args(
+        config_class,
+        os.path.join(cfg.output_dir, "reward_model"),
+        cfg.seed,
+        num_train_epochs=cfg.rm_epochs,
+        max_steps=cfg.rm_max_steps,
+        per_device_train_batch_size=cfg.rm_batch_size,
+        per_device_eval_batch_size=cfg.rm_batch_size,
+        learning_rate=cfg.rm_learning_rate,
+        **settings,
+    )

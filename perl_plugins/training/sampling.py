@@ -1,47 +1,16 @@
-"""Pieces several recipes share: prompt trimming, sampling from a LoRA policy, and a LoRA policy
+"""Pieces several recipes share: sampling from a LoRA policy, and a LoRA policy
 that carries a reward adapter on its own base (one copy of the base weights)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import datasets
 import torch
 from tqdm.auto import tqdm
 
 from perl_plugins.models.adapters import AdapterReward, LoraOptions, lora_config
 from perl_plugins.models.reward import load_reward_adapter
 from perl_plugins.models.roles import Roles
-
-
-def trim_prompt(tokenizer: Any, prompt: str, max_tokens: int | None) -> str:
-    """Keep the latest lines (dialog turns) of ``prompt`` that fit in ``max_tokens`` tokens; a last
-    line longer than that keeps its last ``max_tokens`` tokens.
-
-    trl's SFT and DPO trainers truncate the *end* of long sequences, which would cut the response;
-    the latest turns are what the reply depends on.
-    """
-    if not max_tokens:
-        return prompt
-
-    def length(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    lines = prompt.split("\n")
-    while len(lines) > 1 and length("\n".join(lines)) > max_tokens:
-        lines.pop(0)
-    text = "\n".join(lines)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return text if len(ids) <= max_tokens else tokenizer.decode(ids[-max_tokens:])
-
-
-def trim_prompts(dataset: datasets.Dataset, tokenizer: Any, max_tokens: int | None) -> datasets.Dataset:
-    """:func:`trim_prompt` on the ``prompt`` column."""
-    if not max_tokens:
-        return dataset
-    return dataset.map(
-        lambda row: {"prompt": trim_prompt(tokenizer, row["prompt"], max_tokens)}, desc="Trimming prompts"
-    )
 
 
 def sample_completions(
