@@ -632,6 +632,15 @@ def plot_rl(proxy: dict[str, Any], path: Path) -> None:
 # --- driver ----------------------------------------------------------------------------------
 
 
+def finite(value: Any) -> Any:
+    """``value`` with NaN (a standard error of one seed) as None, so the JSON line is strict JSON."""
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
 def log(message: str) -> None:
     print(f"[grm_eval {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -737,9 +746,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         RESULTS.mkdir(parents=True, exist_ok=True)
         plot_bon(proxy, RESULTS / "grm_bon.png")
         plot_rl(proxy, RESULTS / "grm_rl.png")
-        (RESULTS / "grm_eval.json").write_text(json.dumps(result, indent=1) + "\n")
+        (RESULTS / "grm_eval.json").write_text(json.dumps(finite(result), indent=1, allow_nan=False) + "\n")
         log(f"wrote {RESULTS / 'grm_bon.png'}, {RESULTS / 'grm_rl.png'}, {RESULTS / 'grm_eval.json'}")
-    print(json.dumps(result), flush=True)
+    print(json.dumps(finite(result), allow_nan=False), flush=True)
     return result
 
 
