@@ -122,14 +122,21 @@ def rl_report(before: dict[str, Any], after: dict[str, Any], prefix: str = "rl")
 
 
 def rl_stage(
-    cfg: Any, model_path: str, tokenizer, reward_dir: str, data: Any = None, policy: str = "lora"
+    cfg: Any,
+    model_path: str,
+    tokenizer,
+    reward_dir: str,
+    data: Any = None,
+    policy: str = "lora",
+    callbacks: list | None = None,
 ) -> tuple[dict, list, dict]:
     """Stage 2: RLOO from ``model_path`` scored by the reward adapter at ``reward_dir``; returns
     (metrics, logs, {"before": ..., "after": ...} held-out rewards and samples).
 
     ``policy="lora"`` is PERL: a LoRA policy on the same base object as the reward adapter and the
     reference (adapters off). ``policy="full"`` fine-tunes every weight (the comparison PERL draws):
-    the reward adapter then sits on a separate frozen copy of the base."""
+    the reward adapter then sits on a separate frozen copy of the base. ``callbacks``: extra
+    ``TrainerCallback`` s (e.g. a benchmark's probes at checkpoints)."""
     if data is None:
         data = default_dataset("rloo", cfg.taskmaster_file, cfg.context_turns, seed=_setting(cfg, "split_seed"))
     prompts = list(dict.fromkeys(data["train"]["prompt"]))[: cfg.rl_prompts]
@@ -162,6 +169,7 @@ def rl_stage(
         train_dataset=datasets.Dataset.from_dict({"prompt": prompts}),
         processing_class=tokenizer,
         peft_config=peft_config,
+        callbacks=callbacks,
     )
     if policy == "lora":
         quiet_progress(attach(trainer, plugins=cfg.rl_plugins, **options_for(cfg.rl_plugins, cfg.plugin_options)))
