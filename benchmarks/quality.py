@@ -61,7 +61,7 @@ from perl_plugins.data import taskmaster
 from perl_plugins.data.defaults import trim_context
 from perl_plugins.embedded import resolve_model
 from perl_plugins.reward_metrics import roc_auc
-from perl_plugins.reward_model import save_reward_adapter
+from perl_plugins.reward_model import save_reward_adapter, score_texts
 
 METHODS = ("tfidf_logreg", "rm_lora", "rm_full", "rm_lora_grm")
 RM_PLUGINS = {"rm_lora": "lora", "rm_full": "", "rm_lora_grm": "lora,grm"}
@@ -177,11 +177,20 @@ def reward_model(
     trainer.train()
     train_s = time.perf_counter() - start
     peak = peak_rss_mb()
-    scores = np.asarray(trainer.predict(trainer.eval_dataset).predictions).reshape(-1)
+    scores = score_rows(trainer.model, tokenizer, evaluation, cfg.max_length)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     if save_to:
         save_reward_adapter(trainer.model, save_to, trainer.model.active_adapter)
     return scores, {"train_s": train_s, "step_s": median(timer.wall), "peak_rss_mb": peak, "trainable_params": trainable}
+
+
+def score_rows(model, tokenizer, rows, max_length: int) -> np.ndarray:
+    """Rewards of ``rows``, in their order, through the path the RL stage scores with
+    (``score_texts``: the training ids, oldest context cut, pooled as in training). Not
+    ``Trainer.predict``: with the recipe's length-grouped sampler it returns the rows reordered."""
+    model.eval()
+    texts = [r.prompt + r.completion for r in rows]
+    return score_texts(model, tokenizer, texts, batch_size=32, max_length=max_length).numpy()
 
 
 def rl_both(cfg: perl.PerlConfig, model_path: str, reward_dir: str) -> dict[str, dict[str, float]]:
