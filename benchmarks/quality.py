@@ -50,13 +50,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import datasets
 import numpy as np
 import torch
 from _common import StepTimer, median, peak_rss_mb, reset_peak_rss
-from perl_plugins import recipe_kit
 from perl_plugins.recipes import perl
 from transformers import AutoTokenizer, set_seed
 
+from perl_plugins import recipe_kit
 from perl_plugins.data import taskmaster
 from perl_plugins.data.defaults import trim_context
 from perl_plugins.embedded import resolve_model
@@ -84,6 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rm_full_learning_rate", type=float, default=None, help="rm_full's learning rate (YAML: rm_full_learning_rate).")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override any recipe YAML key.")
     p.add_argument("--rl", action="store_true", help="Also measure the RL stage (LoRA and full policies).")
+    p.add_argument("--rl_policies", default="lora,full", help="RL policies to measure: lora, full or both.")
     p.add_argument("--quick", action="store_true", help="Smoke run: seed 0, 600 train rows, short RL.")
     p.add_argument("--no_write", action="store_true", help="Do not write benchmarks/results/quality.md.")
     args = p.parse_args(argv)
@@ -193,17 +195,24 @@ def score_rows(model, tokenizer, rows, max_length: int) -> np.ndarray:
     return score_texts(model, tokenizer, texts, batch_size=32, max_length=max_length).numpy()
 
 
-def rl_both(cfg: perl.PerlConfig, model_path: str, reward_dir: str) -> dict[str, dict[str, float]]:
-    """The recipe's RL stage from one reward adapter, with a LoRA policy and a fully fine-tuned one."""
+def rl_both(
+    cfg: perl.PerlConfig, model_path: str, reward_dir: str, train, evaluation, policies: list[str]
+) -> dict[str, dict[str, float]]:
+    """The recipe's RL stage from one reward adapter, with a LoRA policy and a fully fine-tuned one,
+    on prompts of the benchmark's own split (validation prompts under ``--validate``)."""
+    data = {
+        "train": datasets.Dataset.from_dict({"prompt": list(dict.fromkeys(r.prompt for r in train))}),
+        "test": datasets.Dataset.from_dict({"prompt": list(dict.fromkeys(r.prompt for r in evaluation))}),
+    }
     out = {}
-    for kind in ("lora", "full"):
+    for kind in policies:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         set_seed(cfg.seed)
         reset_peak_rss()
         start = time.perf_counter()
-        metrics, _, _ = recipe_kit.rl_stage(cfg, model_path, tokenizer, reward_dir, policy=kind)
+        metrics, _, _ = recipe_kit.rl_stage(cfg, model_path, tokenizer, reward_dir, data, policy=kind)
         metrics.update(wall_s=time.perf_counter() - start, peak_rss_mb=peak_rss_mb())
         out[kind] = metrics
     return out
@@ -250,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 reward_dir = os.path.join(tmp, "reward_adapter")
                 if not os.path.isdir(reward_dir):  # rm_lora not among the methods: train it for the RL
                     reward_model("rm_lora", cfg, model_path, train_t, eval_t, save_to=reward_dir)
-                rl_runs.append(rl_both(cfg, model_path, reward_dir))
+                rl_runs.append(rl_both(cfg, model_path, reward_dir, train_t, eval_t, args.rl_policies.split(",")))
                 print(f"[quality] seed {seed} rl: {json.dumps(rl_runs[-1])}", flush=True)
 
     table = build_table(per_seed, rl_runs)
@@ -281,13 +290,11 @@ def build_table(per_seed: dict[str, list[dict[str, float]]], rl_runs: list[dict[
             **{k: float(np.mean([r[k] for r in runs])) for k in ("train_s", "step_s", "peak_rss_mb", "trainable_params") if k in runs[0]},
         }
     if rl_runs:
-        table["rl"] = {
-            "rl_gain_in_std": [r["lora"]["rl_gain_in_std"] for r in rl_runs],
-            "rl_full_gain_in_std": [r["full"]["rl_full_gain_in_std"] for r in rl_runs],
-            "rl_final_kl": [r["lora"]["rl_final_kl"] for r in rl_runs],
-            "rl_full_final_kl": [r["full"]["rl_full_final_kl"] for r in rl_runs],
-            "runs": rl_runs,
-        }
+        table["rl"] = {"runs": rl_runs}
+        for kind, prefix in (("lora", "rl"), ("full", "rl_full")):
+            if kind in rl_runs[0]:
+                table["rl"][prefix + "_gain_in_std"] = [r[kind][prefix + "_gain_in_std"] for r in rl_runs]
+                table["rl"][prefix + "_final_kl"] = [r[kind][prefix + "_final_kl"] for r in rl_runs]
     return table
 
 
@@ -301,9 +308,10 @@ def goals(table: dict[str, Any]) -> dict[str, bool]:
             out["rm_lora_beats_tfidf_by_0.03"] = lora >= table["tfidf_logreg"]["auc_mean"] + 0.03
         if "rm_full" in table:
             out["rm_lora_within_0.02_of_full"] = abs(lora - table["rm_full"]["auc_mean"]) <= 0.02
-    if "rl" in table:
-        rl = table["rl"]
+    rl = table.get("rl", {})
+    if "rl_gain_in_std" in rl:
         out["rl_gain_ge_0.5_std_each_seed"] = all(g >= 0.5 for g in rl["rl_gain_in_std"])
+    if "rl_gain_in_std" in rl and "rl_full_gain_in_std" in rl:
         full = float(np.mean(rl["rl_full_gain_in_std"]))
         out["rl_lora_over_full_gain_ge_0.8"] = full > 0 and float(np.mean(rl["rl_gain_in_std"])) / full >= 0.8
     return out
@@ -341,6 +349,8 @@ def markdown(table: dict[str, Any]) -> str:
             "| --- | --- | --- | --- | --- |",
         ]
         for kind, prefix in (("lora", "rl"), ("full", "rl_full")):
+            if prefix + "_gain_in_std" not in rl:
+                continue
             runs = [r[kind] for r in rl["runs"]]
             lines.append(
                 f"| {kind} | {', '.join(format(g, '.2f') for g in rl[prefix + '_gain_in_std'])} | "

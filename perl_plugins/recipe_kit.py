@@ -25,9 +25,14 @@ from perl_plugins.model_card import training_data, write_model_card
 from perl_plugins.plugins.lora import AdapterReward, LoraOptions, lora_config, roles
 from perl_plugins.pointwise import pointwise_trainer, reward_classifier
 from perl_plugins.progress import quiet_progress
-from perl_plugins.recipe_stages import policy_with_reward, sample_completions
+from perl_plugins.recipe_stages import (
+    TurnReward,
+    first_line,
+    policy_with_reward,
+    sample_completions,
+    stop_at_line_end,
+)
 from perl_plugins.reward_model import save_reward_adapter
-
 
 # Stage settings recipes other than PERL's may lack (PERL's YAML declares each with this default).
 STAGE_DEFAULTS: dict[str, Any] = {
@@ -36,6 +41,7 @@ STAGE_DEFAULTS: dict[str, Any] = {
     "split_seed": 0,
     "rl_eval_samples": 4,
     "rl_full_learning_rate": 5e-5,
+    "rl_stop_at_newline": False,
 }
 
 
@@ -99,6 +105,8 @@ def held_out_rewards(model, tokenizer, reward: AdapterReward, prompts: list[str]
         torch.random.set_rng_state(state)
     flat_prompts = [p for p, cs in zip(prompts, completions) for _ in cs]
     flat = [c for cs in completions for c in cs]
+    if _setting(cfg, "rl_stop_at_newline"):
+        flat = [first_line(c) for c in flat]  # generation stopped there; the newline is no part of the turn
     rewards = np.asarray(reward(prompts=flat_prompts, completions=flat), dtype=np.float64)
     per_prompt = rewards.reshape(len(prompts), -1).mean(axis=1)
     return {
@@ -157,12 +165,17 @@ def rl_stage(
         seed=cfg.seed,
     )
     model = AutoModelForCausalLM.from_pretrained(model_path)
+    # Scored as trained: texts cut to the reward model's max_length, oldest context first.
+    if _setting(cfg, "rl_stop_at_newline"):
+        stop_at_line_end(model, tokenizer)
+        reward = TurnReward(reward_dir, max_length=cfg.max_length)
+    else:
+        reward = AdapterReward(reward_dir, max_length=cfg.max_length)
     if policy == "lora":
-        reward = AdapterReward(reward_dir)
         peft_config = lora_config(model, LoraOptions(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha))
     else:
-        _, _, reward = policy_with_reward(
-            AutoModelForCausalLM.from_pretrained(model_path), tokenizer, reward_dir, LoraOptions(lora_r=cfg.lora_r)
+        policy_with_reward(
+            AutoModelForCausalLM.from_pretrained(model_path), tokenizer, reward_dir, LoraOptions(lora_r=cfg.lora_r), reward
         )
         peft_config = None
     trainer = RLOOTrainer(

@@ -26,7 +26,12 @@ from trl import TrlParser
 from perl_plugins.arguments import check_options
 from perl_plugins.data.defaults import default_dataset
 from perl_plugins.embedded import resolve_model
-from perl_plugins.recipe_kit import STAGE_DEFAULTS, rl_stage, train_reward_model, write_samples
+from perl_plugins.recipe_kit import (
+    STAGE_DEFAULTS,
+    rl_stage,
+    train_reward_model,
+    write_samples,
+)
 from perl_plugins.reporting import plot_curves, write_summary
 
 
@@ -72,6 +77,10 @@ class PerlConfig:
     rl_batch_size: int = field(default=8, metadata={"help": "Completions per RLOO step."})
     rl_num_generations: int = field(default=4, metadata={"help": "Completions per prompt (RLOO's k)."})
     rl_max_completion_length: int = field(default=24, metadata={"help": "Max new tokens per completion."})
+    rl_stop_at_newline: bool = field(
+        default=STAGE_DEFAULTS["rl_stop_at_newline"],
+        metadata={"help": "End each sampled completion at its first newline (one agent turn, as rated)."},
+    )
     rl_learning_rate: float = field(default=5e-4, metadata={"help": "Policy learning rate."})
     rl_beta: float = field(default=0.05, metadata={"help": "KL penalty to the reference (adapters off)."})
     rl_kl_limit: float = field(default=0.5, metadata={"help": "Documented bound the final KL must stay below."})
