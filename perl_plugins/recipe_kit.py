@@ -23,7 +23,7 @@ from perl_plugins.data.defaults import default_dataset
 from perl_plugins.device import cpu_settings
 from perl_plugins.model_card import training_data, write_model_card
 from perl_plugins.plugins.lora import AdapterReward, LoraOptions, lora_config, roles
-from perl_plugins.pointwise import pointwise_trainer, reward_classifier
+from perl_plugins.pointwise import balance_labels, pointwise_trainer, reward_classifier
 from perl_plugins.progress import quiet_progress
 from perl_plugins.recipe_stages import (
     TurnReward,
@@ -42,6 +42,7 @@ STAGE_DEFAULTS: dict[str, Any] = {
     "rl_eval_samples": 4,
     "rl_full_learning_rate": 5e-5,
     "rl_stop_at_newline": False,
+    "rm_balance_classes": False,
 }
 
 
@@ -51,6 +52,8 @@ def reward_trainer(cfg: Any, model_path: str, tokenizer, train, test, plugins: s
     ``plugins`` defaults to ``cfg.rm_plugins``; ``""`` fine-tunes the whole model (the comparison
     PERL draws: LoRA reward models on par with full fine-tuning at the same budget)."""
     plugins = cfg.rm_plugins if plugins is None else plugins
+    if _setting(cfg, "rm_balance_classes"):
+        train = balance_labels(train, cfg.seed)
     args = TrainingArguments(
         output_dir=os.path.join(cfg.output_dir, "reward_model"),
         num_train_epochs=cfg.rm_epochs,

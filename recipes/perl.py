@@ -66,6 +66,10 @@ class PerlConfig:
     rm_learning_rate: float = field(default=1e-3, metadata={"help": "Reward-model learning rate."})
     rm_lr_scheduler: str = field(default=STAGE_DEFAULTS["rm_lr_scheduler"], metadata={"help": "Reward-model learning-rate schedule."})
     rm_warmup_ratio: float = field(default=STAGE_DEFAULTS["rm_warmup_ratio"], metadata={"help": "Reward-model warm-up share of the steps."})
+    rm_balance_classes: bool = field(
+        default=STAGE_DEFAULTS["rm_balance_classes"],
+        metadata={"help": "Repeat rows of the rarer thumb until both thumbs count as many train rows."},
+    )
     rm_full_learning_rate: float = field(
         default=1e-4, metadata={"help": "Learning rate when the reward model is fully fine-tuned (benchmarks)."}
     )
