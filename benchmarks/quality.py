@@ -86,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override any recipe YAML key.")
     p.add_argument("--rl", action="store_true", help="Also measure the RL stage (LoRA and full policies).")
     p.add_argument("--rl_policies", default="lora,full", help="RL policies to measure: lora, full or both.")
+    p.add_argument("--jobs", type=int, default=1, help="Run the seeds in this many processes at once.")
+    p.add_argument("--seed_result", default=None, help=argparse.SUPPRESS)  # worker of --jobs: write this seed's results
     p.add_argument("--quick", action="store_true", help="Smoke run: seed 0, 600 train rows, short RL.")
     p.add_argument("--no_write", action="store_true", help="Do not write benchmarks/results/quality.md.")
     args = p.parse_args(argv)
@@ -243,24 +245,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     per_seed: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
     rl_runs: list[dict[str, dict[str, float]]] = []
-    for seed in seeds:
-        with tempfile.TemporaryDirectory(prefix="perl-quality-") as tmp:
-            cfg = recipe_config(args, seed, tmp)
-            for method in methods:
-                if method == "tfidf_logreg":
-                    scores, extra = tfidf_logreg(train_t, eval_t, seed)
-                else:
-                    save_to = os.path.join(tmp, "reward_adapter") if method == "rm_lora" else None
-                    scores, extra = reward_model(method, cfg, model_path, train_t, eval_t, save_to=save_to)
-                result = {**classification_metrics(scores, labels, prior), **extra}
-                per_seed[method].append(result)
-                print(f"[quality] seed {seed} {method}: {json.dumps(result)}", flush=True)
-            if args.rl:
-                reward_dir = os.path.join(tmp, "reward_adapter")
-                if not os.path.isdir(reward_dir):  # rm_lora not among the methods: train it for the RL
-                    reward_model("rm_lora", cfg, model_path, train_t, eval_t, save_to=reward_dir)
-                rl_runs.append(rl_both(cfg, model_path, reward_dir, train_t, eval_t, args.rl_policies.split(",")))
-                print(f"[quality] seed {seed} rl: {json.dumps(rl_runs[-1])}", flush=True)
+    if args.jobs > 1 and len(seeds) > 1:
+        outcomes = seeds_in_workers(argv if argv is not None else sys.argv[1:], seeds, args.jobs)
+    else:
+        outcomes = [run_seed(args, seed, model_path, train_t, eval_t, labels, prior) for seed in seeds]
+    for results, rl_run in outcomes:
+        for method in methods:
+            per_seed[method].append(results[method])
+        if rl_run is not None:
+            rl_runs.append(rl_run)
+    if args.seed_result:  # a worker of --jobs: hand this seed's results back, nothing else
+        Path(args.seed_result).write_text(json.dumps(outcomes[0]))
+        return {}
 
     table = build_table(per_seed, rl_runs)
     table["goals"] = goals(table)
@@ -276,6 +272,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"[quality] wrote {RESULTS}", flush=True)
     print(json.dumps(table))
     return table
+
+
+def run_seed(args, seed: int, model_path: str, train_t, eval_t, labels: np.ndarray, prior: float):
+    """One seed: ({method: metrics}, RL results or None)."""
+    results: dict[str, dict[str, float]] = {}
+    rl_run = None
+    with tempfile.TemporaryDirectory(prefix="perl-quality-") as tmp:
+        cfg = recipe_config(args, seed, tmp)
+        for method in args.methods.split(","):
+            if method == "tfidf_logreg":
+                scores, extra = tfidf_logreg(train_t, eval_t, seed)
+            else:
+                save_to = os.path.join(tmp, "reward_adapter") if method == "rm_lora" else None
+                scores, extra = reward_model(method, cfg, model_path, train_t, eval_t, save_to=save_to)
+            results[method] = {**classification_metrics(scores, labels, prior), **extra}
+            print(f"[quality] seed {seed} {method}: {json.dumps(results[method])}", flush=True)
+        if args.rl:
+            reward_dir = os.path.join(tmp, "reward_adapter")
+            if not os.path.isdir(reward_dir):  # rm_lora not among the methods: train it for the RL
+                reward_model("rm_lora", cfg, model_path, train_t, eval_t, save_to=reward_dir)
+            rl_run = rl_both(cfg, model_path, reward_dir, train_t, eval_t, args.rl_policies.split(","))
+            print(f"[quality] seed {seed} rl: {json.dumps(rl_run)}", flush=True)
+    return results, rl_run
+
+
+def seeds_in_workers(argv: list[str], seeds: list[int], jobs: int) -> list:
+    """Each seed in its own process, ``jobs`` at a time (one thread each: cores, not threads, scale
+    these small models); the per-seed outcomes of :func:`run_seed`, in seed order."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    with tempfile.TemporaryDirectory(prefix="perl-quality-seeds-") as tmp:
+
+        def one(seed: int):
+            out = os.path.join(tmp, f"seed{seed}.json")
+            cmd = [sys.executable, __file__, *argv, "--seeds", str(seed), "--jobs", "1", "--no_write", "--seed_result", out]
+            subprocess.run(cmd, check=True)
+            return tuple(json.loads(Path(out).read_text()))
+
+        with ThreadPoolExecutor(jobs) as pool:
+            return list(pool.map(one, seeds))
 
 
 def build_table(per_seed: dict[str, list[dict[str, float]]], rl_runs: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
