@@ -24,8 +24,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: setup
 	$(BIN)/perl-plugins demo
 
+# Lint first (seconds): style, then the import contracts of pyproject.toml (which way layers import).
 # Two workers (one per core here); a file's tests stay on one worker so its fixtures are built once.
 test: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: setup
@@ -33,4 +37,4 @@ bench: setup
 	for b in benchmarks/*.py; do $(BIN)/python $$b; done
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) outputs .pytest_cache .import_linter_cache

@@ -1,6 +1,6 @@
 """Checkpoint benchmark: ``adapter_ckpt`` (LoRA r=16) against the stock full fine-tuning checkpoint.
 
-Model: the ~100M-parameter Llama ``perl_plugins.embedded.tiny_config("bench100m")``, random init,
+Model: the ~100M-parameter Llama ``perl_plugins.models.embedded.tiny_config("bench100m")``, random init,
 trained as a causal LM on Taskmaster coffee dialogs with the stock transformers ``Trainer`` (CPU,
 fp32). Measures:
 
@@ -45,7 +45,7 @@ def build(output_dir: Path, lora: bool, max_steps: int) -> Any:
     from transformers import DataCollatorForLanguageModeling, LlamaForCausalLM, Trainer, TrainingArguments
 
     import perl_plugins
-    from perl_plugins.embedded import build_tokenizer, tiny_config
+    from perl_plugins.models.embedded import build_tokenizer, tiny_config
 
     tokenizer = build_tokenizer()
     torch.manual_seed(0)

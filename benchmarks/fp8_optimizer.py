@@ -1,6 +1,6 @@
 """FP8AdamW benchmark: optimizer-state bytes, optimizer.step() time and final loss against peers.
 
-Model: the ~20.5M-parameter Llama ``perl_plugins.embedded.tiny_config("bench20m")`` (random init,
+Model: the ~20.5M-parameter Llama ``perl_plugins.models.embedded.tiny_config("bench20m")`` (random init,
 fp32, CPU), trained as a causal LM on Taskmaster coffee dialogs with the embedded byte-level BPE
 tokenizer; the same data order for every optimizer. Optimizers: ``torch.optim.AdamW`` (fp32,
 foreach), ``FP8AdamW`` (default: fp8 m + fp16 v, and the 2-byte mode), torchao ``AdamWFp8`` and
@@ -63,7 +63,7 @@ def token_batches(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Dialog text tokenized, concatenated (EOS between dialogs), cut into fixed-order batches."""
     from perl_plugins.data.taskmaster import DEFAULT_DIALOGS_FILE, load_dialog_texts
-    from perl_plugins.embedded import build_tokenizer
+    from perl_plugins.models.embedded import build_tokenizer
 
     tok = build_tokenizer()
     ids: list[int] = []
@@ -103,7 +103,7 @@ def run(
 ) -> dict[str, Any]:
     from transformers import LlamaForCausalLM
 
-    from perl_plugins.embedded import tiny_config
+    from perl_plugins.models.embedded import tiny_config
 
     train, held_out = data
     torch.manual_seed(0)
@@ -181,7 +181,7 @@ def train_step_ratio(make: Callable[[Any], torch.optim.Optimizer], data: tuple, 
     AdamW: two copies of the model, stepping alternately (alternating which goes first)."""
     from transformers import LlamaForCausalLM
 
-    from perl_plugins.embedded import tiny_config
+    from perl_plugins.models.embedded import tiny_config
 
     torch.manual_seed(0)
     models = [LlamaForCausalLM(tiny_config("bench20m")) for _ in range(2)]
@@ -218,7 +218,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from perl_plugins.fp8_optim import FP8AdamW
+    from perl_plugins.plugins.fp8.optim import FP8AdamW
 
     data = token_batches(args.seq_len, args.batch, args.steps, eval_batches=8)
 

@@ -40,10 +40,10 @@ from trl import RewardConfig, RewardTrainer  # noqa: E402
 
 from perl_plugins import attach  # noqa: E402
 from perl_plugins.data.defaults import default_dataset  # noqa: E402
-from perl_plugins.embedded import resolve_model  # noqa: E402
-from perl_plugins.pointwise import reward_classifier  # noqa: E402
-from perl_plugins.reward_metrics import evaluate_pairs, roc_auc  # noqa: E402
-from perl_plugins.reward_model import score_texts  # noqa: E402
+from perl_plugins.models.embedded import resolve_model  # noqa: E402
+from perl_plugins.training.pointwise import reward_classifier  # noqa: E402
+from perl_plugins.training.reward_metrics import evaluate_pairs, roc_auc  # noqa: E402
+from perl_plugins.models.reward import score_texts  # noqa: E402
 
 VARIANTS = ("baseline", "sft", "dpo", "dpo_noref")
 COMPARED = ("pair_accuracy", "pair_auc", "pointwise_auc")

@@ -41,7 +41,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PrinterCallback, Trainer
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 import perl_plugins  # noqa: E402
-from perl_plugins.embedded import build_tokenizer  # noqa: E402
+from perl_plugins.models.embedded import build_tokenizer  # noqa: E402
 
 WARMUP_STEPS = 5
 VARIANTS = ("stock", "no_plugins", "noop_plugin")

@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=4, help="Sequences per step (RL: completions).")
     parser.add_argument("--seq_len", type=int, default=128, help="Tokens per sequence (RL: prompt + completion).")
     parser.add_argument("--completion_length", type=int, default=16, help="RL: new tokens per completion.")
-    parser.add_argument("--size", default="bench100m", help="perl_plugins.embedded.tiny_config size.")
+    parser.add_argument("--size", default="bench100m", help="perl_plugins.models.embedded.tiny_config size.")
     parser.add_argument("--case", choices=("setup", *CASES), help=argparse.SUPPRESS)  # worker mode
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -81,7 +81,7 @@ def _reward_trainer(base: str, tokenizer: Any, args: argparse.Namespace, workdir
     from transformers import TrainingArguments
 
     from perl_plugins import attach
-    from perl_plugins.pointwise import pointwise_trainer, reward_classifier
+    from perl_plugins.training.pointwise import pointwise_trainer, reward_classifier
 
     train_args = TrainingArguments(
         output_dir=os.path.join(workdir, "rm_run"), max_steps=steps, per_device_train_batch_size=args.batch_size,
@@ -104,8 +104,8 @@ def _rl_trainer(case: str, base: str, tokenizer: Any, args: argparse.Namespace, 
     from perl_plugins import attach
     from perl_plugins.data.defaults import default_dataset
     from perl_plugins.plugins.lora import AdapterReward, LoraOptions, lora_config
-    from perl_plugins.pointwise import reward_classifier
-    from perl_plugins.recipe_stages import trim_prompts
+    from perl_plugins.training.pointwise import reward_classifier
+    from perl_plugins.training.sampling import trim_prompts
 
     prompts = default_dataset("rloo")["train"].select(range(steps * args.batch_size))
     prompts = trim_prompts(prompts, tokenizer, args.seq_len - args.completion_length)
@@ -139,8 +139,8 @@ def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     import perl_plugins.plugins.lora  # noqa: F401
-    import perl_plugins.pointwise  # noqa: F401
-    import perl_plugins.recipe_stages  # noqa: F401
+    import perl_plugins.training.pointwise  # noqa: F401
+    import perl_plugins.training.sampling  # noqa: F401
 
     floor = rss_mb()  # interpreter + libraries, no model or data yet
     base = os.path.join(args.workdir, "base")
@@ -178,9 +178,9 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from perl_plugins.embedded import save_default
-    from perl_plugins.pointwise import reward_classifier
-    from perl_plugins.reward_model import save_reward_adapter, score_texts
+    from perl_plugins.models.embedded import save_default
+    from perl_plugins.training.pointwise import reward_classifier
+    from perl_plugins.models.reward import save_reward_adapter, score_texts
 
     torch.set_num_threads(args.threads)
     work = Path(args.workdir)

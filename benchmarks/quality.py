@@ -57,12 +57,12 @@ from _common import StepTimer, median, peak_rss_mb, reset_peak_rss
 from perl_plugins.recipes import perl
 from transformers import AutoTokenizer, set_seed
 
-from perl_plugins import recipe_kit
 from perl_plugins.data import taskmaster
 from perl_plugins.data.defaults import trim_context
-from perl_plugins.embedded import resolve_model
-from perl_plugins.reward_metrics import roc_auc
-from perl_plugins.reward_model import save_reward_adapter, score_texts
+from perl_plugins.models.embedded import resolve_model
+from perl_plugins.models.reward import save_reward_adapter, score_texts
+from perl_plugins.training import recipe_kit
+from perl_plugins.training.reward_metrics import roc_auc
 
 METHODS = ("tfidf_logreg", "rm_lora", "rm_full", "rm_lora_grm")
 RM_PLUGINS = {"rm_lora": "lora", "rm_full": "", "rm_lora_grm": "lora,grm"}
@@ -307,8 +307,8 @@ def seeds_in_workers(argv: list[str], seeds: list[int], jobs: int) -> list:
 
         def one(seed: int):
             out = os.path.join(tmp, f"seed{seed}.json")
-            cmd = [sys.executable, __file__, *argv, "--seeds", str(seed), "--jobs", "1", "--no_write", "--seed_result", out]
-            subprocess.run(cmd, check=True)
+            cmd = [sys.executable, __file__, *argv, "--seeds", str(seed), "--jobs", "1", "--no_write"]
+            subprocess.run([*cmd, "--seed_result", out], check=True)
             return tuple(json.loads(Path(out).read_text()))
 
         with ThreadPoolExecutor(jobs) as pool:

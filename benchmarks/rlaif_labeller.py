@@ -24,10 +24,10 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from perl_plugins import smollm2
+from perl_plugins.models import smollm2
 from perl_plugins.data.defaults import default_dataset
-from perl_plugins.embedded import resolve_model
-from perl_plugins.recipe_stages import trim_prompt
+from perl_plugins.models.embedded import resolve_model
+from perl_plugins.training.sampling import trim_prompt
 from perl_plugins.recipes.rlaif import (
     CHAT_OPTIONS,
     CUE,

@@ -55,7 +55,7 @@ def _held(r: dict) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", default="bench20m", help="embedded model size (perl_plugins.embedded.tiny_config)")
+    parser.add_argument("--size", default="bench20m", help="embedded model size (perl_plugins.models.embedded.tiny_config)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--engines", default="ddp,zero2,zero3")
     args = parser.parse_args()

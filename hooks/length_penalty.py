@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 import perl_plugins
-from perl_plugins.attach import trainer_family
+from perl_plugins import trainer_family
 from perl_plugins.errors import PluginIncompatibleError, PluginOptionError
 
 RL_FAMILIES = ("GRPOTrainer", "RLOOTrainer")

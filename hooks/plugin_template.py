@@ -8,7 +8,8 @@ the hooks you need, and load it with ``--plugins ./hooks/my_plugin.py`` or
 Every hook receives ``options``: {plugin name: options instance}; read yours as
 ``options["plugin_template"]``. A hook may declare only the arguments it uses. Hooks are listed
 in the order they fire; the full contracts are in ``perl_plugins/hookspecs.py``. Only the hooks
-you define are wired into the trainer, so keep unused ones commented out.
+you define are wired into the trainer, so keep unused ones commented out. Run with
+``PERL_PLUGINS_TRACE=1`` to see each hook call (plugins, arguments, result, time) on stderr.
 """
 
 import dataclasses
@@ -40,7 +41,7 @@ def perl_plugin_options() -> type:
 @perl_plugins.hookimpl
 def perl_check_trainer(trainer: Any, options: dict[str, Any]) -> None:
     """Refuse trainers this plugin cannot handle. Must not modify anything; raise to refuse."""
-    # from perl_plugins.attach import trainer_family
+    # from perl_plugins import trainer_family
     # from perl_plugins.errors import PluginIncompatibleError
     # if trainer_family(trainer) not in ("GRPOTrainer", "RLOOTrainer"):
     #     raise PluginIncompatibleError(f"plugin_template needs GRPO/RLOO, got {type(trainer).__name__}")

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import perl_plugins
-from perl_plugins.attach import trainer_family
+from perl_plugins import trainer_family
 from perl_plugins.errors import PluginIncompatibleError
 
 RL_FAMILIES = ("GRPOTrainer", "RLOOTrainer")

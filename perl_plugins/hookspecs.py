@@ -11,9 +11,15 @@ instance (see :func:`perl_plugin_options`), so a plugin reads its own settings a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
+
+if TYPE_CHECKING:  # annotations only: importing the contract must not import torch (plugins are listed without it)
+    import torch
+    from transformers import Trainer, TrainerControl, TrainerState
+
+    from perl_plugins.host.loss_terms import LossTerms
 
 PROJECT = "perl_plugins"
 
@@ -35,7 +41,7 @@ def perl_plugin_options() -> type | None:
 
 
 @hookspec
-def perl_check_trainer(trainer: Any, options: dict[str, Any]) -> None:
+def perl_check_trainer(trainer: Trainer, options: dict[str, Any]) -> None:
     """Refuse a trainer this plugin cannot work with.
 
     Fires: in :func:`perl_plugins.attach`, for every enabled plugin, *before* anything is changed,
@@ -47,7 +53,7 @@ def perl_check_trainer(trainer: Any, options: dict[str, Any]) -> None:
 
 
 @hookspec
-def perl_configure(trainer: Any, options: dict[str, Any]) -> None:
+def perl_configure(trainer: Trainer, options: dict[str, Any]) -> None:
     """Adjust the trainer's training arguments or attributes.
 
     Fires: in :func:`perl_plugins.attach`, once, after every plugin's check passed and before
@@ -57,7 +63,9 @@ def perl_configure(trainer: Any, options: dict[str, Any]) -> None:
 
 
 @hookspec
-def perl_prepare_model(trainer: Any, model: Any, role: str, options: dict[str, Any]) -> Any:
+def perl_prepare_model(
+    trainer: Trainer, model: torch.nn.Module, role: str, options: dict[str, Any]
+) -> torch.nn.Module | None:
     """Wrap or modify one of the trainer's models before training.
 
     Fires: in :func:`perl_plugins.attach`, once per role present on the trainer: ``"policy"``
@@ -71,14 +79,19 @@ def perl_prepare_model(trainer: Any, model: Any, role: str, options: dict[str, A
 
 @hookspec
 def perl_compute_loss(
-    trainer: Any, model: Any, inputs: dict[str, Any], outputs: Any, terms: Any, options: dict[str, Any]
+    trainer: Trainer,
+    model: torch.nn.Module,
+    inputs: dict[str, Any],
+    outputs: Any,
+    terms: LossTerms,
+    options: dict[str, Any],
 ) -> None:
     """Add or re-weight named loss terms around the trainer's own ``compute_loss``.
 
     Fires: on every training and evaluation step, right after the stock ``compute_loss`` ran
     (called with ``return_outputs=True`` when an implementation takes ``outputs``: trl's SFT/DPO/KTO
     trainers pay an extra forward pass for it). ``outputs`` is what the model returned to the stock
-    loss; ``terms`` is a :class:`perl_plugins.loss_terms.LossTerms` holding the stock loss under
+    loss; ``terms`` is a :class:`perl_plugins.host.loss_terms.LossTerms` holding the stock loss under
     a trainer-specific name (``reward_loss``, ``dpo_loss``, ``sft_loss``, ``policy_loss``...).
     Returns: nothing; call ``terms.add(name, value, weight)`` or ``terms.reweight(name, w)``. The
     trainer optimizes ``sum(weight * value)`` and every term is logged under its own name. All
@@ -87,7 +100,9 @@ def perl_compute_loss(
 
 
 @hookspec(firstresult=True)
-def perl_create_optimizer(trainer: Any, model: Any, options: dict[str, Any]) -> Any:
+def perl_create_optimizer(
+    trainer: Trainer, model: torch.nn.Module, options: dict[str, Any]
+) -> torch.optim.Optimizer | None:
     """Build the optimizer the trainer will use.
 
     Fires: once, when the trainer creates its optimizer at the start of ``train()``.
@@ -97,7 +112,9 @@ def perl_create_optimizer(trainer: Any, model: Any, options: dict[str, Any]) -> 
 
 
 @hookspec(firstresult=True)
-def perl_save_checkpoint(trainer: Any, model: Any, checkpoint_dir: str, options: dict[str, Any]) -> bool | None:
+def perl_save_checkpoint(
+    trainer: Trainer, model: torch.nn.Module, checkpoint_dir: str, options: dict[str, Any]
+) -> bool | None:
     """Write a checkpoint.
 
     Fires: each time the trainer saves a checkpoint (``save_steps`` / end of epoch), in place of
@@ -108,7 +125,9 @@ def perl_save_checkpoint(trainer: Any, model: Any, checkpoint_dir: str, options:
 
 
 @hookspec(firstresult=True)
-def perl_load_checkpoint(trainer: Any, model: Any, checkpoint_dir: str, options: dict[str, Any]) -> bool | None:
+def perl_load_checkpoint(
+    trainer: Trainer, model: torch.nn.Module, checkpoint_dir: str, options: dict[str, Any]
+) -> bool | None:
     """Restore model-side state from a checkpoint when resuming.
 
     Fires: when ``train(resume_from_checkpoint=...)`` loads the model state, in place of
@@ -121,7 +140,7 @@ def perl_load_checkpoint(trainer: Any, model: Any, checkpoint_dir: str, options:
 
 
 @hookspec
-def perl_on_train_begin(trainer: Any, model: Any, options: dict[str, Any]) -> None:
+def perl_on_train_begin(trainer: Trainer, model: torch.nn.Module, options: dict[str, Any]) -> None:
     """Set up what needs the training-time model, e.g. a DDP communication hook.
 
     Fires: once per ``train()``, after the model was wrapped for distributed training (``model``
@@ -132,7 +151,7 @@ def perl_on_train_begin(trainer: Any, model: Any, options: dict[str, Any]) -> No
 
 
 @hookspec
-def perl_on_step_end(trainer: Any, state: Any, control: Any, options: dict[str, Any]) -> None:
+def perl_on_step_end(trainer: Trainer, state: TrainerState, control: TrainerControl, options: dict[str, Any]) -> None:
     """React to the end of an optimizer step.
 
     Fires: after every optimizer step (``TrainerCallback.on_step_end``).
@@ -141,7 +160,9 @@ def perl_on_step_end(trainer: Any, state: Any, control: Any, options: dict[str, 
 
 
 @hookspec
-def perl_on_log(trainer: Any, logs: dict[str, float], state: Any, control: Any, options: dict[str, Any]) -> None:
+def perl_on_log(
+    trainer: Trainer, logs: dict[str, float], state: TrainerState, control: TrainerControl, options: dict[str, Any]
+) -> None:
     """See (and extend) every dict of logged metrics.
 
     Fires: each time the trainer logs (``TrainerCallback.on_log``), after loss terms were added.
@@ -151,8 +172,8 @@ def perl_on_log(trainer: Any, logs: dict[str, float], state: Any, control: Any, 
 
 @hookspec
 def perl_shape_rewards(
-    trainer: Any, prompts: list[Any], completions: list[Any], rewards: Any, options: dict[str, Any]
-) -> Any:
+    trainer: Trainer, prompts: list[Any], completions: list[Any], rewards: torch.Tensor, options: dict[str, Any]
+) -> torch.Tensor | None:
     """Reshape the rewards an RL trainer (GRPO/RLOO) computed from its reward functions.
 
     Fires: each generation round, after the reward functions ran and before advantages are

@@ -22,14 +22,14 @@ from pathlib import Path
 from transformers import AutoTokenizer, set_seed
 from trl import DPOConfig, TrlParser
 
-from perl_plugins.arguments import check_options
+from perl_plugins.host.arguments import check_options
 from perl_plugins.data.defaults import default_dataset
-from perl_plugins.device import cpu_settings
-from perl_plugins.embedded import resolve_model
+from perl_plugins.training.device import cpu_settings
+from perl_plugins.models.embedded import resolve_model
 from perl_plugins.plugins.lora import LoraOptions
-from perl_plugins.recipe_kit import save_policy, train_dpo
-from perl_plugins.recipe_stages import trim_prompts
-from perl_plugins.reporting import plot_curves, write_summary
+from perl_plugins.training.recipe_kit import save_policy, train_dpo
+from perl_plugins.training.sampling import trim_prompts
+from perl_plugins.training.reporting import plot_curves, write_summary
 
 
 @dataclass

@@ -23,16 +23,11 @@ from pathlib import Path
 from transformers import AutoTokenizer, set_seed
 from trl import TrlParser
 
-from perl_plugins.arguments import check_options
 from perl_plugins.data.defaults import default_dataset
-from perl_plugins.embedded import resolve_model
-from perl_plugins.recipe_kit import (
-    STAGE_DEFAULTS,
-    rl_stage,
-    train_reward_model,
-    write_samples,
-)
-from perl_plugins.reporting import plot_curves, write_summary
+from perl_plugins.host.arguments import check_options
+from perl_plugins.models.embedded import resolve_model
+from perl_plugins.training.recipe_kit import STAGE_DEFAULTS, rl_stage, train_reward_model, write_samples
+from perl_plugins.training.reporting import plot_curves, write_summary
 
 
 @dataclass

@@ -61,8 +61,8 @@ from perl_plugins.data.taskmaster import (
     load_dialog_texts,
     load_splits,
 )
-from perl_plugins.embedded import MAX_POSITIONS, build_tokenizer
-from perl_plugins.reporting import plot_curves
+from perl_plugins.models.embedded import MAX_POSITIONS, build_tokenizer
+from perl_plugins.training.reporting import plot_curves
 
 SAMPLE_PROMPTS = (
     "User: hi, can i get a",

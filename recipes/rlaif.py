@@ -50,20 +50,20 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, set_seed
 from trl import DPOConfig, RewardConfig, RewardTrainer, TrlParser
 
-from perl_plugins import attach, hookimpl, smollm2
-from perl_plugins.arguments import check_options, options_for
-from perl_plugins.attach import trainer_family
+from perl_plugins import attach, hookimpl, trainer_family
+from perl_plugins.models import smollm2
+from perl_plugins.host.arguments import check_options, options_for
 from perl_plugins.data.defaults import default_dataset
-from perl_plugins.device import cpu_settings
-from perl_plugins.embedded import CHAT_TEMPLATE as EMBEDDED_CHAT_TEMPLATE
-from perl_plugins.embedded import resolve_model
+from perl_plugins.training.device import cpu_settings
+from perl_plugins.models.embedded import CHAT_TEMPLATE as EMBEDDED_CHAT_TEMPLATE
+from perl_plugins.models.embedded import resolve_model
 from perl_plugins.errors import PluginIncompatibleError
-from perl_plugins.model_card import training_data, write_model_card
+from perl_plugins.models.card import training_data, write_model_card
 from perl_plugins.plugins.lora import LoraOptions
-from perl_plugins.recipe_kit import run_rl, train_dpo
-from perl_plugins.recipe_stages import trim_prompt, trim_prompts
-from perl_plugins.reporting import plot_curves, write_summary
-from perl_plugins.reward_model import reward_ids, save_reward_adapter
+from perl_plugins.training.recipe_kit import run_rl, train_dpo
+from perl_plugins.training.sampling import trim_prompt, trim_prompts
+from perl_plugins.training.reporting import plot_curves, write_summary
+from perl_plugins.models.reward import reward_ids, save_reward_adapter
 
 PREAMBLE = (
     "A good reply from a coffee shop agent answers the customer's last request correctly, "

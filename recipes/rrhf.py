@@ -35,18 +35,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 from trl import TrlParser
 
 from perl_plugins import attach
-from perl_plugins.arguments import check_options, options_for
+from perl_plugins.host.arguments import check_options, options_for
 from perl_plugins.data.defaults import default_dataset
-from perl_plugins.device import cpu_settings
-from perl_plugins.embedded import resolve_model
-from perl_plugins.model_card import training_data, write_model_card
+from perl_plugins.training.device import cpu_settings
+from perl_plugins.models.embedded import resolve_model
+from perl_plugins.models.card import training_data, write_model_card
 from perl_plugins.plugins.lora import AdapterReward
 from perl_plugins.plugins.rrhf import RRHFCollator, response_logps, tokenize_groups
-from perl_plugins.recipe_kit import train_reward_model
-from perl_plugins.recipe_stages import sample_completions, trim_prompt
-from perl_plugins.reporting import plot_curves, write_summary
-from perl_plugins.reward_model import load_reward_adapter
-from perl_plugins.roles import Roles
+from perl_plugins.training.recipe_kit import train_reward_model
+from perl_plugins.training.sampling import sample_completions, trim_prompt
+from perl_plugins.training.reporting import plot_curves, write_summary
+from perl_plugins.models.reward import load_reward_adapter
+from perl_plugins.models.roles import Roles
 
 
 @dataclass

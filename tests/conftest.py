@@ -1,14 +1,13 @@
 """Shared fixtures: a tiny Llama, the embedded tokenizer, small datasets, one builder per trainer type.
 
-Also checks hook coverage: every hook the host fires through ``PluginSet`` with at least one
-implementation is recorded, and a full run of ``tests/`` fails if some hookspec never fired.
+Also checks hook coverage: every hook call with at least one implementation is recorded
+(pluggy's hook-call monitoring), and a full run of ``tests/`` fails if some hookspec never fired.
 """
 
 from __future__ import annotations
 
-import functools
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 from perl_plugins import hookspecs
-from perl_plugins.manager import PluginSet
+from perl_plugins.host.tracing import add_monitor
 
 TESTS_DIR = Path(__file__).resolve().parent
 PLUGINS_DIR = TESTS_DIR / "plugins_for_tests"
@@ -44,23 +43,13 @@ class HookRecorder:
         self.called: set[str] = set()
 
     def install(self) -> None:
-        """Wrap ``PluginSet.call``/``chain`` (and option collection, which fires
-        ``perl_plugin_options``) for the whole session."""
-        recorder = self
+        """Watch every plugin set's hook calls for the whole session, through pluggy's own monitoring."""
 
-        def record(method: Callable, fixed_hook: str | None = None) -> Callable:
-            @functools.wraps(method)
-            def wrapper(self: PluginSet, *args: Any, **kwargs: Any) -> Any:
-                hook_name = fixed_hook or (args[0] if args else kwargs["hook_name"])
-                if getattr(self.pm.hook, hook_name).get_hookimpls():
-                    recorder.called.add(hook_name)
-                return method(self, *args, **kwargs)
+        def before(hook_name: str, hook_impls: Sequence[Any], kwargs: Any) -> None:
+            if hook_impls:
+                self.called.add(hook_name)
 
-            return wrapper
-
-        PluginSet.call = record(PluginSet.call)
-        PluginSet.chain = record(PluginSet.chain)
-        PluginSet._collect_option_classes = record(PluginSet._collect_option_classes, "perl_plugin_options")
+        add_monitor(before, lambda outcome, hook_name, hook_impls, kwargs: None)
 
     def missing(self) -> list[str]:
         return [name for name in hookspec_names() if name not in self.called]
@@ -165,7 +154,7 @@ def plugin_file() -> Callable[[str], str]:
 
 @pytest.fixture(scope="session")
 def tokenizer(perl_cache: Path):
-    from perl_plugins.embedded import build_tokenizer
+    from perl_plugins.models.embedded import build_tokenizer
 
     return build_tokenizer()
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from perl_plugins.fp8_comm import FP8CommState, register_fp8_comm_hook
+from perl_plugins.plugins.fp8.comm import FP8CommState, register_fp8_comm_hook
 
 
 def _model() -> torch.nn.Module:

@@ -21,8 +21,9 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.trainer_utils import get_last_checkpoint
 
-from perl_plugins import PluginIncompatibleError, attach
-from perl_plugins.checkpoint_io import (
+from perl_plugins import PluginIncompatibleError
+from perl_plugins import attach
+from perl_plugins.checkpoint.store import (
     MANIFEST_NAME,
     SAVE_DELAY_ENV,
     BaseMismatchError,
@@ -45,7 +46,7 @@ IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15, 16, 17, 18, 19, 20
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory, perl_cache) -> Path:
-    from perl_plugins.embedded import save_default
+    from perl_plugins.models.embedded import save_default
 
     return save_default(tmp_path_factory.mktemp("base"), "tiny")
 
@@ -55,7 +56,7 @@ def reward_adapter(tmp_path_factory, base_dir) -> Path:
     """A frozen LoRA reward adapter (with its score head) on the same base, for RLOO's AdapterReward."""
     from peft import LoraConfig, get_peft_model
 
-    from perl_plugins.reward_model import save_reward_adapter
+    from perl_plugins.models.reward import save_reward_adapter
 
     torch.manual_seed(1)
     model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1)
@@ -228,7 +229,7 @@ def test_incomplete_checkpoint_is_refused(reward_checkpoint, base_dir):
 
 
 def test_other_base_is_refused(reward_checkpoint, base_dir, tmp_path):
-    from perl_plugins.embedded import save_default
+    from perl_plugins.models.embedded import save_default
 
     other_base = save_default(tmp_path / "other_base", "tiny", seed=1)
     error = _resume_error(other_base, reward_checkpoint, BaseMismatchError)
@@ -282,7 +283,7 @@ def test_save_total_limit_keeps_best_checkpoint(base_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([best.name, "checkpoint-4"])
     with safe_open(str(best / "adapters/default/adapter_model.safetensors"), framework="pt") as f:
         saved = {k: f.get_tensor(k) for k in f.keys()}
-    from perl_plugins.plugins.adapter_ckpt import adapter_state
+    from perl_plugins.checkpoint.model_state import adapter_state
 
     loaded = adapter_state(trainer.model, "default")  # load_best_model_at_end restored the best adapter
     assert all(torch.equal(saved[k], loaded[k]) for k in saved)
@@ -323,7 +324,7 @@ def test_export_reward_adapter_keeps_head(uninterrupted, base_dir, tmp_path):
 
 
 def test_export_merge_refuses_other_base(uninterrupted, tmp_path, capsys):
-    from perl_plugins.embedded import save_default
+    from perl_plugins.models.embedded import save_default
 
     _, _, out = uninterrupted("dpo")
     other = save_default(tmp_path / "other_base", "tiny", seed=1)
@@ -357,7 +358,7 @@ def _run_like(engine: str, world_size: int) -> SimpleNamespace:
     ],
 )
 def test_resume_engine_rules(tmp_path, saved, current, has_optimizer, error):
-    from perl_plugins.checkpoint_io import CheckpointError
+    from perl_plugins.checkpoint.store import CheckpointError
     from perl_plugins.plugins.adapter_ckpt import check_resume_engine
 
     if has_optimizer:

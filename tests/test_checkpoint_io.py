@@ -1,4 +1,4 @@
-"""Tests for perl_plugins.checkpoint_io / perl_plugins.fingerprint (the adapter_ckpt storage layer)."""
+"""Tests for perl_plugins.checkpoint.store / perl_plugins.models.fingerprint (the adapter_ckpt storage layer)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from perl_plugins import checkpoint_io
-from perl_plugins.checkpoint_io import (
+from perl_plugins.checkpoint import store as checkpoint_io
+from perl_plugins.checkpoint.store import (
     MANIFEST_NAME,
     SAVE_DELAY_ENV,
     BaseMismatchError,
@@ -40,7 +40,7 @@ from perl_plugins.checkpoint_io import (
     save_tensors,
     verify_checkpoint,
 )
-from perl_plugins.fingerprint import fingerprint_differences
+from perl_plugins.models.fingerprint import fingerprint_differences
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -214,7 +214,7 @@ def test_verify_detects_missing_file_and_manifest(tmp_path):
 def test_verify_warns_about_unlisted_files(tmp_path, caplog):
     final = write_checkpoint(tmp_path / "checkpoint-1")
     (final / "added_later.json").write_text("{}")
-    with caplog.at_level(logging.WARNING, logger="perl_plugins.checkpoint_io"):
+    with caplog.at_level(logging.WARNING, logger="perl_plugins.checkpoint.store"):
         verify_checkpoint(final)
     assert "added_later.json" in caplog.text
 
@@ -241,7 +241,7 @@ def test_verify_rejects_other_base_with_helpful_message(tmp_path):
 CRASHING_SAVER = """
 import logging, os, sys
 from pathlib import Path
-from perl_plugins.checkpoint_io import SAVE_DELAY_ENV, atomic_checkpoint_dir
+from perl_plugins.checkpoint.store import SAVE_DELAY_ENV, atomic_checkpoint_dir
 
 logging.basicConfig(level=logging.WARNING)
 out = Path(sys.argv[1])

@@ -41,8 +41,8 @@ def small_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_cpu_settings_are_chosen_without_an_accelerator(monkeypatch, capsys, caplog):
-    from perl_plugins import device
-    from perl_plugins.train_command import parse
+    from perl_plugins.training import device
+    from perl_plugins.cli.train import parse
 
     monkeypatch.setattr(device, "has_accelerator", lambda: False)
     monkeypatch.setattr(device, "_said", set())
@@ -58,8 +58,8 @@ def test_cpu_settings_are_chosen_without_an_accelerator(monkeypatch, capsys, cap
      (["--use_cpu", "true"], True, False)],
 )
 def test_explicit_device_flags_win(monkeypatch, flags, use_cpu, bf16):
-    from perl_plugins import device
-    from perl_plugins.train_command import parse
+    from perl_plugins.training import device
+    from perl_plugins.cli.train import parse
 
     monkeypatch.setattr(device, "has_accelerator", lambda: False)
     _, args, _, _ = parse("reward", ["--output_dir", "out", *flags])
@@ -67,8 +67,8 @@ def test_explicit_device_flags_win(monkeypatch, flags, use_cpu, bf16):
 
 
 def test_explicit_device_keys_in_yaml_win(monkeypatch, tmp_path):
-    from perl_plugins import device
-    from perl_plugins.train_command import parse
+    from perl_plugins.training import device
+    from perl_plugins.cli.train import parse
 
     monkeypatch.setattr(device, "has_accelerator", lambda: False)
     config = tmp_path / "c.yaml"
@@ -78,7 +78,7 @@ def test_explicit_device_keys_in_yaml_win(monkeypatch, tmp_path):
 
 
 def test_recipes_take_cpu_settings_from_one_place(monkeypatch):
-    from perl_plugins import device
+    from perl_plugins.training import device
 
     monkeypatch.setattr(device, "has_accelerator", lambda: False)
     assert device.cpu_settings() == {"use_cpu": True, "bf16": False}
@@ -107,9 +107,9 @@ def test_pair_accuracy_agrees_with_the_trainers_own(tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from perl_plugins.data.defaults import default_dataset
-    from perl_plugins.embedded import resolve_model
-    from perl_plugins.reward_metrics import roc_auc
-    from perl_plugins.reward_model import load_reward_adapter, score_texts
+    from perl_plugins.models.embedded import resolve_model
+    from perl_plugins.training.reward_metrics import roc_auc
+    from perl_plugins.models.reward import load_reward_adapter, score_texts
 
     base = resolve_model(None)
     model = load_reward_adapter(AutoModelForCausalLM.from_pretrained(base), out).eval()
@@ -126,7 +126,7 @@ def test_pair_metrics_score_the_trainers_token_ids(make_trainer):
     """The scored sequences are the trainer's own ``chosen_ids``/``rejected_ids`` (prompt once)."""
     import torch
 
-    from perl_plugins.reward_metrics import evaluate_trainer_pairs, roc_auc
+    from perl_plugins.training.reward_metrics import evaluate_trainer_pairs, roc_auc
 
     trainer = make_trainer("reward")
     trainer.eval_dataset = trainer.train_dataset
@@ -163,7 +163,7 @@ def test_option_of_a_plugin_not_enabled_in_yaml_is_refused(tmp_path, capsys):
 def test_plugin_arguments_refuse_options_of_plugins_not_enabled():
     from trl import TrlParser
 
-    from perl_plugins.arguments import make_plugin_arguments
+    from perl_plugins.host.arguments import make_plugin_arguments
     from perl_plugins.errors import PluginOptionError
 
     (args,) = TrlParser([make_plugin_arguments()]).parse_args_and_config(
@@ -294,8 +294,8 @@ def test_typo_in_local_plugin_path_names_the_missing_file(tmp_path, capsys):
 
 
 def test_one_default_model():
-    from perl_plugins.embedded import ASSETS_BASE_DIR, load_default, resolve_model
-    from perl_plugins.train_command import _script_arguments
+    from perl_plugins.models.embedded import ASSETS_BASE_DIR, load_default, resolve_model
+    from perl_plugins.cli.train import _script_arguments
 
     assert resolve_model(None) == str(ASSETS_BASE_DIR)
     assert _script_arguments()().model_size == "demo"
@@ -317,7 +317,7 @@ def test_disabled_plugin_named_explicitly_warns(make_trainer, monkeypatch):
 
 
 def test_plugins_from_the_environment_blocked_silently_is_not_a_warning(monkeypatch):
-    from perl_plugins.registry import split_names
+    from perl_plugins.host.registry import split_names
 
     monkeypatch.setenv("PERL_PLUGINS", "lora,grm")
     monkeypatch.setenv("PERL_PLUGINS_DISABLE", "grm")

@@ -126,8 +126,8 @@ def cli_flags(words: list[str]) -> set[str]:
     if command in TRAIN_COMMANDS:
         import trl
 
-        from perl_plugins.arguments import make_plugin_arguments
-        from perl_plugins.train_command import TRAINERS, _plugins_requested, _script_arguments
+        from perl_plugins.host.arguments import make_plugin_arguments
+        from perl_plugins.cli.train import TRAINERS, _plugins_requested, _script_arguments
 
         config = getattr(trl, TRAINERS[command][1])
         plugin_args = make_plugin_arguments(_plugins_requested(words))

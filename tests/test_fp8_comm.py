@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from perl_plugins.fp8_comm import E4M3_MAX, FP8CommState, _quantize
+from perl_plugins.plugins.fp8.comm import E4M3_MAX, FP8CommState, _quantize
 
 
 def test_propose_halves_until_few_enough_values_saturate():
@@ -74,7 +74,7 @@ def test_every_collective_gets_tensors_on_the_buckets_device(monkeypatch):
     the fake collective records the devices it is handed and stops the hook (meta holds no values)."""
     import torch.distributed as dist
 
-    from perl_plugins.fp8_comm import fp8_allreduce_hook
+    from perl_plugins.plugins.fp8.comm import fp8_allreduce_hook
 
     buffer = torch.zeros(6, device="meta")
 

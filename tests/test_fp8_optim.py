@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from perl_plugins.fp8_optim import BLOCK, E4M3, FP8AdamW, describe
+from perl_plugins.plugins.fp8.optim import BLOCK, E4M3, FP8AdamW, describe
 
 LR, WD, B1, B2, EPS = 1e-2, 0.1, 0.9, 0.999, 1e-8
 
@@ -391,7 +391,7 @@ def _flat_and_separate(second_moment: str, compile: bool, pieces: bool, steps: i
 
 
 @pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.skipif(
-    not __import__("perl_plugins.fp8_optim", fromlist=["x"]).compile_available(), reason="no inductor compiler"))])
+    not __import__("perl_plugins.plugins.fp8.optim", fromlist=["x"]).compile_available(), reason="no inductor compiler"))])
 def test_pieces_of_a_flat_partition_step_as_parameters_of_their_own(compile):
     """fp16 mode: with set_segments, each piece of a flat ZeRO-like partition gets exactly the
     weights and states it gets as a separate parameter."""

@@ -6,7 +6,9 @@ import pytest
 import torch
 from conftest import TRAINER_KINDS, train_quietly
 
-from perl_plugins import PluginIncompatibleError, PluginOptionError, attach
+from perl_plugins import PluginIncompatibleError
+from perl_plugins import PluginOptionError
+from perl_plugins import attach
 from perl_plugins.plugins.fp8 import FP8AdamW
 
 

@@ -13,11 +13,13 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, LlamaForSequenceClassification, TrainerCallback, TrainingArguments
 from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
 
-from perl_plugins import PluginIncompatibleError, PluginOptionError, attach
-from perl_plugins.embedded import save_default
+from perl_plugins import PluginIncompatibleError
+from perl_plugins import PluginOptionError
+from perl_plugins import attach
+from perl_plugins.models.embedded import save_default
 from perl_plugins.plugins.grm import grm_loss, grm_regularizer, response_logps
-from perl_plugins.pointwise import pointwise_trainer, reward_classifier
-from perl_plugins.reward_model import MLP_WIDTH, load_reward_adapter, save_reward_adapter, score_texts
+from perl_plugins.training.pointwise import pointwise_trainer, reward_classifier
+from perl_plugins.models.reward import MLP_WIDTH, load_reward_adapter, save_reward_adapter, score_texts
 
 
 @pytest.fixture(scope="module")

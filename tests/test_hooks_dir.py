@@ -14,10 +14,10 @@ from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM, Traine
 
 import perl_plugins
 from perl_plugins import hookspecs
-from perl_plugins.arguments import make_plugin_arguments
+from perl_plugins.host.arguments import make_plugin_arguments
 from perl_plugins.errors import PluginIncompatibleError, PluginOptionError
-from perl_plugins.manager import PluginSet
-from perl_plugins.registry import load
+from perl_plugins.host.plugin_set import PluginSet
+from perl_plugins.host.registry import load
 
 HOOKS = Path(__file__).resolve().parents[1] / "hooks"
 LENGTH_PENALTY = str(HOOKS / "length_penalty.py")

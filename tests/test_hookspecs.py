@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,7 +12,7 @@ import pytest
 from conftest import HookRecorder, hookspec_names, pytest_sessionfinish, ran_whole_suite
 
 from perl_plugins import hookimpl, hookspecs
-from perl_plugins.manager import PluginSet
+from perl_plugins.host.plugin_set import PluginSet
 
 # The hooks the host was written with; more may be added (each then needs docs and a test).
 CORE = {
@@ -108,3 +110,16 @@ def test_sessionfinish_fails_a_full_run_with_unexercised_hooks(monkeypatch, caps
     complete = _session(tests_dir, [str(f) for f in files])
     pytest_sessionfinish(complete, 0)
     assert complete.exitstatus == 0
+
+
+# ---------------------------------------------------------------- import cost
+
+
+@pytest.mark.parametrize("module", ["perl_plugins.hookspecs", "perl_plugins"])
+def test_importing_the_contract_imports_no_torch(module):
+    """Plugin authors, ``perl-plugins --help`` and type checkers import these without paying for torch:
+    the hookspecs' real types live under ``TYPE_CHECKING``."""
+    heavy = ("torch", "transformers", "trl", "peft")
+    code = f"import sys, {module}; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

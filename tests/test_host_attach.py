@@ -13,10 +13,12 @@ import torch
 from conftest import length_reward, tiny_lm, tiny_reward_model, train_quietly
 from transformers import TrainerCallback
 
-from perl_plugins import PluginError, attach, hookimpl
-from perl_plugins.arguments import make_plugin_arguments
-from perl_plugins.manager import PluginSet
-from perl_plugins.registry import installed_plugins, load
+from perl_plugins import PluginError
+from perl_plugins import attach
+from perl_plugins import hookimpl
+from perl_plugins.host.arguments import make_plugin_arguments
+from perl_plugins.host.plugin_set import PluginSet
+from perl_plugins.host.registry import installed_plugins, load
 
 BUILTINS = ("adapter_ckpt", "fp8", "grm", "lora", "rrhf")
 
@@ -67,7 +69,7 @@ def fake_distribution(tmp_path, monkeypatch):
     sys.modules.pop("fakeplug_impl", None)
 
 
-def test_builtins_are_listed_through_entry_points():
+def test_builtins_are_listed_from_code():
     found = installed_plugins()
     for name in BUILTINS:
         assert found[name].source == "builtin"
@@ -364,7 +366,7 @@ def test_added_terms_follow_gradient_accumulation(kind, make_trainer, plugin_fil
 
 
 def test_loss_terms_total_is_the_weighted_sum_with_added_terms_scaled():
-    from perl_plugins.loss_terms import LossTerms
+    from perl_plugins.host.loss_terms import LossTerms
 
     base, extra, other = torch.tensor(2.0), torch.tensor(3.0), torch.tensor(5.0)
     terms = LossTerms("dpo_loss", base)

@@ -17,7 +17,7 @@ from perl_plugins import (
     attach,
     hookimpl,
 )
-from perl_plugins.registry import installed_plugins
+from perl_plugins.host.registry import installed_plugins
 
 
 @pytest.fixture

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from conftest import MAX_STEPS, TRAINER_KINDS, step_losses, train_quietly
 
-from perl_plugins import attach, hookimpl
-from perl_plugins.attach import trainer_family
+from perl_plugins import attach
+from perl_plugins import hookimpl
+from perl_plugins.host.attach import trainer_family
 
 AUX_TERM = "aux_l2"
 AUX_WEIGHT = 0.5

@@ -12,14 +12,16 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, TrainingArguments
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-from perl_plugins import PluginIncompatibleError, PluginOptionError, attach
+from perl_plugins import PluginIncompatibleError
+from perl_plugins import PluginOptionError
+from perl_plugins import attach
 from perl_plugins.cli import main as cli_main
-from perl_plugins.embedded import save_default
+from perl_plugins.models.embedded import save_default
 from perl_plugins.plugins.lora import AdapterReward, roles
-from perl_plugins.pointwise import pointwise_trainer, reward_classifier
-from perl_plugins.reward_metrics import roc_auc
-from perl_plugins.reward_model import RewardAdapterError, load_reward_adapter, save_reward_adapter, score, score_texts
-from perl_plugins.roles import UnknownRoleError
+from perl_plugins.training.pointwise import pointwise_trainer, reward_classifier
+from perl_plugins.training.reward_metrics import roc_auc
+from perl_plugins.models.reward import RewardAdapterError, load_reward_adapter, save_reward_adapter, score, score_texts
+from perl_plugins.models.roles import UnknownRoleError
 
 ROWS = Dataset.from_dict(
     {

@@ -16,13 +16,13 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from perl_plugins.cli import main as cli_main
-from perl_plugins.model_card import (
+from perl_plugins.models.card import (
     TASKMASTER_ATTRIBUTION,
     read_card,
     training_data,
     write_model_card,
 )
-from perl_plugins.reward_model import load_reward_adapter, score
+from perl_plugins.models.reward import load_reward_adapter, score
 
 TINY_RUN = [
     "--model_size", "tiny", "--max_steps", "2", "--per_device_train_batch_size", "4", "--max_train_samples", "16",

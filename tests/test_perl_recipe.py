@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from perl_plugins.cli import main as cli_main
-from perl_plugins import recipe_kit
+from perl_plugins.training import recipe_kit
 
 TINY = [
     "--model_size", "tiny", "--rm_train_samples", "48", "--rm_eval_samples", "48", "--rm_max_steps", "3",

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from perl_plugins.data import taskmaster
 from perl_plugins.data.defaults import trim_context
-from perl_plugins.embedded import resolve_model
-from perl_plugins.reward_model import load_reward_adapter, score_texts
+from perl_plugins.models.embedded import resolve_model
+from perl_plugins.models.reward import load_reward_adapter, score_texts
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 

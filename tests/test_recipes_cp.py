@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from perl_plugins.cli import main as cli_main
-from perl_plugins.recipes_command import find_recipes, recipes_dir
+from perl_plugins.cli.recipes import find_recipes, recipes_dir
 
 RECIPES = ("dpo", "perl", "pretrain_base", "raft", "rlaif", "rrhf")
 

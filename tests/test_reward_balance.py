@@ -6,7 +6,7 @@ import collections
 
 from datasets import Dataset
 
-from perl_plugins.pointwise import balance_labels
+from perl_plugins.training.pointwise import balance_labels
 
 
 def test_rare_label_is_repeated_until_both_count_alike():

@@ -11,17 +11,17 @@ import torch
 from perl_plugins.recipes import perl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from perl_plugins import recipe_kit
 from perl_plugins.data.defaults import default_dataset
-from perl_plugins.embedded import resolve_model
-from perl_plugins.recipe_stages import (
+from perl_plugins.models.embedded import resolve_model
+from perl_plugins.models.reward import load_reward_adapter, score_texts
+from perl_plugins.training import recipe_kit
+from perl_plugins.training.sampling import (
     TurnReward,
     first_line,
     line_end_ids,
     sample_completions,
     stop_at_line_end,
 )
-from perl_plugins.reward_model import load_reward_adapter, score_texts
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,8 @@ def test_generation_stops_at_the_end_of_the_line(model_path):
 def test_turn_reward_rates_the_first_line_only():
     reward = TurnReward("unused: texts only")
     assert first_line(" Sure.\nUser: and a tea") == " Sure."
-    assert reward.texts(["User: hi\nAgent:"] * 2, [" Sure.\nUser: more", " Ok."]) == ["User: hi\nAgent: Sure.", "User: hi\nAgent: Ok."]
+    texts = reward.texts(["User: hi\nAgent:"] * 2, [" Sure.\nUser: more", " Ok."])
+    assert texts == ["User: hi\nAgent: Sure.", "User: hi\nAgent: Ok."]
 
 
 def test_rl_stage_scores_at_most_max_length_tokens(model_path, tmp_path):
@@ -61,9 +62,21 @@ def test_rl_stage_scores_at_most_max_length_tokens(model_path, tmp_path):
     training (tokenize_pointwise cuts the oldest context), not of the whole, longer text."""
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     cfg = dataclasses.replace(
-        perl.PerlConfig(), output_dir=str(tmp_path), model_size="tiny", max_length=24, rm_max_steps=1,
-        rm_train_samples=16, rm_eval_samples=8, rl_max_steps=1, rl_prompts=4, rl_eval_prompts=4, rl_eval_samples=2,
-        rl_batch_size=4, rl_num_generations=2, rl_max_completion_length=6, rl_stop_at_newline=True,
+        perl.PerlConfig(),
+        output_dir=str(tmp_path),
+        model_size="tiny",
+        max_length=24,
+        rm_max_steps=1,
+        rm_train_samples=16,
+        rm_eval_samples=8,
+        rl_max_steps=1,
+        rl_prompts=4,
+        rl_eval_prompts=4,
+        rl_eval_samples=2,
+        rl_batch_size=4,
+        rl_num_generations=2,
+        rl_max_completion_length=6,
+        rl_stop_at_newline=True,
     )
     data = default_dataset("reward", None, cfg.context_turns)
     reward_dir, _, _ = recipe_kit.train_reward_model(cfg, model_path, tokenizer, data)

@@ -170,7 +170,7 @@ def test_soft_label_loss_keeps_grms_weighting(tokenizer, tmp_path):
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
-    from perl_plugins.embedded import resolve_model
+    from perl_plugins.models.embedded import resolve_model
 
     ids = [
         tokenizer(f"User: hi\nAgent: {w}{tokenizer.eos_token}", add_special_tokens=False)["input_ids"]
@@ -204,8 +204,8 @@ def test_grm_regularizes_the_response_the_ai_preferred(tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
-    from perl_plugins.embedded import resolve_model
-    from perl_plugins.reward_model import reward_ids
+    from perl_plugins.models.embedded import resolve_model
+    from perl_plugins.models.reward import reward_ids
 
     rows = [
         {"prompt": "User: tea?\nAgent:", "response_1": " No.", "response_2": " Green or black?", "p_1_preferred": 0.2},

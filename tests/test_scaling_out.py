@@ -27,7 +27,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from perl_plugins.fp8_optim import FP8AdamW
+from perl_plugins.plugins.fp8.optim import FP8AdamW
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import datasets
 
-from . import taskmaster
-from .split_checks import check_splits
+from perl_plugins.data import taskmaster
+from perl_plugins.data.split_checks import check_splits
 
 FORMATS = {
     "sft": "prompt/completion (thumbs-up rows)",

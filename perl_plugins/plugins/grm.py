@@ -2,7 +2,7 @@
 regularizer on the same final hidden states makes it generalize.
 
 Works on stock ``RewardTrainer`` (pairs) and on a stock ``Trainer`` training a one-label
-classifier on thumbs up/down rows (pointwise; see :mod:`perl_plugins.pointwise`). The stock loss
+classifier on thumbs up/down rows (pointwise; see :mod:`perl_plugins.training.pointwise`). The stock loss
 stays the reward loss; this plugin re-weights it by ``1 - alpha`` and adds ``alpha * L_reg``:
 
 - ``sft``:       L_reg = -mean log sigmoid(beta * logp(y_c))
@@ -28,11 +28,10 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
-from perl_plugins import hookimpl
-from perl_plugins.attach import trainer_family
+from perl_plugins import hookimpl, trainer_family
 from perl_plugins.errors import PluginIncompatibleError
 from perl_plugins.lazy import lazy_import
-from perl_plugins.reward_model import HEAD_ATTR, HEAD_KINDS, decoder, set_reward_head, unwrap
+from perl_plugins.models.reward import HEAD_ATTR, HEAD_KINDS, decoder, set_reward_head, unwrap
 
 # Imported when a hook or loss first runs: listing this plugin's options needs no torch.
 torch = lazy_import("torch")
@@ -248,7 +247,7 @@ def perl_check_trainer(trainer: Any, options: dict[str, Any]) -> None:
         )
     if not _is_pairwise(trainer) and "prompt_len" not in (trainer.train_dataset.column_names or []):
         raise PluginIncompatibleError(
-            "grm: pointwise rows need a 'prompt_len' column to mask prompts (perl_plugins.pointwise.tokenize_pointwise adds it)."
+            "grm: pointwise rows need a 'prompt_len' column to mask prompts (perl_plugins.training.pointwise.tokenize_pointwise adds it)."
         )
     if opts.grm_head == "mlp" and hasattr(trainer.model, "peft_config"):
         raise PluginIncompatibleError(

@@ -19,8 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from perl_plugins import hookimpl
-from perl_plugins.attach import trainer_family
+from perl_plugins import hookimpl, trainer_family
 from perl_plugins.errors import PluginIncompatibleError
 from perl_plugins.lazy import lazy_import
 

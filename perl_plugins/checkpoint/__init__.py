@@ -1,0 +1,1 @@
+"""The adapter checkpoint format: layout, manifest, atomic writes, pruning, ZeRO gathering, export."""

@@ -1,0 +1,1 @@
+"""The host: attaches plugins to stock trainers and calls their hooks."""

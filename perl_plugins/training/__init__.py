@@ -1,0 +1,1 @@
+"""Training plumbing shared by the CLI and the recipes."""

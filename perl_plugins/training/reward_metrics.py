@@ -1,0 +1,76 @@
+"""Held-out reward-model metrics: accuracy and ROC AUC, for pointwise rows and for pairs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+def roc_auc(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray) -> float:
+    """Area under the ROC curve: P(score of a random positive > score of a random negative), ties 1/2
+    (the Mann-Whitney statistic, with average ranks for ties)."""
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    labels = np.asarray(labels).ravel() > 0.5
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = scores.argsort(kind="mergesort")
+    ranks = np.empty_like(scores)
+    sorted_scores = scores[order]
+    # average rank for ties
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    avg = first + (counts + 1) / 2.0
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def reward_metrics(eval_pred: Any) -> dict[str, float]:
+    """``compute_metrics`` for a pointwise reward trainer: accuracy (logit > 0 vs label) and ROC AUC."""
+    scores = np.asarray(eval_pred.predictions).reshape(-1)
+    labels = np.asarray(eval_pred.label_ids).reshape(-1)
+    return {"accuracy": float(((scores > 0) == (labels > 0.5)).mean()), "auc": roc_auc(scores, labels)}
+
+
+def evaluate_pairs(model: Any, tokenizer: Any, pairs: Any, max_length: int | None = None) -> dict[str, float]:
+    """Pairwise held-out metrics: accuracy (r(chosen) > r(rejected)) and ROC AUC with chosen
+    responses as positives and rejected ones as negatives."""
+    from perl_plugins.models.reward import score_texts
+
+    was_training = model.training
+    model.eval()
+    try:
+        chosen = score_texts(model, tokenizer, [p + c for p, c in zip(pairs["prompt"], pairs["chosen"])], max_length=max_length)
+        rejected = score_texts(model, tokenizer, [p + r for p, r in zip(pairs["prompt"], pairs["rejected"])], max_length=max_length)
+    finally:
+        model.train(was_training)
+    scores = np.concatenate([chosen.numpy(), rejected.numpy()])
+    labels = np.concatenate([np.ones(len(chosen)), np.zeros(len(rejected))])
+    return {"eval_pair_accuracy": float((chosen > rejected).float().mean()), "eval_auc": roc_auc(scores, labels)}
+
+
+def evaluate_trainer_pairs(trainer: Any) -> dict[str, float]:
+    """Pairwise held-out metrics of a stock ``RewardTrainer`` on exactly what it trains on: its
+    eval dataset as the trainer prepared it (``prompt`` already joined into ``chosen``/``rejected``,
+    EOS added, tokenized), batched by its own collator, scored by the model's forward pass. Rewards
+    are gathered across processes, so every process returns the same metrics."""
+    import torch
+
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    chosen, rejected = [], []
+    try:
+        with torch.no_grad():
+            for batch in trainer.get_eval_dataloader():
+                rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+                # the collator stacks the chosen rows, then the rejected ones
+                c, r = torch.chunk(rewards.logits.squeeze(-1).float(), chunks=2)
+                chosen.append(trainer.accelerator.gather_for_metrics(c).cpu())
+                rejected.append(trainer.accelerator.gather_for_metrics(r).cpu())
+    finally:
+        model.train(was_training)
+    chosen_t, rejected_t = torch.cat(chosen), torch.cat(rejected)
+    scores = np.concatenate([chosen_t.numpy(), rejected_t.numpy()])
+    labels = np.concatenate([np.ones(len(chosen_t)), np.zeros(len(rejected_t))])
+    return {"eval_pair_accuracy": float((chosen_t > rejected_t).float().mean()), "eval_auc": roc_auc(scores, labels)}

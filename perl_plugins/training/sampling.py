@@ -1,0 +1,130 @@
+"""Pieces several recipes share: prompt trimming, sampling from a LoRA policy, and a LoRA policy
+that carries a reward adapter on its own base (one copy of the base weights)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import datasets
+import torch
+from tqdm.auto import tqdm
+
+from perl_plugins.models.adapters import AdapterReward, LoraOptions, lora_config
+from perl_plugins.models.reward import load_reward_adapter
+from perl_plugins.models.roles import Roles
+
+
+def trim_prompt(tokenizer: Any, prompt: str, max_tokens: int | None) -> str:
+    """Keep the latest lines (dialog turns) of ``prompt`` that fit in ``max_tokens`` tokens; a last
+    line longer than that keeps its last ``max_tokens`` tokens.
+
+    trl's SFT and DPO trainers truncate the *end* of long sequences, which would cut the response;
+    the latest turns are what the reply depends on.
+    """
+    if not max_tokens:
+        return prompt
+
+    def length(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    lines = prompt.split("\n")
+    while len(lines) > 1 and length("\n".join(lines)) > max_tokens:
+        lines.pop(0)
+    text = "\n".join(lines)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text if len(ids) <= max_tokens else tokenizer.decode(ids[-max_tokens:])
+
+
+def trim_prompts(dataset: datasets.Dataset, tokenizer: Any, max_tokens: int | None) -> datasets.Dataset:
+    """:func:`trim_prompt` on the ``prompt`` column."""
+    if not max_tokens:
+        return dataset
+    return dataset.map(
+        lambda row: {"prompt": trim_prompt(tokenizer, row["prompt"], max_tokens)}, desc="Trimming prompts"
+    )
+
+
+def sample_completions(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: list[str],
+    num_samples: int = 1,
+    max_new_tokens: int = 24,
+    temperature: float = 1.0,
+    batch_size: int = 16,
+    desc: str = "Sampling",
+) -> list[list[str]]:
+    """``num_samples`` sampled completions per prompt from the model's active adapter (no grad)."""
+    flat = [p for p in prompts for _ in range(num_samples)]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    completions: list[str] = []
+    try:
+        with torch.no_grad():
+            for start in tqdm(range(0, len(flat), batch_size), desc=desc):
+                chunk = flat[start : start + batch_size]
+                batch = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left").to(device)
+                out = model.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=True,
+                    temperature=temperature,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+                completions.extend(
+                    tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+                )
+    finally:
+        model.train(was_training)
+    return [completions[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
+
+
+def line_end_ids(tokenizer: Any) -> list[int]:
+    """Ids of the tokens whose text holds a newline."""
+    return [i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i])]
+
+
+def stop_at_line_end(model: torch.nn.Module, tokenizer: Any) -> None:
+    """Let ``model.generate`` (and trl's RL trainers, which read the same list) end a completion at
+    the end of its line, as at EOS: a rated completion is one agent turn, one line; sampling on runs
+    into the next ``User:`` turn, text no thumb ever rated."""
+    eos = model.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.insert(0, tokenizer.eos_token_id)
+    model.generation_config.eos_token_id = eos + [i for i in line_end_ids(tokenizer) if i not in eos]
+
+
+def first_line(completion: str) -> str:
+    """A completion up to its first newline: the agent turn a thumb rates."""
+    return completion.split("\n", 1)[0]
+
+
+class TurnReward(AdapterReward):
+    """:class:`AdapterReward` on the first line of each completion (see :func:`stop_at_line_end`):
+    the reward model was trained on single turns, ending there."""
+
+    def texts(self, prompts: list[Any], completions: list[Any]) -> list[Any]:
+        return super().texts(prompts, [first_line(c) if isinstance(c, str) else c for c in completions])
+
+
+def policy_with_reward(
+    model: torch.nn.Module, tokenizer: Any, reward_dir: str, lora: LoraOptions, reward: AdapterReward | None = None
+) -> tuple[Any, Roles, AdapterReward]:
+    """Wrap ``model`` (a causal LM) in a fresh LoRA policy adapter and load the reward adapter at
+    ``reward_dir`` next to it: roles ``policy`` (trainable), ``reference`` (adapters off) and
+    ``reward`` (frozen), and ``reward`` (default: an :class:`AdapterReward` of ``reward_dir``) bound to them."""
+    from peft import get_peft_model
+
+    policy = get_peft_model(model, lora_config(model, lora))
+    load_reward_adapter(policy, reward_dir, adapter_name="reward")
+    roles = Roles(policy, {"policy": policy.active_adapter, "reference": None, "reward": "reward"})
+    reward = reward or AdapterReward(reward_dir)
+    reward.bind(roles, tokenizer)
+    return policy, roles, reward
+
+
+def iteration_log(values: list[float], key: str) -> list[dict[str, float]]:
+    """A ``log_history``-like list (``step`` = iteration, from 1) for :func:`perl_plugins.training.reporting.plot_curves`."""
+    return [{"step": i, key: v} for i, v in enumerate(values, 1)]
