@@ -10,6 +10,11 @@ balanced accuracy of:
 - ``rm_full``: the same reward model fully fine-tuned, same data, steps and schedule;
 - ``rm_lora_grm``: ``rm_lora`` with the ``grm`` plugin (text-generation regularizer).
 
+Every reward model scores the evaluation rows in their order through ``score_texts`` (the path the
+RL stage scores with: the training ids, oldest context cut at ``max_length``, pooled as in
+training). ``Trainer.predict`` is not used: with the recipe's length-grouped sampler it returns
+predictions in the sampler's order, which once paired scores with the wrong labels.
+
 Balanced accuracy thresholds every model's score at the train split's prior (logit of the
 thumbs-up rate; a calibrated scorer then calls a row positive when it is likelier than average):
 86% of the rows are thumbs up, so plain accuracy only measures the majority class.
@@ -23,6 +28,7 @@ too), never on the test split. Writes ``benchmarks/results/quality.md`` (unless 
 and prints one JSON object as its last line.
 
     python benchmarks/quality.py --rl                          # 3 seeds, embedded base
+    python benchmarks/quality.py --jobs 3                      # the 3 seeds in 3 processes at once
     python benchmarks/quality.py --quick                       # smoke run: 1 seed, fewer rows and steps
     python benchmarks/quality.py --validate --methods rm_lora,rm_full --rm_full_learning_rate 3e-4
     python benchmarks/quality.py --model smollm2-135m-instruct --max_train_rows 1000
