@@ -10,6 +10,11 @@ balanced accuracy of:
 - ``rm_full``: the same reward model fully fine-tuned, same data, steps and schedule;
 - ``rm_lora_grm``: ``rm_lora`` with the ``grm`` plugin (text-generation regularizer).
 
+Every reward model scores the evaluation rows in their order through ``score_texts`` (the path the
+RL stage scores with: the training ids, oldest context cut at ``max_length``, pooled as in
+training). ``Trainer.predict`` is not used: with the recipe's length-grouped sampler it returns
+predictions in the sampler's order, which once paired scores with the wrong labels.
+
 Balanced accuracy thresholds every model's score at the train split's prior (logit of the
 thumbs-up rate; a calibrated scorer then calls a row positive when it is likelier than average):
 86% of the rows are thumbs up, so plain accuracy only measures the majority class.
@@ -23,6 +28,7 @@ too), never on the test split. Writes ``benchmarks/results/quality.md`` (unless 
 and prints one JSON object as its last line.
 
     python benchmarks/quality.py --rl                          # 3 seeds, embedded base
+    python benchmarks/quality.py --jobs 3                      # the 3 seeds in 3 processes at once
     python benchmarks/quality.py --quick                       # smoke run: 1 seed, fewer rows and steps
     python benchmarks/quality.py --validate --methods rm_lora,rm_full --rm_full_learning_rate 3e-4
     python benchmarks/quality.py --model smollm2-135m-instruct --max_train_rows 1000
@@ -50,18 +56,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import datasets
 import numpy as np
 import torch
 from _common import StepTimer, median, peak_rss_mb, reset_peak_rss
-from perl_plugins.training import recipe_kit
 from perl_plugins.recipes import perl
 from transformers import set_seed
 
 from perl_plugins.data import taskmaster
 from perl_plugins.data.defaults import trim_context
 from perl_plugins.models.embedded import resolve_model
+from perl_plugins.models.reward import save_reward_adapter, score_texts
+from perl_plugins.training import recipe_kit
 from perl_plugins.training.reward_metrics import roc_auc
-from perl_plugins.models.reward import save_reward_adapter
 
 METHODS = ("tfidf_logreg", "rm_lora", "rm_full", "rm_lora_grm")
 RM_PLUGINS = {"rm_lora": "lora", "rm_full": "", "rm_lora_grm": "lora,grm"}
@@ -84,6 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rm_full_learning_rate", type=float, default=None, help="rm_full's learning rate (YAML: rm_full_learning_rate).")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override any recipe YAML key.")
     p.add_argument("--rl", action="store_true", help="Also measure the RL stage (LoRA and full policies).")
+    p.add_argument("--rl_policies", default="lora,full", help="RL policies to measure: lora, full or both.")
+    p.add_argument("--jobs", type=int, default=1, help="Run the seeds in this many processes at once.")
+    p.add_argument("--seed_result", default=None, help=argparse.SUPPRESS)  # worker of --jobs: write this seed's results
     p.add_argument("--quick", action="store_true", help="Smoke run: seed 0, 600 train rows, short RL.")
     p.add_argument("--no_write", action="store_true", help="Do not write benchmarks/results/quality.md.")
     args = p.parse_args(argv)
@@ -175,22 +185,38 @@ def reward_model(
     trainer.train()
     train_s = time.perf_counter() - start
     peak = peak_rss_mb()
-    scores = np.asarray(trainer.predict(trainer.eval_dataset).predictions).reshape(-1)
+    scores = score_rows(trainer.model, tokenizer, evaluation, cfg.max_length)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     if save_to:
         save_reward_adapter(trainer.model, save_to, trainer.model.active_adapter)
     return scores, {"train_s": train_s, "step_s": median(timer.wall), "peak_rss_mb": peak, "trainable_params": trainable}
 
 
-def rl_both(cfg: perl.PerlConfig, model_path: str, reward_dir: str) -> dict[str, dict[str, float]]:
-    """The recipe's RL stage from one reward adapter, with a LoRA policy and a fully fine-tuned one."""
+def score_rows(model, tokenizer, rows, max_length: int) -> np.ndarray:
+    """Rewards of ``rows``, in their order, through the path the RL stage scores with
+    (``score_texts``: the training ids, oldest context cut, pooled as in training). Not
+    ``Trainer.predict``: with the recipe's length-grouped sampler it returns the rows reordered."""
+    model.eval()
+    texts = [r.prompt + r.completion for r in rows]
+    return score_texts(model, tokenizer, texts, batch_size=32, max_length=max_length).numpy()
+
+
+def rl_both(
+    cfg: perl.PerlConfig, model_path: str, reward_dir: str, train, evaluation, policies: list[str]
+) -> dict[str, dict[str, float]]:
+    """The recipe's RL stage from one reward adapter, with a LoRA policy and a fully fine-tuned one,
+    on prompts of the benchmark's own split (validation prompts under ``--validate``)."""
+    data = {
+        "train": datasets.Dataset.from_dict({"prompt": list(dict.fromkeys(r.prompt for r in train))}),
+        "test": datasets.Dataset.from_dict({"prompt": list(dict.fromkeys(r.prompt for r in evaluation))}),
+    }
     out = {}
-    for kind in ("lora", "full"):
+    for kind in policies:
         tokenizer = recipe_kit.padded_tokenizer(model_path)
         set_seed(cfg.seed)
         reset_peak_rss()
         start = time.perf_counter()
-        metrics, _, _ = recipe_kit.rl_stage(cfg, model_path, tokenizer, reward_dir, policy=kind)
+        metrics, _, _ = recipe_kit.rl_stage(cfg, model_path, tokenizer, reward_dir, data, policy=kind)
         metrics.update(wall_s=time.perf_counter() - start, peak_rss_mb=peak_rss_mb())
         out[kind] = metrics
     return out
@@ -221,24 +247,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     per_seed: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
     rl_runs: list[dict[str, dict[str, float]]] = []
-    for seed in seeds:
-        with tempfile.TemporaryDirectory(prefix="perl-quality-") as tmp:
-            cfg = recipe_config(args, seed, tmp)
-            for method in methods:
-                if method == "tfidf_logreg":
-                    scores, extra = tfidf_logreg(train_t, eval_t, seed)
-                else:
-                    save_to = os.path.join(tmp, "reward_adapter") if method == "rm_lora" else None
-                    scores, extra = reward_model(method, cfg, model_path, train_t, eval_t, save_to=save_to)
-                result = {**classification_metrics(scores, labels, prior), **extra}
-                per_seed[method].append(result)
-                print(f"[quality] seed {seed} {method}: {json.dumps(result)}", flush=True)
-            if args.rl:
-                reward_dir = os.path.join(tmp, "reward_adapter")
-                if not os.path.isdir(reward_dir):  # rm_lora not among the methods: train it for the RL
-                    reward_model("rm_lora", cfg, model_path, train_t, eval_t, save_to=reward_dir)
-                rl_runs.append(rl_both(cfg, model_path, reward_dir))
-                print(f"[quality] seed {seed} rl: {json.dumps(rl_runs[-1])}", flush=True)
+    if args.jobs > 1 and len(seeds) > 1:
+        outcomes = seeds_in_workers(argv if argv is not None else sys.argv[1:], seeds, args.jobs)
+    else:
+        outcomes = [run_seed(args, seed, model_path, train_t, eval_t, labels, prior) for seed in seeds]
+    for results, rl_run in outcomes:
+        for method in methods:
+            per_seed[method].append(results[method])
+        if rl_run is not None:
+            rl_runs.append(rl_run)
+    if args.seed_result:  # a worker of --jobs: hand this seed's results back, nothing else
+        Path(args.seed_result).write_text(json.dumps(outcomes[0]))
+        return {}
 
     table = build_table(per_seed, rl_runs)
     table["goals"] = goals(table)
@@ -256,6 +276,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return table
 
 
+def run_seed(args, seed: int, model_path: str, train_t, eval_t, labels: np.ndarray, prior: float):
+    """One seed: ({method: metrics}, RL results or None)."""
+    results: dict[str, dict[str, float]] = {}
+    rl_run = None
+    with tempfile.TemporaryDirectory(prefix="perl-quality-") as tmp:
+        cfg = recipe_config(args, seed, tmp)
+        for method in args.methods.split(","):
+            if method == "tfidf_logreg":
+                scores, extra = tfidf_logreg(train_t, eval_t, seed)
+            else:
+                save_to = os.path.join(tmp, "reward_adapter") if method == "rm_lora" else None
+                scores, extra = reward_model(method, cfg, model_path, train_t, eval_t, save_to=save_to)
+            results[method] = {**classification_metrics(scores, labels, prior), **extra}
+            print(f"[quality] seed {seed} {method}: {json.dumps(results[method])}", flush=True)
+        if args.rl:
+            reward_dir = os.path.join(tmp, "reward_adapter")
+            if not os.path.isdir(reward_dir):  # rm_lora not among the methods: train it for the RL
+                reward_model("rm_lora", cfg, model_path, train_t, eval_t, save_to=reward_dir)
+            rl_run = rl_both(cfg, model_path, reward_dir, train_t, eval_t, args.rl_policies.split(","))
+            print(f"[quality] seed {seed} rl: {json.dumps(rl_run)}", flush=True)
+    return results, rl_run
+
+
+def seeds_in_workers(argv: list[str], seeds: list[int], jobs: int) -> list:
+    """Each seed in its own process, ``jobs`` at a time (one thread each: cores, not threads, scale
+    these small models); the per-seed outcomes of :func:`run_seed`, in seed order."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    with tempfile.TemporaryDirectory(prefix="perl-quality-seeds-") as tmp:
+
+        def one(seed: int):
+            out = os.path.join(tmp, f"seed{seed}.json")
+            cmd = [sys.executable, __file__, *argv, "--seeds", str(seed), "--jobs", "1", "--no_write"]
+            subprocess.run([*cmd, "--seed_result", out], check=True)
+            return tuple(json.loads(Path(out).read_text()))
+
+        with ThreadPoolExecutor(jobs) as pool:
+            return list(pool.map(one, seeds))
+
+
 def build_table(per_seed: dict[str, list[dict[str, float]]], rl_runs: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
     """The PERL table: per method mean/std over seeds; per-seed RL gains and KLs."""
     table: dict[str, Any] = {}
@@ -268,13 +329,11 @@ def build_table(per_seed: dict[str, list[dict[str, float]]], rl_runs: list[dict[
             **{k: float(np.mean([r[k] for r in runs])) for k in ("train_s", "step_s", "peak_rss_mb", "trainable_params") if k in runs[0]},
         }
     if rl_runs:
-        table["rl"] = {
-            "rl_gain_in_std": [r["lora"]["rl_gain_in_std"] for r in rl_runs],
-            "rl_full_gain_in_std": [r["full"]["rl_full_gain_in_std"] for r in rl_runs],
-            "rl_final_kl": [r["lora"]["rl_final_kl"] for r in rl_runs],
-            "rl_full_final_kl": [r["full"]["rl_full_final_kl"] for r in rl_runs],
-            "runs": rl_runs,
-        }
+        table["rl"] = {"runs": rl_runs}
+        for kind, prefix in (("lora", "rl"), ("full", "rl_full")):
+            if kind in rl_runs[0]:
+                table["rl"][prefix + "_gain_in_std"] = [r[kind][prefix + "_gain_in_std"] for r in rl_runs]
+                table["rl"][prefix + "_final_kl"] = [r[kind][prefix + "_final_kl"] for r in rl_runs]
     return table
 
 
@@ -288,9 +347,10 @@ def goals(table: dict[str, Any]) -> dict[str, bool]:
             out["rm_lora_beats_tfidf_by_0.03"] = lora >= table["tfidf_logreg"]["auc_mean"] + 0.03
         if "rm_full" in table:
             out["rm_lora_within_0.02_of_full"] = abs(lora - table["rm_full"]["auc_mean"]) <= 0.02
-    if "rl" in table:
-        rl = table["rl"]
+    rl = table.get("rl", {})
+    if "rl_gain_in_std" in rl:
         out["rl_gain_ge_0.5_std_each_seed"] = all(g >= 0.5 for g in rl["rl_gain_in_std"])
+    if "rl_gain_in_std" in rl and "rl_full_gain_in_std" in rl:
         full = float(np.mean(rl["rl_full_gain_in_std"]))
         out["rl_lora_over_full_gain_ge_0.8"] = full > 0 and float(np.mean(rl["rl_gain_in_std"])) / full >= 0.8
     return out
@@ -328,6 +388,8 @@ def markdown(table: dict[str, Any]) -> str:
             "| --- | --- | --- | --- | --- |",
         ]
         for kind, prefix in (("lora", "rl"), ("full", "rl_full")):
+            if prefix + "_gain_in_std" not in rl:
+                continue
             runs = [r[kind] for r in rl["runs"]]
             lines.append(
                 f"| {kind} | {', '.join(format(g, '.2f') for g in rl[prefix + '_gain_in_std'])} | "

@@ -23,8 +23,8 @@ from pathlib import Path
 from transformers import set_seed
 from trl import TrlParser
 
-from perl_plugins.host.arguments import check_options
 from perl_plugins.data.defaults import default_dataset
+from perl_plugins.host.arguments import check_options
 from perl_plugins.training.recipe_kit import STAGE_DEFAULTS, load_base, rl_stage, train_reward_model, write_samples
 from perl_plugins.training.reporting import plot_curves, write_summary
 
@@ -60,6 +60,10 @@ class PerlConfig:
     rm_learning_rate: float = field(default=1e-3, metadata={"help": "Reward-model learning rate."})
     rm_lr_scheduler: str = field(default=STAGE_DEFAULTS["rm_lr_scheduler"], metadata={"help": "Reward-model learning-rate schedule."})
     rm_warmup_ratio: float = field(default=STAGE_DEFAULTS["rm_warmup_ratio"], metadata={"help": "Reward-model warm-up share of the steps."})
+    rm_balance_classes: bool = field(
+        default=STAGE_DEFAULTS["rm_balance_classes"],
+        metadata={"help": "Repeat rows of the rarer thumb until both thumbs count as many train rows."},
+    )
     rm_full_learning_rate: float = field(
         default=1e-4, metadata={"help": "Learning rate when the reward model is fully fine-tuned (benchmarks)."}
     )
@@ -71,6 +75,10 @@ class PerlConfig:
     rl_batch_size: int = field(default=8, metadata={"help": "Completions per RLOO step."})
     rl_num_generations: int = field(default=4, metadata={"help": "Completions per prompt (RLOO's k)."})
     rl_max_completion_length: int = field(default=24, metadata={"help": "Max new tokens per completion."})
+    rl_stop_at_newline: bool = field(
+        default=STAGE_DEFAULTS["rl_stop_at_newline"],
+        metadata={"help": "End each sampled completion at its first newline (one agent turn, as rated)."},
+    )
     rl_learning_rate: float = field(default=5e-4, metadata={"help": "Policy learning rate."})
     rl_beta: float = field(default=0.05, metadata={"help": "KL penalty to the reference (adapters off)."})
     rl_kl_limit: float = field(default=0.5, metadata={"help": "Documented bound the final KL must stay below."})

@@ -18,18 +18,23 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 from trl import DPOConfig, DPOTrainer, RLOOConfig, RLOOTrainer
 
 from perl_plugins import attach
-from perl_plugins.host.arguments import options_for
 from perl_plugins.data.defaults import default_dataset
-from perl_plugins.training.device import cpu_settings
-from perl_plugins.models.card import training_data, write_model_card
+from perl_plugins.host.arguments import options_for
 from perl_plugins.models.adapters import AdapterReward, LoraOptions, lora_config
+from perl_plugins.models.card import training_data, write_model_card
 from perl_plugins.models.embedded import resolve_model
-from perl_plugins.models.roles import roles
-from perl_plugins.training.pointwise import pointwise_trainer, reward_classifier
-from perl_plugins.training.progress import quiet_progress
-from perl_plugins.training.sampling import policy_with_reward, sample_completions
 from perl_plugins.models.reward import save_reward_adapter
-
+from perl_plugins.models.roles import roles
+from perl_plugins.training.device import cpu_settings
+from perl_plugins.training.pointwise import balance_labels, pointwise_trainer, reward_classifier
+from perl_plugins.training.progress import quiet_progress
+from perl_plugins.training.sampling import (
+    TurnReward,
+    first_line,
+    policy_with_reward,
+    sample_completions,
+    stop_at_line_end,
+)
 
 ArgsT = TypeVar("ArgsT", bound=TrainingArguments)
 
@@ -40,6 +45,8 @@ STAGE_DEFAULTS: dict[str, Any] = {
     "split_seed": 0,
     "rl_eval_samples": 4,
     "rl_full_learning_rate": 5e-5,
+    "rl_stop_at_newline": False,
+    "rm_balance_classes": False,
 }
 
 
@@ -49,6 +56,8 @@ def reward_trainer(cfg: Any, model_path: str, tokenizer, train, test, plugins: s
     ``plugins`` defaults to ``cfg.rm_plugins``; ``""`` fine-tunes the whole model (the comparison
     PERL draws: LoRA reward models on par with full fine-tuning at the same budget)."""
     plugins = cfg.rm_plugins if plugins is None else plugins
+    if _setting(cfg, "rm_balance_classes"):
+        train = balance_labels(train, cfg.seed)
     args = reward_stage_args(
         cfg,
         TrainingArguments,
@@ -91,6 +100,8 @@ def held_out_rewards(model, tokenizer, reward: AdapterReward, prompts: list[str]
         torch.random.set_rng_state(state)
     flat_prompts = [p for p, cs in zip(prompts, completions) for _ in cs]
     flat = [c for cs in completions for c in cs]
+    if _setting(cfg, "rl_stop_at_newline"):
+        flat = [first_line(c) for c in flat]  # generation stopped there; the newline is no part of the turn
     rewards = np.asarray(reward(prompts=flat_prompts, completions=flat), dtype=np.float64)
     per_prompt = rewards.reshape(len(prompts), -1).mean(axis=1)
     return {
@@ -154,13 +165,17 @@ def rl_stage(
         logging_steps=1,
     )
     model = AutoModelForCausalLM.from_pretrained(model_path)
+    # Scored as trained: texts cut to the reward model's max_length, oldest context first.
+    if _setting(cfg, "rl_stop_at_newline"):
+        stop_at_line_end(model, tokenizer)
+        reward = TurnReward(reward_dir, max_length=cfg.max_length)
+    else:
+        reward = AdapterReward(reward_dir, max_length=cfg.max_length)
     if policy == "lora":
-        reward = AdapterReward(reward_dir)
         peft_config = lora_config(model, LoraOptions(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha))
     else:
-        _, _, reward = policy_with_reward(
-            AutoModelForCausalLM.from_pretrained(model_path), tokenizer, reward_dir, LoraOptions(lora_r=cfg.lora_r)
-        )
+        frozen_base = AutoModelForCausalLM.from_pretrained(model_path)
+        policy_with_reward(frozen_base, tokenizer, reward_dir, LoraOptions(lora_r=cfg.lora_r), reward)
         peft_config = None
     trainer = RLOOTrainer(
         model=model,

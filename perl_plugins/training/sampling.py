@@ -49,18 +49,47 @@ def sample_completions(
     return [completions[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
 
 
+def line_end_ids(tokenizer: Any) -> list[int]:
+    """Ids of the tokens whose text holds a newline."""
+    return [i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i])]
+
+
+def stop_at_line_end(model: torch.nn.Module, tokenizer: Any) -> None:
+    """Let ``model.generate`` (and trl's RL trainers, which read the same list) end a completion at
+    the end of its line, as at EOS: a rated completion is one agent turn, one line; sampling on runs
+    into the next ``User:`` turn, text no thumb ever rated."""
+    eos = model.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.insert(0, tokenizer.eos_token_id)
+    model.generation_config.eos_token_id = eos + [i for i in line_end_ids(tokenizer) if i not in eos]
+
+
+def first_line(completion: str) -> str:
+    """A completion up to its first newline: the agent turn a thumb rates."""
+    return completion.split("\n", 1)[0]
+
+
+class TurnReward(AdapterReward):
+    """:class:`AdapterReward` on the first line of each completion (see :func:`stop_at_line_end`):
+    the reward model was trained on single turns, ending there."""
+
+    def texts(self, prompts: list[Any], completions: list[Any]) -> list[Any]:
+        return super().texts(prompts, [first_line(c) if isinstance(c, str) else c for c in completions])
+
+
 def policy_with_reward(
-    model: torch.nn.Module, tokenizer: Any, reward_dir: str, lora: LoraOptions
+    model: torch.nn.Module, tokenizer: Any, reward_dir: str, lora: LoraOptions, reward: AdapterReward | None = None
 ) -> tuple[Any, Roles, AdapterReward]:
     """Wrap ``model`` (a causal LM) in a fresh LoRA policy adapter and load the reward adapter at
     ``reward_dir`` next to it: roles ``policy`` (trainable), ``reference`` (adapters off) and
-    ``reward`` (frozen), and an :class:`AdapterReward` bound to them."""
+    ``reward`` (frozen), and ``reward`` (default: an :class:`AdapterReward` of ``reward_dir``) bound to them."""
     from peft import get_peft_model
 
     policy = get_peft_model(model, lora_config(model, lora))
     load_reward_adapter(policy, reward_dir, adapter_name="reward")
     roles = Roles(policy, {"policy": policy.active_adapter, "reference": None, "reward": "reward"})
-    reward = AdapterReward(reward_dir)
+    reward = reward or AdapterReward(reward_dir)
     reward.bind(roles, tokenizer)
     return policy, roles, reward
 

@@ -1,0 +1,48 @@
+"""benchmarks/quality.py: the scores it rates are each row's own, as the RL stage reads them."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from perl_plugins.data import taskmaster
+from perl_plugins.data.defaults import trim_context
+from perl_plugins.models.embedded import resolve_model
+from perl_plugins.models.reward import load_reward_adapter, score_texts
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def quality():
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("quality_bench", BENCH / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_reward_model_scores_follow_the_evaluation_rows(quality, tmp_path):
+    """Each score belongs to its row: the saved reward adapter, scoring one row at a time, gives the
+    same value (a length-grouped eval sampler once reordered them, so AUCs compared shuffled scores)."""
+    rows = [dataclasses.replace(r, prompt=trim_context(r.prompt, 2)) for r in taskmaster.load_splits()["train"][:60]]
+    train, evaluation = rows[:24], rows[24:]
+    assert len({len(r.prompt + r.completion) for r in evaluation}) > 10  # lengths vary: a length sampler reorders
+    args = quality.parse_args(["--set", "rm_max_steps=1", "--set", "rm_batch_size=8", "--set", "max_length=96"])
+    cfg = quality.recipe_config(args, 0, str(tmp_path))
+    model_path = resolve_model(None, "tiny")
+    scores, _ = quality.reward_model("rm_lora", cfg, model_path, train, evaluation, save_to=str(tmp_path / "rm"))
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = load_reward_adapter(AutoModelForCausalLM.from_pretrained(model_path), tmp_path / "rm")
+    one_by_one = [
+        score_texts(model, tokenizer, [r.prompt + r.completion], max_length=cfg.max_length).item() for r in evaluation
+    ]
+    assert np.std(one_by_one) > 0
+    np.testing.assert_allclose(scores, one_by_one, rtol=1e-4, atol=1e-5)
