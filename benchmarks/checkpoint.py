@@ -51,9 +51,19 @@ def build(output_dir: Path, lora: bool, max_steps: int) -> Any:
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_config("bench100m", vocab_size=len(tokenizer)))
     args = TrainingArguments(
-        output_dir=str(output_dir), max_steps=max_steps, save_steps=SAVE_STEPS, save_strategy="steps",
-        per_device_train_batch_size=2, logging_steps=1, learning_rate=1e-4, report_to="none", use_cpu=True,
-        bf16=False, seed=0, data_seed=0, disable_tqdm=True,
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        save_steps=SAVE_STEPS,
+        save_strategy="steps",
+        per_device_train_batch_size=2,
+        logging_steps=1,
+        learning_rate=1e-4,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
     )
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
     trainer = Trainer(model=model, args=args, train_dataset=dataset(tokenizer), data_collator=collator)

@@ -48,8 +48,13 @@ from typing import Any
 import torch
 
 WARMUP = 5
-GOALS = {"fp8adamw_bytes": 3.05, "fp8adamw_2byte_bytes": 2.1, "step_time_ratio": 1.2, "final_loss_rel_diff": 0.01,
-         "train_step_ratio": 1.05}
+GOALS = {
+    "fp8adamw_bytes": 3.05,
+    "fp8adamw_2byte_bytes": 2.1,
+    "step_time_ratio": 1.2,
+    "final_loss_rel_diff": 0.01,
+    "train_step_ratio": 1.05,
+}
 # Bytes read + written per parameter by one step (fp32 parameters and gradients), our count:
 # fused AdamW: read p, g, m, v (16), write p, m, v (12). FP8AdamW (single pass, fp16 v): read g for
 # its amax (4); one loop reads p, g, m, v (4+4+1+2) and writes p, m (4+1) and v's new values to a
@@ -179,8 +184,11 @@ def run(
                 pair[key].append(time.perf_counter() - start)
         by_threads[str(threads)] = round(statistics.median(pair["opt"]) / statistics.median(pair["fused"]), 3)
     torch.set_num_threads(args.threads)
-    print(f"{name}: loss {losses[0]:.3f} -> {losses[-1]:.3f}, held-out {final:.4f}, step {opt_ms:.1f} ms "
-          f"vs fused {fused_ms:.1f} ms, first step {first_step_s:.1f} s", flush=True)
+    print(
+        f"{name}: loss {losses[0]:.3f} -> {losses[-1]:.3f}, held-out {final:.4f}, step {opt_ms:.1f} ms "
+        f"vs fused {fused_ms:.1f} ms, first step {first_step_s:.1f} s",
+        flush=True,
+    )
     return {
         "state_bytes_per_param": round(state_bytes(optimizer) / n, 4),
         "step_time_ratio": round(opt_ms / fused_ms, 3),
@@ -216,13 +224,15 @@ def train_step_ratio(make: Callable[[Any], torch.optim.Optimizer], data: tuple, 
     torch.manual_seed(0)
     models = [LlamaForCausalLM(tiny_config("bench20m")) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
-    opts = {"opt": (models[0], make(list(models[0].parameters()))),
-            "fused": (models[1], torch.optim.AdamW(models[1].parameters(), lr=args.lr, fused=True))}
+    opts = {
+        "opt": (models[0], make(list(models[0].parameters()))),
+        "fused": (models[1], torch.optim.AdamW(models[1].parameters(), lr=args.lr, fused=True)),
+    }
     times: dict[str, list[float]] = {"opt": [], "fused": []}
     train = data[0]
     for step in range(WARMUP + args.train_timing_steps):
         batch = train[step % len(train)]
-        for key in (["opt", "fused"] if step % 2 else ["fused", "opt"]):
+        for key in ["opt", "fused"] if step % 2 else ["fused", "opt"]:
             model, opt = opts[key]
             start = time.perf_counter()
             loss = model(input_ids=batch, labels=batch).loss
@@ -244,8 +254,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--timing-threads", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
     parser.add_argument("--train-timing-steps", type=int, default=20)
-    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0],
-                        help="Seeds (initialisation, batch order) for final_loss_rel_diff_seeds: mean and standard error.")
+    parser.add_argument(
+        "--seeds",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[0],
+        help="Seeds (initialisation, batch order) for final_loss_rel_diff_seeds: mean and standard error.",
+    )
     parser.add_argument("--cases", default="adamw,adamw_fused,fp8adamw,fp8adamw_2byte,torchao_fp8,torchao_8bit")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -292,25 +306,42 @@ def main() -> None:
         # One seed's loss difference mixes the optimizer's effect with chaotic divergence of two
         # runs (adamw_fused, the same math in another order, shows how large that alone is): the
         # relative differences per seed against AdamW, their mean and standard error.
-        losses = {name: [results[name]["final_loss"] if seed == 0 else final_loss(cases[name], data, args, seed)
-                         for seed in args.seeds]
-                  for name in ("adamw", *[n for n in results if n != "adamw" and "final_loss" in results[n]])}
+        losses = {
+            name: [
+                results[name]["final_loss"] if seed == 0 else final_loss(cases[name], data, args, seed)
+                for seed in args.seeds
+            ]
+            for name in ("adamw", *[n for n in results if n != "adamw" and "final_loss" in results[n]])
+        }
         for name, values in losses.items():
             if name == "adamw":
                 continue
             diffs = [(v - a) / a for v, a in zip(values, losses["adamw"])]
             mean, sem = mean_and_sem(diffs)
             results[name]["final_loss_rel_diff_seeds"] = {
-                "seeds": args.seeds, "per_seed": [round(d, 5) for d in diffs], "mean": round(mean, 5),
-                "sem": round(sem, 5), "met": bool(abs(mean) <= GOALS["final_loss_rel_diff"]),
+                "seeds": args.seeds,
+                "per_seed": [round(d, 5) for d in diffs],
+                "mean": round(mean, 5),
+                "sem": round(sem, 5),
+                "met": bool(abs(mean) <= GOALS["final_loss_rel_diff"]),
             }
             print(f"{name}: final loss rel diff over seeds {results[name]['final_loss_rel_diff_seeds']}", flush=True)
     results["copy_GBps"] = round((copy_before + copy_gbps()) / 2, 2)
-    results["config"] = {"steps": args.steps, "seeds": args.seeds, "batch": args.batch, "seq_len": args.seq_len, "lr": args.lr,
-                         "threads": torch.get_num_threads(), "timing_threads": args.timing_threads,
-                         "timing_repeats": TIMING_REPEATS, "train_timing_steps": args.train_timing_steps,
-                         "warmup_steps_untimed": WARMUP, "goals": GOALS, "cpus": os.cpu_count(),
-                         "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()]}
+    results["config"] = {
+        "steps": args.steps,
+        "seeds": args.seeds,
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "lr": args.lr,
+        "threads": torch.get_num_threads(),
+        "timing_threads": args.timing_threads,
+        "timing_repeats": TIMING_REPEATS,
+        "train_timing_steps": args.train_timing_steps,
+        "warmup_steps_untimed": WARMUP,
+        "goals": GOALS,
+        "cpus": os.cpu_count(),
+        "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],
+    }
     print(json.dumps(results))
 
 

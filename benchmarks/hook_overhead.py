@@ -101,9 +101,16 @@ class LockstepTimer(TrainerCallback):
 def _model(tokenizer) -> LlamaForCausalLM:
     # Sized so that a step takes roughly 50-100 ms on one CPU thread: overhead stays measurable.
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(config)
@@ -112,7 +119,8 @@ def _model(tokenizer) -> LlamaForCausalLM:
 def _dataset(steps: int, batch_size: int) -> Dataset:
     texts = [
         f"User: one {size} {drink} with {extra}, please\nAgent: Sure, one {size} {drink} with {extra} coming up."
-        for size in ("small", "medium", "large") for drink in ("latte", "mocha", "flat white", "cappuccino")
+        for size in ("small", "medium", "large")
+        for drink in ("latte", "mocha", "flat white", "cappuccino")
         for extra in ("oat milk", "a double shot", "caramel", "no sugar")
     ]
     rows = steps * batch_size
@@ -121,9 +129,18 @@ def _dataset(steps: int, batch_size: int) -> Dataset:
 
 def _trainer(variant: str, tokenizer, dataset: Dataset, steps: int, batch_size: int, output_dir: str) -> SFTTrainer:
     args = SFTConfig(
-        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size, max_length=64,
-        logging_steps=1, learning_rate=1e-4, report_to="none", use_cpu=True, save_strategy="no", seed=0,
-        disable_tqdm=True, dataloader_num_workers=0,
+        output_dir=output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        max_length=64,
+        logging_steps=1,
+        learning_rate=1e-4,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
     trainer = SFTTrainer(model=_model(tokenizer), args=args, train_dataset=dataset, processing_class=tokenizer)
     trainer.remove_callback(PrinterCallback)  # printing every log line would only add noise
@@ -135,8 +152,9 @@ def _trainer(variant: str, tokenizer, dataset: Dataset, steps: int, batch_size: 
     return trainer
 
 
-def lockstep_round(order: Sequence[str], tokenizer, dataset: Dataset, steps: int, batch_size: int,
-                   output_dir: str, clock: Any) -> dict[str, list[float]]:
+def lockstep_round(
+    order: Sequence[str], tokenizer, dataset: Dataset, steps: int, batch_size: int, output_dir: str, clock: Any
+) -> dict[str, list[float]]:
     """Train one fresh trainer per variant in lockstep; step times per variant, warm-up dropped."""
     turns = Turns(len(order))
     timers = {}
@@ -151,9 +169,7 @@ def lockstep_round(order: Sequence[str], tokenizer, dataset: Dataset, steps: int
     return {variant: timer.times[WARMUP_STEPS:] for variant, timer in timers.items()}
 
 
-def host_time_per_step(
-    tokenizer, dataset: Dataset, steps: int, batch_size: int, output_dir: str, clock: Any
-) -> float:
+def host_time_per_step(tokenizer, dataset: Dataset, steps: int, batch_size: int, output_dir: str, clock: Any) -> float:
     """Seconds per step spent in the host's own code for the no-op plugin: time inside the
     wrapped ``compute_loss``/``log`` minus time inside the stock methods they call. Timed
     directly, so unlike the ratios it does not drown in the noise of a shared machine."""
@@ -186,7 +202,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is steadiest on a busy box).")
     parser.add_argument(
-        "--clock", choices=("cpu", "wall"), default="cpu",
+        "--clock",
+        choices=("cpu", "wall"),
+        default="cpu",
         help="cpu: CPU time of the trainer's thread (with one torch thread, time lost to other processes "
         "preempting it does not count); wall: elapsed time.",
     )
@@ -203,22 +221,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # allocator growth), which would count against whichever variant goes first.
         lockstep_round(VARIANTS, tokenizer, dataset, WARMUP_STEPS * 2, args.batch_size, output_dir, clock)
         for round_index in range(args.rounds):
-            order = VARIANTS[round_index % 3:] + VARIANTS[: round_index % 3]
+            order = VARIANTS[round_index % 3 :] + VARIANTS[: round_index % 3]
             for variant, run_times in lockstep_round(
                 order, tokenizer, dataset, args.steps, args.batch_size, output_dir, clock
             ).items():
                 times[variant] += run_times
-            print(f"round {round_index + 1}/{args.rounds}: median ms/step so far "
-                  + ", ".join(f"{v}={statistics.median(t) * 1000:.1f}" for v, t in times.items()), file=sys.stderr)
+            print(
+                f"round {round_index + 1}/{args.rounds}: median ms/step so far "
+                + ", ".join(f"{v}={statistics.median(t) * 1000:.1f}" for v, t in times.items()),
+                file=sys.stderr,
+            )
         host = host_time_per_step(tokenizer, dataset, args.steps, args.batch_size, output_dir, clock)
     median = {v: statistics.median(t) for v, t in times.items()}
     result = {f"ratio_{v}": round(median[v] / median["stock"], 4) for v in VARIANTS[1:]}
-    print(json.dumps({
-        "median_step_ms": {v: round(m * 1000, 2) for v, m in median.items()},
-        "steps_timed_per_variant": len(times["stock"]),
-        "noop_plugin_host_us_per_step": round(host * 1e6, 1),
-        "noop_plugin_host_fraction_of_step": round(host / median["stock"], 5),
-    }))
+    print(
+        json.dumps(
+            {
+                "median_step_ms": {v: round(m * 1000, 2) for v, m in median.items()},
+                "steps_timed_per_variant": len(times["stock"]),
+                "noop_plugin_host_us_per_step": round(host * 1e6, 1),
+                "noop_plugin_host_fraction_of_step": round(host / median["stock"], 5),
+            }
+        )
+    )
     print(json.dumps(result))
     return result
 

@@ -192,7 +192,6 @@ class PhaseRss(threading.Thread):
         trainer.create_optimizer = create_optimizer
 
 
-
 def _reward_rows(tokenizer: Any, count: int, seq_len: int):
     """Pointwise Taskmaster rows at least ``seq_len`` tokens long: after the pointwise trainer cuts
     the oldest context, every batch is exactly (batch, seq_len) in both RM cases."""
@@ -210,9 +209,17 @@ def _reward_trainer(base: str, tokenizer: Any, args: argparse.Namespace, workdir
     from perl_plugins.training.pointwise import pointwise_trainer, reward_classifier
 
     train_args = TrainingArguments(
-        output_dir=os.path.join(workdir, "rm_run"), max_steps=steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=1e-4, gradient_checkpointing=False, save_strategy="no", logging_strategy="no",
-        report_to="none", use_cpu=True, seed=0, disable_tqdm=True,
+        output_dir=os.path.join(workdir, "rm_run"),
+        max_steps=steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=1e-4,
+        gradient_checkpointing=False,
+        save_strategy="no",
+        logging_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
     )
     rows = _reward_rows(tokenizer, steps * args.batch_size, args.seq_len)
     trainer = pointwise_trainer(reward_classifier(base), tokenizer, train_args, rows, max_length=args.seq_len)
@@ -229,9 +236,9 @@ def _rl_trainer(case: str, base: str, tokenizer: Any, args: argparse.Namespace, 
 
     from perl_plugins import attach
     from perl_plugins.data.defaults import default_dataset
+    from perl_plugins.data.text import trim_prompts
     from perl_plugins.plugins.lora import AdapterReward, LoraOptions, lora_config
     from perl_plugins.training.pointwise import reward_classifier
-    from perl_plugins.data.text import trim_prompts
 
     prompts = default_dataset("rloo")["train"].select(range(steps * args.batch_size))
     prompts = trim_prompts(prompts, tokenizer, args.seq_len - args.completion_length)
@@ -245,18 +252,33 @@ def _rl_trainer(case: str, base: str, tokenizer: Any, args: argparse.Namespace, 
     else:
         reward_funcs = [_constant_reward]
     rl_args = RLOOConfig(
-        output_dir=os.path.join(workdir, "rl_run"), max_steps=steps, per_device_train_batch_size=args.batch_size,
-        num_generations=2, max_completion_length=args.completion_length, learning_rate=1e-4, beta=0.05,
-        gradient_checkpointing=False, save_strategy="no", logging_strategy="no", report_to="none", use_cpu=True,
-        seed=0, disable_tqdm=True,
+        output_dir=os.path.join(workdir, "rl_run"),
+        max_steps=steps,
+        per_device_train_batch_size=args.batch_size,
+        num_generations=2,
+        max_completion_length=args.completion_length,
+        learning_rate=1e-4,
+        beta=0.05,
+        gradient_checkpointing=False,
+        save_strategy="no",
+        logging_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
         # fp32 like the reward-model cases and like the CLI on CPU: trl's configs default to bf16, and
         # CPU autocast over fp32 weights keeps a bf16 copy of every frozen weight for backward (+1 GB
         # at bench500m, in every RL case).
         bf16=False,
     )
     trainer = RLOOTrainer(
-        model=model, reward_funcs=reward_funcs, args=rl_args, train_dataset=prompts, processing_class=tokenizer,
-        peft_config=lora_config(model, LoraOptions()), **extra,
+        model=model,
+        reward_funcs=reward_funcs,
+        args=rl_args,
+        train_dataset=prompts,
+        processing_class=tokenizer,
+        peft_config=lora_config(model, LoraOptions()),
+        **extra,
     )
     return attach(trainer, plugins="lora")
 
@@ -323,8 +345,8 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from perl_plugins.models.embedded import save_default
-    from perl_plugins.training.pointwise import reward_classifier
     from perl_plugins.models.reward import save_reward_adapter, score_texts
+    from perl_plugins.training.pointwise import reward_classifier
 
     torch.set_num_threads(args.threads)
     work = Path(args.workdir)
@@ -371,8 +393,10 @@ def summarize(runs: dict[str, list[dict[str, Any]]], size: str = "bench100m") ->
             "rss_before_train_mb": round(median([r["rss_before_train_mb"] for r in rs]), 1),
             "trainable_params": rs[0]["trainable_params"],
             "breakdown_mb": _breakdown(rs),
-            **{key: {k: median([r[key].get(k, 0.0) for r in rs]) for k in rs[0][key]}
-               for key in ("phase_peak_rss_mb", "phase_growth_mb")},
+            **{
+                key: {k: median([r[key].get(k, 0.0) for r in rs]) for k in rs[0][key]}
+                for key in ("phase_peak_rss_mb", "phase_growth_mb")
+            },
             "runs": [{k: r[k] for k in keys} for r in rs],
         }
         for case, rs in runs.items()
@@ -415,9 +439,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         started = time.perf_counter()
         common = [
-            f"--steps={args.steps}", f"--rl_steps={args.rl_steps}", f"--threads={args.threads}",
-            f"--batch_size={args.batch_size}", f"--seq_len={args.seq_len}",
-            f"--completion_length={args.completion_length}", f"--size={args.size}",
+            f"--steps={args.steps}",
+            f"--rl_steps={args.rl_steps}",
+            f"--threads={args.threads}",
+            f"--batch_size={args.batch_size}",
+            f"--seq_len={args.seq_len}",
+            f"--completion_length={args.completion_length}",
+            f"--size={args.size}",
         ]
         with tempfile.TemporaryDirectory(prefix="perl_memory_") as workdir:
             me = [os.path.abspath(__file__), f"--workdir={workdir}", *common]
@@ -432,9 +460,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result = {
             **summarize(runs, args.size),
             "settings": {
-                "size": args.size, "params": setup_info["base_params"], "batch_size": args.batch_size,
-                "seq_len": args.seq_len, "completion_length": args.completion_length, "warmup_steps": WARMUP_STEPS,
-                "timed_rm_steps": args.steps, "timed_rl_steps": args.rl_steps, "rounds": args.rounds,
+                "size": args.size,
+                "params": setup_info["base_params"],
+                "batch_size": args.batch_size,
+                "seq_len": args.seq_len,
+                "completion_length": args.completion_length,
+                "warmup_steps": WARMUP_STEPS,
+                "timed_rm_steps": args.steps,
+                "timed_rl_steps": args.rl_steps,
+                "rounds": args.rounds,
                 "torch_threads": setup_info["torch_threads"],
             },
             "merged_vs_adapter_max_score_gap": setup_info["merged_vs_adapter_max_score_gap"],

@@ -77,7 +77,9 @@ RESULTS = Path(__file__).resolve().parent / "results" / "quality.md"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="Base model: a path, hub id or alias (resolve_model); default: embedded.")
+    p.add_argument(
+        "--model", default=None, help="Base model: a path, hub id or alias (resolve_model); default: embedded."
+    )
     p.add_argument("--model_size", default="demo", help="Embedded default size when --model is not given.")
     p.add_argument("--taskmaster_file", default=None, help="Thumbs up/down file; default: coffee.")
     p.add_argument("--config", default=str(Path(perl.__file__).with_suffix(".yaml")), help="PERL recipe YAML.")
@@ -88,7 +90,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--validate", action="store_true", help="Evaluate on a validation split carved from train.")
     p.add_argument("--rm_epochs", type=float, default=None, help="Override the YAML's rm_epochs.")
     p.add_argument("--rm_learning_rate", type=float, default=None, help="Override the YAML's LoRA learning rate.")
-    p.add_argument("--rm_full_learning_rate", type=float, default=None, help="rm_full's learning rate (YAML: rm_full_learning_rate).")
+    p.add_argument(
+        "--rm_full_learning_rate",
+        type=float,
+        default=None,
+        help="rm_full's learning rate (YAML: rm_full_learning_rate).",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override any recipe YAML key.")
     p.add_argument("--rl", action="store_true", help="Also measure the RL stage (LoRA and full policies).")
     p.add_argument("--rl_policies", default="lora,full", help="RL policies to measure: lora, full or both.")
@@ -189,7 +196,12 @@ def reward_model(
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     if save_to:
         save_reward_adapter(trainer.model, save_to, trainer.model.active_adapter)
-    return scores, {"train_s": train_s, "step_s": median(timer.wall), "peak_rss_mb": peak, "trainable_params": trainable}
+    return scores, {
+        "train_s": train_s,
+        "step_s": median(timer.wall),
+        "peak_rss_mb": peak,
+        "trainable_params": trainable,
+    }
 
 
 def score_rows(model, tokenizer, rows, max_length: int) -> np.ndarray:
@@ -263,9 +275,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     table = build_table(per_seed, rl_runs)
     table["goals"] = goals(table)
     table["setup"] = {
-        "model": model_path, "seeds": seeds, "evaluated_on": split_name, "train_rows": len(train),
-        "eval_rows": len(evaluation), "eval_negatives": int((1 - labels).sum()), "leaks": leaks,
-        "threshold_prior": prior, "command": "python benchmarks/quality.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "model": model_path,
+        "seeds": seeds,
+        "evaluated_on": split_name,
+        "train_rows": len(train),
+        "eval_rows": len(evaluation),
+        "eval_negatives": int((1 - labels).sum()),
+        "leaks": leaks,
+        "threshold_prior": prior,
+        "command": "python benchmarks/quality.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     if not args.no_write:
@@ -317,16 +335,24 @@ def seeds_in_workers(argv: list[str], seeds: list[int], jobs: int) -> list:
             return list(pool.map(one, seeds))
 
 
-def build_table(per_seed: dict[str, list[dict[str, float]]], rl_runs: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
+def build_table(
+    per_seed: dict[str, list[dict[str, float]]], rl_runs: list[dict[str, dict[str, float]]]
+) -> dict[str, Any]:
     """The PERL table: per method mean/std over seeds; per-seed RL gains and KLs."""
     table: dict[str, Any] = {}
     for method, runs in per_seed.items():
         auc, bal = summarize([r["auc"] for r in runs]), summarize([r["balanced_accuracy"] for r in runs])
         table[method] = {
-            "auc_mean": auc["mean"], "auc_std": auc["std"],
-            "balanced_accuracy_mean": bal["mean"], "balanced_accuracy_std": bal["std"],
+            "auc_mean": auc["mean"],
+            "auc_std": auc["std"],
+            "balanced_accuracy_mean": bal["mean"],
+            "balanced_accuracy_std": bal["std"],
             "per_seed_auc": [r["auc"] for r in runs],
-            **{k: float(np.mean([r[k] for r in runs])) for k in ("train_s", "step_s", "peak_rss_mb", "trainable_params") if k in runs[0]},
+            **{
+                k: float(np.mean([r[k] for r in runs]))
+                for k in ("train_s", "step_s", "peak_rss_mb", "trainable_params")
+                if k in runs[0]
+            },
         }
     if rl_runs:
         table["rl"] = {"runs": rl_runs}
@@ -365,9 +391,11 @@ def markdown(table: dict[str, Any]) -> str:
     lines = [
         "# PERL comparison on Taskmaster coffee (leak-free split)",
         "",
-        (f"{setup['date']}; `{setup['command']}`; model `{setup['model']}`; seeds {setup['seeds']}; "
-        f"{setup['train_rows']} train rows, evaluated on {setup['eval_rows']} {setup['evaluated_on']} rows "
-        f"({setup['eval_negatives']} thumbs down); leaks {setup['leaks']}."),
+        (
+            f"{setup['date']}; `{setup['command']}`; model `{setup['model']}`; seeds {setup['seeds']}; "
+            f"{setup['train_rows']} train rows, evaluated on {setup['eval_rows']} {setup['evaluated_on']} rows "
+            f"({setup['eval_negatives']} thumbs down); leaks {setup['leaks']}."
+        ),
         "",
         "| method | held-out AUC (mean ± std) | balanced accuracy | trainable params | step time (s) | peak RSS (MiB) |",
         "| --- | --- | --- | --- | --- | --- |",

@@ -22,13 +22,13 @@ import math
 import time
 
 import torch
+from perl_plugins.recipes.rlaif import PREAMBLE, candidate_pairs, labeller_metrics, make_labels
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from perl_plugins.models import smollm2
 from perl_plugins.data.defaults import default_dataset
-from perl_plugins.models.embedded import resolve_model
 from perl_plugins.data.text import trim_prompt
-from perl_plugins.recipes.rlaif import PREAMBLE, candidate_pairs, labeller_metrics, make_labels
+from perl_plugins.models import smollm2
+from perl_plugins.models.embedded import resolve_model
 
 Z95 = 1.959964
 

@@ -31,21 +31,57 @@ LAUNCH = {
 
 
 def run(engine: str, out: Path, args: argparse.Namespace) -> dict:
-    argv = [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_processes", "2",
-            "--mixed_precision", "no", *LAUNCH[engine], "-m", "perl_plugins.cli", "sft",
-            "--plugins", f"fp8,adapter_ckpt,{ROOT / 'benchmarks/_rank_stats.py'}", "--model_size", args.size,
-            "--use_cpu", "true", "--bf16", "false", "--max_steps", str(args.steps), "--save_steps", str(args.steps),
-            "--per_device_train_batch_size", "4", "--max_length", "128", "--logging_steps", "1",
-            "--max_train_samples", "256", "--eval_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
-            "--output_dir", str(out)]
+    argv = [
+        str(Path(sys.executable).with_name("accelerate")),
+        "launch",
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        *LAUNCH[engine],
+        "-m",
+        "perl_plugins.cli",
+        "sft",
+        "--plugins",
+        f"fp8,adapter_ckpt,{ROOT / 'benchmarks/_rank_stats.py'}",
+        "--model_size",
+        args.size,
+        "--use_cpu",
+        "true",
+        "--bf16",
+        "false",
+        "--max_steps",
+        str(args.steps),
+        "--save_steps",
+        str(args.steps),
+        "--per_device_train_batch_size",
+        "4",
+        "--max_length",
+        "128",
+        "--logging_steps",
+        "1",
+        "--max_train_samples",
+        "256",
+        "--eval_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+        "--output_dir",
+        str(out),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     start = time.perf_counter()
     subprocess.run(argv, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=sys.stderr)
     ranks = [json.loads((out / f"rank_stats_{r}.json").read_text()) for r in range(2)]
     checkpoint = out / f"checkpoint-{args.steps}"
     mean = {k: sum(r[k] for r in ranks) / len(ranks) for k in ranks[0]}
-    return {**mean, "checkpoint_mb": sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file()) / 2**20,
-            "wall_s": time.perf_counter() - start}
+    return {
+        **mean,
+        "checkpoint_mb": sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file()) / 2**20,
+        "wall_s": time.perf_counter() - start,
+    }
 
 
 def _held(r: dict) -> float:
@@ -55,7 +91,9 @@ def _held(r: dict) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", default="bench20m", help="embedded model size (perl_plugins.models.embedded.tiny_config)")
+    parser.add_argument(
+        "--size", default="bench20m", help="embedded model size (perl_plugins.models.embedded.tiny_config)"
+    )
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--engines", default="ddp,zero2,zero3")
     args = parser.parse_args()

@@ -22,9 +22,9 @@ from pathlib import Path
 from transformers import set_seed
 from trl import DPOConfig, TrlParser
 
-from perl_plugins.host.arguments import check_options
 from perl_plugins.data.defaults import default_dataset
 from perl_plugins.data.text import trim_prompts
+from perl_plugins.host.arguments import check_options
 from perl_plugins.models.adapters import LoraOptions
 from perl_plugins.training.recipe_kit import load_base, save_policy, stage_args, take, train_dpo
 from perl_plugins.training.reporting import plot_curves, write_summary

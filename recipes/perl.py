@@ -42,7 +42,8 @@ class PerlConfig:
     )
     seed: int = field(default=0, metadata={"help": "Seed of both stages."})
     split_seed: int = field(
-        default=STAGE_DEFAULTS["split_seed"], metadata={"help": "Seed of the leak-free train/test split (the embedded base saw split 0's train)."}
+        default=STAGE_DEFAULTS["split_seed"],
+        metadata={"help": "Seed of the leak-free train/test split (the embedded base saw split 0's train)."},
     )
     context_turns: int = field(default=4, metadata={"help": "Keep the last N dialog turns of each context."})
     max_length: int = field(default=192, metadata={"help": "Reward model: max tokens of prompt + completion."})
@@ -58,8 +59,12 @@ class PerlConfig:
     rm_max_steps: int = field(default=-1, metadata={"help": "Reward-model steps (overrides epochs if > 0)."})
     rm_batch_size: int = field(default=16, metadata={"help": "Reward-model batch size."})
     rm_learning_rate: float = field(default=1e-3, metadata={"help": "Reward-model learning rate."})
-    rm_lr_scheduler: str = field(default=STAGE_DEFAULTS["rm_lr_scheduler"], metadata={"help": "Reward-model learning-rate schedule."})
-    rm_warmup_ratio: float = field(default=STAGE_DEFAULTS["rm_warmup_ratio"], metadata={"help": "Reward-model warm-up share of the steps."})
+    rm_lr_scheduler: str = field(
+        default=STAGE_DEFAULTS["rm_lr_scheduler"], metadata={"help": "Reward-model learning-rate schedule."}
+    )
+    rm_warmup_ratio: float = field(
+        default=STAGE_DEFAULTS["rm_warmup_ratio"], metadata={"help": "Reward-model warm-up share of the steps."}
+    )
     rm_balance_classes: bool = field(
         default=STAGE_DEFAULTS["rm_balance_classes"],
         metadata={"help": "Repeat rows of the rarer thumb until both thumbs count as many train rows."},
@@ -70,7 +75,9 @@ class PerlConfig:
     # stage 2: RL
     rl_prompts: int = field(default=64, metadata={"help": "Training prompts for RLOO."})
     rl_eval_prompts: int = field(default=64, metadata={"help": "Held-out prompts for reward before/after."})
-    rl_eval_samples: int = field(default=STAGE_DEFAULTS["rl_eval_samples"], metadata={"help": "Sampled completions per held-out prompt."})
+    rl_eval_samples: int = field(
+        default=STAGE_DEFAULTS["rl_eval_samples"], metadata={"help": "Sampled completions per held-out prompt."}
+    )
     rl_max_steps: int = field(default=30, metadata={"help": "RLOO optimizer steps."})
     rl_batch_size: int = field(default=8, metadata={"help": "Completions per RLOO step."})
     rl_num_generations: int = field(default=4, metadata={"help": "Completions per prompt (RLOO's k)."})
@@ -82,8 +89,13 @@ class PerlConfig:
     rl_learning_rate: float = field(default=5e-4, metadata={"help": "Policy learning rate."})
     rl_beta: float = field(default=0.05, metadata={"help": "KL penalty to the reference (adapters off)."})
     rl_kl_limit: float = field(default=0.5, metadata={"help": "Documented bound the final KL must stay below."})
-    rl_compare_full: bool = field(default=False, metadata={"help": "Also run RL with a fully fine-tuned policy (rl_full_*)."})
-    rl_full_learning_rate: float = field(default=STAGE_DEFAULTS["rl_full_learning_rate"], metadata={"help": "Learning rate of the full fine-tuning policy."})
+    rl_compare_full: bool = field(
+        default=False, metadata={"help": "Also run RL with a fully fine-tuned policy (rl_full_*)."}
+    )
+    rl_full_learning_rate: float = field(
+        default=STAGE_DEFAULTS["rl_full_learning_rate"],
+        metadata={"help": "Learning rate of the full fine-tuning policy."},
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -102,7 +114,10 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         print(f"[perl] stage 1: LoRA reward model on {len(rm_data['train'])} thumbs up/down rows", flush=True)
         reward_dir, rm_metrics, rm_logs = train_reward_model(cfg, model_path, tokenizer, rm_data)
-        print(f"[perl] reward model: accuracy {rm_metrics['eval_accuracy']:.3f}, AUC {rm_metrics['eval_auc']:.3f}", flush=True)
+        print(
+            f"[perl] reward model: accuracy {rm_metrics['eval_accuracy']:.3f}, AUC {rm_metrics['eval_auc']:.3f}",
+            flush=True,
+        )
     rl_data = default_dataset("rloo", cfg.taskmaster_file, cfg.context_turns, seed=cfg.split_seed)
     print(f"[perl] stage 2: RLOO, LoRA policy + reward adapter on one base, {cfg.rl_max_steps} steps", flush=True)
     rl_metrics, rl_logs, rl_evals = rl_stage(cfg, model_path, tokenizer, reward_dir, rl_data)
@@ -119,7 +134,12 @@ def main(argv: list[str] | None = None) -> dict:
         **rl_metrics,
         "rl_kl_limit": cfg.rl_kl_limit,
     }
-    write_summary(cfg.output_dir, "perl", metrics, {"model": model_path, "rm_plugins": cfg.rm_plugins, "rl_plugins": cfg.rl_plugins})
+    write_summary(
+        cfg.output_dir,
+        "perl",
+        metrics,
+        {"model": model_path, "rm_plugins": cfg.rm_plugins, "rl_plugins": cfg.rl_plugins},
+    )
     plot_curves(
         cfg.output_dir,
         {

@@ -105,7 +105,9 @@ class PretrainConfig:
     warmup_steps: int = field(default=30, metadata={"help": "Linear warm-up steps."})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
     logging_steps: int = field(default=10, metadata={"help": "Log the training loss every N steps."})
-    eval_steps: int = field(default=100, metadata={"help": "Eval loss on held-out dialogs every N steps (0: end only)."})
+    eval_steps: int = field(
+        default=100, metadata={"help": "Eval loss on held-out dialogs every N steps (0: end only)."}
+    )
     sample_tokens: int = field(default=40, metadata={"help": "New tokens per greedy sample written to the card."})
 
 
@@ -156,7 +158,9 @@ def _load(dialogs_file: str, feedback_file: str) -> tuple[list[str], list[str], 
 
 def build_corpus(cfg: PretrainConfig) -> tuple[list[str], list[str], dict]:
     """(train documents, eval documents, stats). Eval: a seeded share of the dialogs."""
-    dialogs, feedback, stats = _load(str(cfg.dialogs_file or DEFAULT_DIALOGS_FILE), str(cfg.feedback_file or DEFAULT_REWARD_FILE))
+    dialogs, feedback, stats = _load(
+        str(cfg.dialogs_file or DEFAULT_DIALOGS_FILE), str(cfg.feedback_file or DEFAULT_REWARD_FILE)
+    )
     rng = random.Random(cfg.seed)
     dialogs, feedback, stats = list(dialogs), list(feedback), dict(stats)
     order = list(range(len(dialogs)))
@@ -225,7 +229,7 @@ def write_card(out: Path, card: dict) -> None:
         "",
         f"A {m['parameters'] / 1e6:.2f}M-parameter Llama-family causal LM and its byte-level BPE tokenizer "
         f"({m['vocab_size']} tokens), pre-trained from scratch on CPU by `recipes/pretrain_base.py` on Taskmaster "
-        "coffee text. It is the default base of every perl-plugins recipe (`resolve_model(None, \"demo\")`). "
+        'coffee text. It is the default base of every perl-plugins recipe (`resolve_model(None, "demo")`). '
         "A tiny domain model for demos and tests: it writes coffee-ordering dialog, nothing else.",
         "",
         "## Data",

@@ -29,14 +29,14 @@ from transformers import AutoModelForCausalLM, set_seed
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 from perl_plugins import attach
-from perl_plugins.host.arguments import check_options, options_for
 from perl_plugins.data.defaults import default_dataset
 from perl_plugins.data.text import trim_prompt
-from perl_plugins.models.card import training_data, write_model_card
+from perl_plugins.host.arguments import check_options, options_for
 from perl_plugins.models.adapters import AdapterReward, LoraOptions
+from perl_plugins.models.card import training_data, write_model_card
 from perl_plugins.training.recipe_kit import load_base, stage_args, train_reward_model
-from perl_plugins.training.sampling import iteration_log, policy_with_reward, sample_completions
 from perl_plugins.training.reporting import plot_curves, write_summary
+from perl_plugins.training.sampling import iteration_log, policy_with_reward, sample_completions
 
 SELECTIONS = ("local", "top")
 

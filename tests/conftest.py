@@ -192,7 +192,10 @@ def tiny_reward_model(tokenizer, seed: int = 0):
 
 
 _PROMPTS = [
-    "User: a latte please\nAgent:", "User: one espresso\nAgent:", "User: iced mocha\nAgent:", "User: tea?\nAgent:"
+    "User: a latte please\nAgent:",
+    "User: one espresso\nAgent:",
+    "User: iced mocha\nAgent:",
+    "User: tea?\nAgent:",
 ]
 _GOOD = [" Sure, one latte.", " One espresso, coming up.", " Iced mocha it is.", " We have green tea."]
 _BAD = [" No.", " What?", " Bye.", " Coffee only."]
@@ -209,8 +212,11 @@ def datasets_by_kind() -> dict[str, Any]:
         "prompt_completion": Dataset.from_dict({"prompt": prompts, "completion": good}),
         "preference": Dataset.from_dict({"prompt": prompts, "chosen": good, "rejected": bad}),
         "kto": Dataset.from_dict(
-            {"prompt": prompts, "completion": [g if i % 2 else b for i, (g, b) in enumerate(zip(good, bad))],
-             "label": [bool(i % 2) for i in range(len(prompts))]}
+            {
+                "prompt": prompts,
+                "completion": [g if i % 2 else b for i, (g, b) in enumerate(zip(good, bad))],
+                "label": [bool(i % 2) for i in range(len(prompts))],
+            }
         ),
         "prompt": Dataset.from_dict({"prompt": prompts}),
     }
@@ -225,20 +231,40 @@ def lora_config(kind: str):
     from peft import LoraConfig
 
     return LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "v_proj"],
         task_type="SEQ_CLS" if kind == "reward" else "CAUSAL_LM",
     )
 
 
-def build_trainer(kind: str, tokenizer, data: dict[str, Any], output_dir: Path, *, lora: bool = False,
-                  max_steps: int = MAX_STEPS, seed: int = 0, **args: Any):
+def build_trainer(
+    kind: str,
+    tokenizer,
+    data: dict[str, Any],
+    output_dir: Path,
+    *,
+    lora: bool = False,
+    max_steps: int = MAX_STEPS,
+    seed: int = 0,
+    **args: Any,
+):
     """A fresh stock trainer of ``kind`` on a fresh tiny model (same seed, same weights)."""
     import trl
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
     common = dict(
-        output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=2, logging_steps=1,
-        learning_rate=1e-3, report_to="none", use_cpu=True, save_strategy="no", seed=seed, data_seed=seed,
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=2,
+        logging_steps=1,
+        learning_rate=1e-3,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        seed=seed,
+        data_seed=seed,
         disable_tqdm=True,
     )
     common.update(args)
@@ -252,31 +278,68 @@ def build_trainer(kind: str, tokenizer, data: dict[str, Any], output_dir: Path, 
 
                 policy = get_peft_model(policy, lora_config(kind))
             train = data["text"].map(lambda e: tokenizer(e["text"]), remove_columns=["text"])
-            return Trainer(model=policy, args=TrainingArguments(**common), train_dataset=train,
-                           data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+            return Trainer(
+                model=policy,
+                args=TrainingArguments(**common),
+                train_dataset=train,
+                data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+            )
         if kind == "sft":
-            return trl.SFTTrainer(model=policy, args=trl.SFTConfig(**common, max_length=64),
-                                  train_dataset=data["prompt_completion"], processing_class=tokenizer, **peft)
+            return trl.SFTTrainer(
+                model=policy,
+                args=trl.SFTConfig(**common, max_length=64),
+                train_dataset=data["prompt_completion"],
+                processing_class=tokenizer,
+                **peft,
+            )
         if kind == "reward":
-            return trl.RewardTrainer(model=tiny_reward_model(tokenizer, seed),
-                                     args=trl.RewardConfig(**common, max_length=64),
-                                     train_dataset=data["preference"], processing_class=tokenizer, **peft)
+            return trl.RewardTrainer(
+                model=tiny_reward_model(tokenizer, seed),
+                args=trl.RewardConfig(**common, max_length=64),
+                train_dataset=data["preference"],
+                processing_class=tokenizer,
+                **peft,
+            )
         # A model instance has no hub id to load a reference copy from: pass one unless LoRA
         # (then trl uses the base with adapters disabled).
         ref = {} if lora else {"ref_model": tiny_lm(tokenizer, seed)}
         if kind == "dpo":
-            return trl.DPOTrainer(model=policy, args=trl.DPOConfig(**common, max_length=64),
-                                  train_dataset=data["preference"], processing_class=tokenizer, **ref, **peft)
+            return trl.DPOTrainer(
+                model=policy,
+                args=trl.DPOConfig(**common, max_length=64),
+                train_dataset=data["preference"],
+                processing_class=tokenizer,
+                **ref,
+                **peft,
+            )
         if kind == "kto":
-            return trl.KTOTrainer(model=policy, args=trl.KTOConfig(**common, max_length=64),
-                                  train_dataset=data["kto"], processing_class=tokenizer, **ref, **peft)
+            return trl.KTOTrainer(
+                model=policy,
+                args=trl.KTOConfig(**common, max_length=64),
+                train_dataset=data["kto"],
+                processing_class=tokenizer,
+                **ref,
+                **peft,
+            )
         rl = dict(num_generations=2, max_completion_length=8, beta=0.0)
         if kind == "grpo":
-            return trl.GRPOTrainer(model=policy, reward_funcs=length_reward, args=trl.GRPOConfig(**common, **rl),
-                                   train_dataset=data["prompt"], processing_class=tokenizer, **peft)
+            return trl.GRPOTrainer(
+                model=policy,
+                reward_funcs=length_reward,
+                args=trl.GRPOConfig(**common, **rl),
+                train_dataset=data["prompt"],
+                processing_class=tokenizer,
+                **peft,
+            )
         if kind == "rloo":
-            return trl.RLOOTrainer(model=policy, reward_funcs=length_reward, args=trl.RLOOConfig(**common, **rl),
-                                   train_dataset=data["prompt"], processing_class=tokenizer, **peft)
+            return trl.RLOOTrainer(
+                model=policy,
+                reward_funcs=length_reward,
+                args=trl.RLOOConfig(**common, **rl),
+                train_dataset=data["prompt"],
+                processing_class=tokenizer,
+                **peft,
+            )
     raise ValueError(f"unknown trainer kind {kind!r}")
 
 
@@ -301,4 +364,3 @@ def train_quietly(trainer) -> list[dict[str, float]]:
 
 def step_losses(trainer) -> list[float]:
     return [entry["loss"] for entry in train_quietly(trainer)]
-

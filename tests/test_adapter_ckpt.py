@@ -21,8 +21,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.trainer_utils import get_last_checkpoint
 
-from perl_plugins import PluginIncompatibleError
-from perl_plugins import attach
+from perl_plugins import PluginIncompatibleError, attach
 from perl_plugins.checkpoint.store import (
     MANIFEST_NAME,
     SAVE_DELAY_ENV,
@@ -60,7 +59,9 @@ def reward_adapter(tmp_path_factory, base_dir) -> Path:
 
     torch.manual_seed(1)
     model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS", init_lora_weights=False)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS", init_lora_weights=False
+    )
     return save_reward_adapter(get_peft_model(model, config), tmp_path_factory.mktemp("reward_adapter"))
 
 
@@ -128,10 +129,16 @@ def test_checkpoint_holds_only_trainable_tensors(uninterrupted, base_dir):
     _, _, out = uninterrupted("rloo")
     ckpt = out / f"checkpoint-{SAVE_STEPS}"
     assert _files(ckpt) == {
-        "adapters/default/adapter_model.safetensors", "adapters/default/adapter_config.json",
-        "adapters/reward/adapter_model.safetensors", "adapters/reward/adapter_config.json",
+        "adapters/default/adapter_model.safetensors",
+        "adapters/default/adapter_config.json",
+        "adapters/reward/adapter_model.safetensors",
+        "adapters/reward/adapter_config.json",
         "adapters/reward/perl_reward_head.json",  # how the frozen reward adapter scores (head, pad id)
-        "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", MANIFEST_NAME,
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state.pth",
+        "trainer_state.json",
+        MANIFEST_NAME,
     }  # no base weights, no tokenizer, no temp leftovers
     keys = {}
     for name in ("default", "reward"):
@@ -160,7 +167,12 @@ def test_checkpoint_holds_only_trainable_tensors(uninterrupted, base_dir):
 def test_full_fine_tuning_and_tokenizer(uninterrupted):
     _, _, out = uninterrupted("reward_full")
     assert _files(out / "checkpoint-2") == {
-        "trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", MANIFEST_NAME
+        "trainable.safetensors",
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state.pth",
+        "trainer_state.json",
+        MANIFEST_NAME,
     }
     _, _, out = uninterrupted("dpo")
     assert "tokenizer/tokenizer.json" in _files(out / "checkpoint-2")  # adapter_ckpt_save_tokenizer
@@ -179,7 +191,8 @@ def test_resume_matches_uninterrupted_run(case, uninterrupted, base_dir, reward_
     if case.endswith("fp8"):  # compact optimizer states are saved and resumed as they are
         saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"]
         assert {v.dtype for state in saved.values() for v in state.values() if torch.is_tensor(v)} >= {
-            torch.float8_e4m3fn, torch.float16
+            torch.float8_e4m3fn,
+            torch.float16,
         }
         optimizer = getattr(resumed.optimizer, "optimizer", resumed.optimizer)
         assert {s["exp_avg"].dtype for s in optimizer.state.values()} == {torch.float8_e4m3fn}
@@ -251,7 +264,9 @@ def test_kill_mid_save_keeps_last_complete_checkpoint(uninterrupted, base_dir, t
     env = {**os.environ, SAVE_DELAY_ENV: "2", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(
         [sys.executable, str(TESTS_DIR / "adapter_ckpt_run.py"), "reward", str(base_dir), str(out)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 120
@@ -274,8 +289,17 @@ def test_kill_mid_save_keeps_last_complete_checkpoint(uninterrupted, base_dir, t
 
 def test_save_total_limit_keeps_best_checkpoint(base_dir, tmp_path):
     trainer = build(
-        "reward", base_dir, tmp_path, evaluate=True, save_steps=1, eval_strategy="steps", eval_steps=1,
-        save_total_limit=2, load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True,
+        "reward",
+        base_dir,
+        tmp_path,
+        evaluate=True,
+        save_steps=1,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=True,
     )  # "best" = highest loss: an early checkpoint, which takes one of the limit's two places
     train(trainer)
     best = Path(trainer.state.best_model_checkpoint)
@@ -308,7 +332,10 @@ def test_export_adapter_and_merged(uninterrupted, base_dir, tmp_path):
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
         assert not any("lora" in name for name, _ in merged.named_parameters())
         assert torch.allclose(merged.eval()(input_ids=IDS).logits, expected, atol=1e-5)
-    assert AutoTokenizer.from_pretrained(tmp_path / "merged").pad_token == AutoTokenizer.from_pretrained(base_dir).pad_token
+    assert (
+        AutoTokenizer.from_pretrained(tmp_path / "merged").pad_token
+        == AutoTokenizer.from_pretrained(base_dir).pad_token
+    )
 
 
 def test_export_reward_adapter_keeps_head(uninterrupted, base_dir, tmp_path):

@@ -19,7 +19,6 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from perl_plugins.models import atomic
 from perl_plugins.checkpoint.store import (
     MANIFEST_NAME,
     SAVE_DELAY_ENV,
@@ -40,13 +39,19 @@ from perl_plugins.checkpoint.store import (
     save_tensors,
     verify_checkpoint,
 )
+from perl_plugins.models import atomic
 from perl_plugins.models.fingerprint import fingerprint_differences
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 TINY = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
 )
 
 
@@ -110,7 +115,7 @@ def test_fingerprint_same_with_and_without_peft_adapter():
     lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
     peft_model = get_peft_model(model, lora)
     with torch.no_grad():  # trained adapters must not matter either
-        for name, param in peft_model.named_parameters():
+        for _, param in peft_model.named_parameters():
             if param.requires_grad:
                 param.add_(1.0)
     assert base_fingerprint(peft_model) == plain
@@ -260,7 +265,11 @@ def test_killed_mid_save_keeps_previous_checkpoint(tmp_path):
     env.pop(SAVE_DELAY_ENV, None)
     child = subprocess.Popen(
         [sys.executable, "-c", CRASHING_SAVER, str(tmp_path)],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     stderr = []
     for line in child.stderr:  # the hook announces itself right before sleeping
@@ -346,7 +355,12 @@ def test_prune_respects_keep_and_protect(tmp_path):
     (tmp_path / ".tmp-checkpoint-7-dead").mkdir()
     removed = prune_checkpoints(tmp_path, keep=2, protect=tmp_path / "checkpoint-1")
     assert sorted(p.name for p in removed) == [".tmp-checkpoint-7-dead", "checkpoint-2", "checkpoint-3"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-4", "checkpoint-5", "checkpoint-6"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint-1",
+        "checkpoint-4",
+        "checkpoint-5",
+        "checkpoint-6",
+    ]
     # keep=1 still never removes the newest complete checkpoint, even with a newer incomplete one.
     prune_checkpoints(tmp_path, keep=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5", "checkpoint-6"]

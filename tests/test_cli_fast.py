@@ -18,7 +18,9 @@ QUICK = (["--help"], ["plugins"], ["recipes"], ["env"])
 
 def _run(code: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=False
+    )
 
 
 def test_quick_commands_import_no_heavy_library():

@@ -14,8 +14,22 @@ import pytest
 from perl_plugins.cli import main as cli_main
 from perl_plugins.data.taskmaster import DEFAULT_REWARD_FILE
 
-TINY = ["--model_size", "tiny", "--max_steps", "1", "--per_device_train_batch_size", "2",
-        "--max_train_samples", "4", "--max_eval_samples", "16", "--save_strategy", "no", "--report_to", "none"]
+TINY = [
+    "--model_size",
+    "tiny",
+    "--max_steps",
+    "1",
+    "--per_device_train_batch_size",
+    "2",
+    "--max_train_samples",
+    "4",
+    "--max_eval_samples",
+    "16",
+    "--save_strategy",
+    "no",
+    "--report_to",
+    "none",
+]
 
 
 def error_line(capsys: pytest.CaptureFixture, code: int) -> str:
@@ -41,8 +55,8 @@ def small_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_cpu_settings_are_chosen_without_an_accelerator(monkeypatch, capsys, caplog):
-    from perl_plugins.training import device
     from perl_plugins.cli.train import parse
+    from perl_plugins.training import device
 
     monkeypatch.setattr(device, "has_accelerator", lambda: False)
     monkeypatch.setattr(device, "_said", set())
@@ -54,12 +68,15 @@ def test_cpu_settings_are_chosen_without_an_accelerator(monkeypatch, capsys, cap
 
 @pytest.mark.parametrize(
     "flags, use_cpu, bf16",
-    [(["--bf16", "true", "--use_cpu", "true"], True, True), (["--bf16", "false"], True, False),
-     (["--use_cpu", "true"], True, False)],
+    [
+        (["--bf16", "true", "--use_cpu", "true"], True, True),
+        (["--bf16", "false"], True, False),
+        (["--use_cpu", "true"], True, False),
+    ],
 )
 def test_explicit_device_flags_win(monkeypatch, flags, use_cpu, bf16):
-    from perl_plugins.training import device
     from perl_plugins.cli.train import parse
+    from perl_plugins.training import device
 
     monkeypatch.setattr(device, "has_accelerator", lambda: False)
     _, args, _, _ = parse("reward", ["--output_dir", "out", *flags])
@@ -67,8 +84,8 @@ def test_explicit_device_flags_win(monkeypatch, flags, use_cpu, bf16):
 
 
 def test_explicit_device_keys_in_yaml_win(monkeypatch, tmp_path):
-    from perl_plugins.training import device
     from perl_plugins.cli.train import parse
+    from perl_plugins.training import device
 
     monkeypatch.setattr(device, "has_accelerator", lambda: False)
     config = tmp_path / "c.yaml"
@@ -94,12 +111,28 @@ def test_recipes_take_cpu_settings_from_one_place(monkeypatch):
 
 def test_pair_accuracy_agrees_with_the_trainers_own(tmp_path, capsys):
     out = tmp_path / "pairs"
-    code = cli_main([
-        "reward", "--plugins", "lora", "--feedback", "pairs", "--output_dir", str(out), *TINY,
-        "--max_eval_samples", "16", "--per_device_eval_batch_size", "16",
-        "--eval_strategy", "steps", "--eval_steps", "1",
-        "--model_size", "demo",  # the default base: the issue's symptom (a tiny random model ranks alike either way)
-    ])
+    code = cli_main(
+        [
+            "reward",
+            "--plugins",
+            "lora",
+            "--feedback",
+            "pairs",
+            "--output_dir",
+            str(out),
+            *TINY,
+            "--max_eval_samples",
+            "16",
+            "--per_device_eval_batch_size",
+            "16",
+            "--eval_strategy",
+            "steps",
+            "--eval_steps",
+            "1",
+            "--model_size",
+            "demo",  # the default base: the issue's symptom (a tiny random model ranks alike either way)
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     metrics = json.loads((out / "final_metrics.json").read_text())
     assert metrics["eval_pair_accuracy"] == pytest.approx(metrics["eval_accuracy"])
@@ -108,8 +141,8 @@ def test_pair_accuracy_agrees_with_the_trainers_own(tmp_path, capsys):
 
     from perl_plugins.data.defaults import default_dataset
     from perl_plugins.models.embedded import resolve_model
-    from perl_plugins.training.reward_metrics import roc_auc
     from perl_plugins.models.reward import load_reward_adapter, score_texts
+    from perl_plugins.training.reward_metrics import roc_auc
 
     base = resolve_model(None)
     model = load_reward_adapter(AutoModelForCausalLM.from_pretrained(base), out).eval()
@@ -133,6 +166,7 @@ def test_pair_metrics_score_the_trainers_token_ids(make_trainer):
     metrics = evaluate_trainer_pairs(trainer)
     model = trainer.model.eval()
     with torch.no_grad():
+
         def reward(ids: list[int]) -> float:
             return model(input_ids=torch.tensor([ids])).logits.item()
 
@@ -163,12 +197,10 @@ def test_option_of_a_plugin_not_enabled_in_yaml_is_refused(tmp_path, capsys):
 def test_plugin_arguments_refuse_options_of_plugins_not_enabled():
     from trl import TrlParser
 
-    from perl_plugins.host.arguments import make_plugin_arguments
     from perl_plugins.errors import PluginOptionError
+    from perl_plugins.host.arguments import make_plugin_arguments
 
-    (args,) = TrlParser([make_plugin_arguments()]).parse_args_and_config(
-        ["--plugins", "lora", "--fp8_comm", "true"]
-    )
+    (args,) = TrlParser([make_plugin_arguments()]).parse_args_and_config(["--plugins", "lora", "--fp8_comm", "true"])
     with pytest.raises(PluginOptionError, match="'fp8'"):
         args.attach_kwargs()
 
@@ -193,8 +225,18 @@ def test_export_of_a_stock_checkpoint_says_what_it_is(tmp_path, capsys):
 
 
 def test_resume_from_a_missing_directory_is_one_line(tmp_path, capsys):
-    code = cli_main(["reward", "--plugins", "lora,adapter_ckpt", "--output_dir", str(tmp_path), *TINY,
-                     "--resume_from_checkpoint", str(tmp_path / "checkpoint-9")])
+    code = cli_main(
+        [
+            "reward",
+            "--plugins",
+            "lora,adapter_ckpt",
+            "--output_dir",
+            str(tmp_path),
+            *TINY,
+            "--resume_from_checkpoint",
+            str(tmp_path / "checkpoint-9"),
+        ]
+    )
     line = error_line(capsys, code)
     assert "checkpoint-9" in line and "does not exist" in line
 
@@ -204,8 +246,23 @@ def test_resume_from_a_missing_directory_is_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("feedback", ["pairs", "pointwise"])
 def test_too_small_splits_are_refused_with_counts(small_file, feedback, tmp_path, capsys):
-    code = cli_main(["reward", "--plugins", "lora", "--feedback", feedback, "--taskmaster_file", str(small_file),
-                     "--output_dir", str(tmp_path), "--model_size", "tiny", "--max_steps", "1"])
+    code = cli_main(
+        [
+            "reward",
+            "--plugins",
+            "lora",
+            "--feedback",
+            feedback,
+            "--taskmaster_file",
+            str(small_file),
+            "--output_dir",
+            str(tmp_path),
+            "--model_size",
+            "tiny",
+            "--max_steps",
+            "1",
+        ]
+    )
     line = error_line(capsys, code)
     assert "small.jsonl" in line and "train" in line and any(ch.isdigit() for ch in line)
 
@@ -213,8 +270,20 @@ def test_too_small_splits_are_refused_with_counts(small_file, feedback, tmp_path
 def test_pairs_trl_drops_for_length_are_counted(tmp_path, capsys):
     """trl's RewardTrainer drops pairs longer than max_length: an eval split emptied that way would
     end in an empty metric after training; it is refused before."""
-    code = cli_main(["reward", "--plugins", "lora", "--feedback", "pairs", "--max_length", "16",
-                     "--output_dir", str(tmp_path), *TINY])
+    code = cli_main(
+        [
+            "reward",
+            "--plugins",
+            "lora",
+            "--feedback",
+            "pairs",
+            "--max_length",
+            "16",
+            "--output_dir",
+            str(tmp_path),
+            *TINY,
+        ]
+    )
     line = error_line(capsys, code)
     assert "--max_length 16" in line and "0 training pairs" in line
 
@@ -255,7 +324,9 @@ def test_cli_reward_adapter_without_lora(tmp_path, capsys):
 def test_data_errors_are_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"conversation_id": "a"}\n')
-    code = cli_main(["reward", "--plugins", "lora", "--taskmaster_file", str(bad), "--output_dir", str(tmp_path), *TINY])
+    code = cli_main(
+        ["reward", "--plugins", "lora", "--taskmaster_file", str(bad), "--output_dir", str(tmp_path), *TINY]
+    )
     assert "bad.jsonl" in error_line(capsys, code)
 
 
@@ -275,8 +346,9 @@ def test_unknown_flag_is_one_line(tmp_path, capsys):
 
 
 def test_value_a_trainer_config_rejects_is_one_line(tmp_path, capsys):
-    code = cli_main(["grpo", "--output_dir", str(tmp_path), "--per_device_train_batch_size", "3",
-                     "--num_generations", "2"])
+    code = cli_main(
+        ["grpo", "--output_dir", str(tmp_path), "--per_device_train_batch_size", "3", "--num_generations", "2"]
+    )
     assert "num_generations" in error_line(capsys, code)
 
 
@@ -284,8 +356,9 @@ def test_value_a_trainer_config_rejects_is_one_line(tmp_path, capsys):
 
 
 def test_typo_in_local_plugin_path_names_the_missing_file(tmp_path, capsys):
-    code = cli_main(["reward", "--plugins", "./hooks/my_plugn.py", "--my_plugin_scale", "2",
-                     "--output_dir", str(tmp_path)])
+    code = cli_main(
+        ["reward", "--plugins", "./hooks/my_plugn.py", "--my_plugin_scale", "2", "--output_dir", str(tmp_path)]
+    )
     line = error_line(capsys, code)
     assert "my_plugn.py" in line and "does not exist" in line
 
@@ -294,8 +367,8 @@ def test_typo_in_local_plugin_path_names_the_missing_file(tmp_path, capsys):
 
 
 def test_one_default_model():
-    from perl_plugins.models.embedded import ASSETS_BASE_DIR, load_default, resolve_model
     from perl_plugins.cli.train import _script_arguments
+    from perl_plugins.models.embedded import ASSETS_BASE_DIR, load_default, resolve_model
 
     assert resolve_model(None) == str(ASSETS_BASE_DIR)
     assert _script_arguments()().model_size == "demo"
@@ -342,8 +415,25 @@ def test_merged_export_loads_with_auto_classes_from_its_own_directory(tmp_path, 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     out = tmp_path / "rm"
-    assert cli_main(["reward", "--plugins", "lora,adapter_ckpt", "--output_dir", str(out), *TINY,
-                     "--save_strategy", "steps", "--save_steps", "1", "--eval_strategy", "no"]) == 0
+    assert (
+        cli_main(
+            [
+                "reward",
+                "--plugins",
+                "lora,adapter_ckpt",
+                "--output_dir",
+                str(out),
+                *TINY,
+                "--save_strategy",
+                "steps",
+                "--save_steps",
+                "1",
+                "--eval_strategy",
+                "no",
+            ]
+        )
+        == 0
+    )
     merged = tmp_path / "merged"
     assert cli_main(["export", str(out / "checkpoint-1"), "--merge", "--out", str(merged)]) == 0
     tokenizer = AutoTokenizer.from_pretrained(merged)

@@ -85,7 +85,11 @@ def flags(words: list[str]) -> list[str]:
 
 def hub_id_in(words: list[str]) -> str | None:
     for flag, value in zip(words, words[1:]):
-        if (flag.endswith("model_name_or_path") or flag == "--dataset_name") and HUB_ID.match(value) and not Path(value).exists():
+        if (
+            (flag.endswith("model_name_or_path") or flag == "--dataset_name")
+            and HUB_ID.match(value)
+            and not Path(value).exists()
+        ):
             return value
     return None
 
@@ -105,8 +109,11 @@ def recipe_flags(name: str) -> set[str]:
     """Fields of a recipe's settings dataclass (the one its TrlParser reads)."""
     module = importlib.import_module(f"perl_plugins.recipes.{name}")
     configs = [
-        obj for obj in vars(module).values()
-        if dataclasses.is_dataclass(obj) and isinstance(obj, type) and obj.__module__ == module.__name__
+        obj
+        for obj in vars(module).values()
+        if dataclasses.is_dataclass(obj)
+        and isinstance(obj, type)
+        and obj.__module__ == module.__name__
         and "output_dir" in {f.name for f in dataclasses.fields(obj)}
     ]
     assert configs, f"recipes/{name}.py has no settings dataclass"
@@ -126,8 +133,8 @@ def cli_flags(words: list[str]) -> set[str]:
     if command in TRAIN_COMMANDS:
         import trl
 
-        from perl_plugins.host.arguments import make_plugin_arguments
         from perl_plugins.cli.train import TRAINERS, _plugins_requested, _script_arguments
+        from perl_plugins.host.arguments import make_plugin_arguments
 
         config = getattr(trl, TRAINERS[command][1])
         plugin_args = make_plugin_arguments(_plugins_requested(words))
@@ -213,8 +220,20 @@ def test_no_doc_suggests_accelerate_cpu_flag():
 
 def _tiny_flags(command: str) -> list[str]:
     """Sizes that make a line run in seconds; never a device flag."""
-    tiny = ["--model_size", "tiny", "--max_steps", "1", "--max_train_samples", "8", "--max_eval_samples", "16",
-            "--per_device_train_batch_size", "2", "--save_strategy", "no"]
+    tiny = [
+        "--model_size",
+        "tiny",
+        "--max_steps",
+        "1",
+        "--max_train_samples",
+        "8",
+        "--max_eval_samples",
+        "16",
+        "--per_device_train_batch_size",
+        "2",
+        "--save_strategy",
+        "no",
+    ]
     if command in ("grpo", "rloo"):
         tiny = [*tiny, "--num_generations", "2", "--max_completion_length", "4", "--max_eval_samples", "4"]
     return tiny
@@ -238,8 +257,10 @@ def _skip_reason(words: list[str]) -> str | None:
     if words[0] == "accelerate":
         return "8-process launch: tests/test_scaling_out.py launches the same configs with 2 CPU processes"
     if words[0] == "python" and any(w.startswith("$") for w in words):
-        return ("the real-model runs: their shell variables name smollm2-135m-instruct, minutes each on CPU; "
-                "tests/test_real_model.py and tests/test_recipes.py cover the same paths")
+        return (
+            "the real-model runs: their shell variables name smollm2-135m-instruct, minutes each on CPU; "
+            "tests/test_real_model.py and tests/test_recipes.py cover the same paths"
+        )
     hub = hub_id_in(words)
     if hub:
         return f"names the hub id {hub} (no network here)"
@@ -276,8 +297,13 @@ def test_every_doc_command_runs_on_cpu(tmp_path, monkeypatch, capsys):
             code = cli_main(argv)
             assert code == 0, f"{doc}: {command}\n{capsys.readouterr().err[-3000:]}"
         elif words[0] == "python" and words[1].endswith(".py"):
-            argv = [sys.executable, *words[1:], *_recipe_tiny_flags(Path(words[1]).stem),
-                    "--output_dir", str(tmp_path / "outputs" / Path(words[1]).stem)]
+            argv = [
+                sys.executable,
+                *words[1:],
+                *_recipe_tiny_flags(Path(words[1]).stem),
+                "--output_dir",
+                str(tmp_path / "outputs" / Path(words[1]).stem),
+            ]
             done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800)
             assert done.returncode == 0, f"{doc}: {command}\n{done.stderr[-3000:]}"
             assert "no GPU or other accelerator found" in done.stderr  # the CPU choice was said

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from perl_plugins.models import embedded as E
 from perl_plugins.data import load_feedback
+from perl_plugins.models import embedded as E
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +26,9 @@ def tokenizer(cache):
 def test_tokenizer_basics(tokenizer):
     assert len(tokenizer) == E.VOCAB_SIZE
     assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (
-        E.PAD_ID, E.BOS_ID, E.EOS_ID,
+        E.PAD_ID,
+        E.BOS_ID,
+        E.EOS_ID,
     )
     assert tokenizer.padding_side == "left"
     rows = load_feedback()
@@ -142,9 +144,7 @@ def test_resolve_model(cache):
     assert model.config.hidden_size == E.tiny_config("tiny").hidden_size
     assert tok.pad_token == E.PAD_TOKEN and tok.chat_template == E.CHAT_TEMPLATE
     # A reward model (trl RewardTrainer) loads from the same directory.
-    reward = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, local_files_only=True
-    )
+    reward = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, local_files_only=True)
     assert reward(**tok(["Agent: hi"], return_tensors="pt")).logits.shape == (1, 1)
 
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import perl_plugins
-
 from perl_plugins.plugins.fp8.optim import BLOCK, E4M3, FP8AdamW, describe
 
 LR, WD, B1, B2, EPS = 1e-2, 0.1, 0.9, 0.999, 1e-8
@@ -392,13 +391,22 @@ def _flat_and_separate(second_moment: str, compile: bool, pieces: bool, steps: i
     return opt_separate, separate, flat, full, pieces_of, history
 
 
-@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.skipif(
-    not perl_plugins.compile_available(), reason="no inductor compiler"))])
+@pytest.mark.parametrize(
+    "compile",
+    [
+        False,
+        pytest.param(
+            True, marks=pytest.mark.skipif(not perl_plugins.compile_available(), reason="no inductor compiler")
+        ),
+    ],
+)
 def test_pieces_of_a_flat_partition_step_as_parameters_of_their_own(compile):
     """fp16 mode: with set_segments, each piece of a flat ZeRO-like partition gets exactly the
     weights and states it gets as a separate parameter."""
     opt_separate, separate, flat, full, pieces_of, _ = _flat_and_separate("fp16", compile, pieces=True)
-    for p, weights, m, v in zip(separate, pieces_of(flat.detach()), pieces_of(full["exp_avg"]), pieces_of(full["exp_avg_sq"])):
+    for p, weights, m, v in zip(
+        separate, pieces_of(flat.detach()), pieces_of(full["exp_avg"]), pieces_of(full["exp_avg_sq"])
+    ):
         own = opt_separate.dequantized_state(p)
         assert torch.equal(weights, p.detach())
         assert torch.equal(m, own["exp_avg"]) and torch.equal(v, own["exp_avg_sq"])

@@ -6,9 +6,7 @@ import pytest
 import torch
 from conftest import TRAINER_KINDS, train_quietly
 
-from perl_plugins import PluginIncompatibleError
-from perl_plugins import PluginOptionError
-from perl_plugins import attach
+from perl_plugins import PluginIncompatibleError, PluginOptionError, attach
 from perl_plugins.plugins.fp8 import FP8AdamW
 
 
@@ -80,10 +78,12 @@ def test_fp8_comm_scales_round_trip_through_the_checkpointed_optimizer_state(tmp
     def trainer_and_model():
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
-        args = SimpleNamespace(learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-                               weight_decay=0.0)
+        args = SimpleNamespace(
+            learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=0.0
+        )
         trainer = SimpleNamespace(
-            args=args, get_decay_parameter_names=lambda m: [n for n, _ in m.named_parameters()],
+            args=args,
+            get_decay_parameter_names=lambda m: [n for n, _ in m.named_parameters()],
             perl_plugins=SimpleNamespace(state={}),
         )
         options = {"fp8": FP8Options(fp8_comm=True, fp8_compile=False)}

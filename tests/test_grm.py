@@ -13,14 +13,12 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, LlamaForSequenceClassification, TrainerCallback, TrainingArguments
 from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
 
-from perl_plugins import PluginIncompatibleError
-from perl_plugins import PluginOptionError
-from perl_plugins import attach, state
+from perl_plugins import PluginIncompatibleError, PluginOptionError, attach, state
 from perl_plugins.models.embedded import save_default
 from perl_plugins.models.logprobs import response_logps
+from perl_plugins.models.reward import MLP_WIDTH, load_reward_adapter, save_reward_adapter, score_texts
 from perl_plugins.plugins.grm import grm_loss, grm_regularizer
 from perl_plugins.training.pointwise import pointwise_trainer, reward_classifier
-from perl_plugins.models.reward import MLP_WIDTH, load_reward_adapter, save_reward_adapter, score_texts
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +44,15 @@ ROWS = Dataset.from_dict(
 
 def reward_trainer(base_dir, tokenizer, tmp_path, model=None, **config):
     args = RewardConfig(
-        str(tmp_path / "rm"), max_steps=3, per_device_train_batch_size=4, use_cpu=True, report_to="none",
-        logging_steps=1, save_strategy="no", learning_rate=1e-3, **config,
+        str(tmp_path / "rm"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        use_cpu=True,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        learning_rate=1e-3,
+        **config,
     )
     model = model if model is not None else reward_classifier(base_dir)
     return RewardTrainer(model=model, args=args, train_dataset=PAIRS, processing_class=tokenizer)
@@ -77,9 +82,7 @@ def test_response_logps_sum_only_masked_tokens():
     ids = torch.randint(0, 11, (2, 6))
     mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]]).bool()
     logp = F.log_softmax(head(hidden), -1)
-    expected = torch.stack(
-        [sum(logp[b, t - 1, ids[b, t]] for t in range(1, 6) if mask[b, t]) for b in range(2)]
-    )
+    expected = torch.stack([sum(logp[b, t - 1, ids[b, t]] for t in range(1, 6) if mask[b, t]) for b in range(2)])
     torch.testing.assert_close(response_logps(hidden, ids, mask, head), expected)
 
 
@@ -101,9 +104,7 @@ def test_alpha_zero_reproduces_stock_reward_loss(base_dir, tokenizer, tmp_path):
 
 
 def test_grm_with_lora_trains_adapters_and_freezes_lm_head(base_dir, tokenizer, tmp_path):
-    trainer = attach(
-        reward_trainer(base_dir, tokenizer, tmp_path), plugins="lora,grm", grm_alpha=1.0, grm_reg="sft"
-    )
+    trainer = attach(reward_trainer(base_dir, tokenizer, tmp_path), plugins="lora,grm", grm_alpha=1.0, grm_reg="sft")
     model = trainer.model
     lm_head = model.get_base_model().lm_head
     assert not lm_head.weight.requires_grad
@@ -146,8 +147,13 @@ def test_dpo_regularizer_reference_is_the_initial_model(base_dir, tokenizer, tmp
 
 def test_pointwise_sft_regularizes_thumbs_up_only(base_dir, tokenizer, tmp_path):
     args = TrainingArguments(
-        str(tmp_path / "pw"), max_steps=2, per_device_train_batch_size=4, use_cpu=True, report_to="none",
-        logging_steps=1, save_strategy="no",
+        str(tmp_path / "pw"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        use_cpu=True,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
     )
     trainer = attach(pointwise_trainer(reward_classifier(base_dir), tokenizer, args, ROWS), plugins="lora,grm")
     batch = next(iter(trainer.get_train_dataloader()))
@@ -250,7 +256,9 @@ def test_pair_regularizer_masks_the_prompt_not_the_shared_start_of_the_responses
             expected.append(-F.logsigmoid(0.1 * _direct_response_logps(base_dir, chosen, prompt_len)))
         else:
             for start, out in ((prompt_len, expected), (shared, shared_prefix_version)):
-                margin = _direct_response_logps(base_dir, chosen, start) - _direct_response_logps(base_dir, rejected, start)
+                margin = _direct_response_logps(base_dir, chosen, start) - _direct_response_logps(
+                    base_dir, rejected, start
+                )
                 out.append(-F.logsigmoid(0.1 * margin))
     assert got == pytest.approx(torch.stack(expected).mean().item(), rel=1e-4)
     if reg == "dpo_noref":  # the shared start cancels in the margin: unaffected by where the prompt ends
@@ -279,9 +287,15 @@ def test_pointwise_grm_gradients_do_not_depend_on_gradient_accumulation(base_dir
 
     def first_gradients(batch_size: int, accumulation: int) -> dict[str, torch.Tensor]:
         args = TrainingArguments(
-            str(tmp_path / f"ga{accumulation}"), max_steps=1, per_device_train_batch_size=batch_size,
-            gradient_accumulation_steps=accumulation, max_grad_norm=0.0, use_cpu=True, report_to="none",
-            save_strategy="no", seed=0,
+            str(tmp_path / f"ga{accumulation}"),
+            max_steps=1,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            max_grad_norm=0.0,
+            use_cpu=True,
+            report_to="none",
+            save_strategy="no",
+            seed=0,
         )
         torch.manual_seed(0)
         trainer = pointwise_trainer(reward_classifier(base_dir), tokenizer, args, rows)
@@ -306,6 +320,7 @@ def test_modules_plugins_add_follow_the_trainers_disable_dropout(base_dir, token
     batch = next(iter(trainer.get_train_dataloader()))
     trainer.model.train()
     with torch.no_grad():
-        first, second = (trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                         for _ in range(2))
+        first, second = (
+            trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits for _ in range(2)
+        )
     assert torch.equal(first, second) == disable  # chosen and rejected rows see no independent masks

@@ -14,8 +14,8 @@ from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM, Traine
 
 import perl_plugins
 from perl_plugins import hookspecs
-from perl_plugins.host.arguments import make_plugin_arguments
 from perl_plugins.errors import PluginIncompatibleError, PluginOptionError
+from perl_plugins.host.arguments import make_plugin_arguments
 from perl_plugins.host.plugin_set import PluginSet
 from perl_plugins.host.registry import load
 

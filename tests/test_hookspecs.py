@@ -16,8 +16,16 @@ from perl_plugins.host.plugin_set import PluginSet
 
 # The hooks the host was written with; more may be added (each then needs docs and a test).
 CORE = {
-    "perl_plugin_options", "perl_check_trainer", "perl_configure", "perl_prepare_model", "perl_compute_loss",
-    "perl_create_optimizer", "perl_save_checkpoint", "perl_load_checkpoint", "perl_on_step_end", "perl_on_log",
+    "perl_plugin_options",
+    "perl_check_trainer",
+    "perl_configure",
+    "perl_prepare_model",
+    "perl_compute_loss",
+    "perl_create_optimizer",
+    "perl_save_checkpoint",
+    "perl_load_checkpoint",
+    "perl_on_step_end",
+    "perl_on_log",
     "perl_shape_rewards",
 }
 

@@ -6,17 +6,13 @@ from __future__ import annotations
 import copy
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import length_reward, tiny_lm, tiny_reward_model, train_quietly
 from transformers import TrainerCallback
 
-from perl_plugins import PluginError
-from perl_plugins import attach
-from perl_plugins import hookimpl
-from perl_plugins import keep_columns
+from perl_plugins import PluginError, attach, hookimpl, keep_columns
 from perl_plugins.host.arguments import make_plugin_arguments
 from perl_plugins.host.plugin_set import PluginSet
 from perl_plugins.host.registry import installed_plugins, load
@@ -207,8 +203,14 @@ def test_prepare_model_roles(make_trainer, tokenizer, datasets_by_kind, tmp_path
         model=tiny_lm(tokenizer),
         reward_funcs=[length_reward, reward_model],
         reward_processing_classes=[None, tokenizer],
-        args=trl.GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", num_generations=2,
-                            per_device_train_batch_size=2, max_completion_length=8),
+        args=trl.GRPOConfig(
+            output_dir=str(tmp_path),
+            use_cpu=True,
+            report_to="none",
+            num_generations=2,
+            per_device_train_batch_size=2,
+            max_completion_length=8,
+        ),
         train_dataset=datasets_by_kind["prompt"],
         processing_class=tokenizer,
     )
@@ -229,7 +231,7 @@ def test_prepare_model_results_chain(trainer):
     recorder = RecordRoles()
     original = trainer.model
     attach(trainer, plugins=[Replace(), recorder])
-    (role, seen), = recorder.roles
+    ((role, seen),) = recorder.roles
     assert role == "policy" and seen is not original and seen is trainer.model is trainer.model_wrapped
     assert len(train_quietly(trainer)) == 1
 
@@ -305,12 +307,25 @@ def test_plugin_loads_the_best_model(make_trainer, tmp_path):
     for handled in (True, None):
         data = make_trainer("trainer", max_steps=2)
         args = TrainingArguments(
-            output_dir=str(tmp_path / f"best-{handled}"), max_steps=2, per_device_train_batch_size=2,
-            eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1, load_best_model_at_end=True,
-            use_cpu=True, report_to="none", disable_tqdm=True,
+            output_dir=str(tmp_path / f"best-{handled}"),
+            max_steps=2,
+            per_device_train_batch_size=2,
+            eval_strategy="steps",
+            eval_steps=1,
+            save_strategy="steps",
+            save_steps=1,
+            load_best_model_at_end=True,
+            use_cpu=True,
+            report_to="none",
+            disable_tqdm=True,
         )
-        trainer = Trainer(model=data.model, args=args, train_dataset=data.train_dataset,
-                          eval_dataset=data.train_dataset.select(range(4)), data_collator=data.data_collator)
+        trainer = Trainer(
+            model=data.model,
+            args=args,
+            train_dataset=data.train_dataset,
+            eval_dataset=data.train_dataset.select(range(4)),
+            data_collator=data.data_collator,
+        )
         plugin = BestModel(handled)
         attach(trainer, plugins=[plugin])
         train_quietly(trainer)
@@ -395,8 +410,9 @@ def test_plugin_arguments_default_from_environment(plugin_file, monkeypatch):
 def test_plugin_arguments_lists_builtin_options():
     import dataclasses
 
-    import perl_plugins
     from trl import ModelConfig
+
+    import perl_plugins
 
     # Options trl's ModelConfig already declares (--lora_r...) are left to it, so both fit in one parser.
     fields = set(perl_plugins.PluginArguments.__dataclass_fields__) | {f.name for f in dataclasses.fields(ModelConfig)}
@@ -435,8 +451,15 @@ def test_added_terms_follow_gradient_accumulation(kind, make_trainer, plugin_fil
     aux term depends on the weights only)."""
 
     def weights(batch_size: int, accumulation: int, weight: float) -> dict[str, torch.Tensor]:
-        trainer = make_trainer(kind, max_steps=1, per_device_train_batch_size=batch_size, max_grad_norm=0.0,
-                               gradient_accumulation_steps=accumulation, optim="sgd", learning_rate=0.5)
+        trainer = make_trainer(
+            kind,
+            max_steps=1,
+            per_device_train_batch_size=batch_size,
+            max_grad_norm=0.0,
+            gradient_accumulation_steps=accumulation,
+            optim="sgd",
+            learning_rate=0.5,
+        )
         attach(trainer, plugins=[plugin_file("aux_loss")], aux_loss_weight=weight)
         train_quietly(trainer)
         return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import MAX_STEPS, TRAINER_KINDS, step_losses, train_quietly
 
-from perl_plugins import attach
-from perl_plugins import hookimpl
+from perl_plugins import attach, hookimpl
 from perl_plugins.host.attach import trainer_family
 
 AUX_TERM = "aux_l2"
@@ -129,8 +128,13 @@ def test_observing_plugin_is_bitwise_stock(make_trainer, plugin_file, kind):
 def test_trainer_family_of_every_kind(make_trainer):
     families = {kind: trainer_family(make_trainer(kind, max_steps=1)) for kind in TRAINER_KINDS}
     assert families == {
-        "trainer": "Trainer", "sft": "SFTTrainer", "reward": "RewardTrainer", "dpo": "DPOTrainer",
-        "kto": "KTOTrainer", "grpo": "GRPOTrainer", "rloo": "RLOOTrainer",
+        "trainer": "Trainer",
+        "sft": "SFTTrainer",
+        "reward": "RewardTrainer",
+        "dpo": "DPOTrainer",
+        "kto": "KTOTrainer",
+        "grpo": "GRPOTrainer",
+        "rloo": "RLOOTrainer",
     }
 
 

@@ -186,14 +186,22 @@ def new_trainer_attributes(source: str, path: str = "<source>") -> list[str]:
                 found.append(f"{path}:{node.lineno}: {ast.unparse(target)} = ...")
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr":
             name = node.args[1] if len(node.args) > 1 else None
-            if isinstance(name, ast.Constant) and isinstance(name.value, str) and _new_attribute(node.args[0], name.value):
+            if (
+                isinstance(name, ast.Constant)
+                and isinstance(name.value, str)
+                and _new_attribute(node.args[0], name.value)
+            ):
                 found.append(f"{path}:{node.lineno}: setattr({ast.unparse(node.args[0])}, {name.value!r})")
     return sorted(found, key=lambda line: int(line.split(":")[1]))
 
 
 def test_plugin_state_lives_in_state_not_in_new_attributes():
-    files = [path for top in ("perl_plugins/plugins", "recipes", "hooks") for path in sorted((ROOT / top).rglob("*.py"))]
-    found = [line for path in files for line in new_trainer_attributes(path.read_text(), path.relative_to(ROOT).as_posix())]
+    files = [
+        path for top in ("perl_plugins/plugins", "recipes", "hooks") for path in sorted((ROOT / top).rglob("*.py"))
+    ]
+    found = [
+        line for path in files for line in new_trainer_attributes(path.read_text(), path.relative_to(ROOT).as_posix())
+    ]
     assert not found, "Plugin state belongs in perl_plugins.state(trainer)[plugin]:\n" + "\n".join(found)
     flagged = "trainer.perl_grm = s\nsetattr(model, 'perl_x', 1)\ntrainer.monitor = m\nunwrap(model).perl_y = 1"
     assert new_trainer_attributes(flagged) == [

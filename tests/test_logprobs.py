@@ -15,8 +15,10 @@ def _direct(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torc
     """sum over t with mask[b, t] of log softmax(logits[b, t - 1])[ids[b, t]], the whole vocabulary."""
     logp = F.log_softmax(logits.double(), -1)
     return torch.tensor(
-        [sum((logp[b, t - 1, ids[b, t]] for t in range(1, ids.shape[1]) if mask[b, t]), torch.tensor(0.0)).item()
-         for b in range(ids.shape[0])],
+        [
+            sum((logp[b, t - 1, ids[b, t]] for t in range(1, ids.shape[1]) if mask[b, t]), torch.tensor(0.0)).item()
+            for b in range(ids.shape[0])
+        ],
         dtype=torch.float64,
     )
 

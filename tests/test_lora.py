@@ -12,16 +12,14 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, TrainingArguments
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-from perl_plugins import PluginIncompatibleError
-from perl_plugins import PluginOptionError
-from perl_plugins import attach
+from perl_plugins import PluginIncompatibleError, PluginOptionError, attach
 from perl_plugins.cli import main as cli_main
 from perl_plugins.models.embedded import save_default
+from perl_plugins.models.reward import RewardAdapterError, load_reward_adapter, save_reward_adapter, score, score_texts
+from perl_plugins.models.roles import UnknownRoleError
 from perl_plugins.plugins.lora import AdapterReward, roles
 from perl_plugins.training.pointwise import pointwise_trainer, reward_classifier
 from perl_plugins.training.reward_metrics import roc_auc
-from perl_plugins.models.reward import RewardAdapterError, load_reward_adapter, save_reward_adapter, score, score_texts
-from perl_plugins.models.roles import UnknownRoleError
 
 ROWS = Dataset.from_dict(
     {
@@ -43,8 +41,13 @@ def reward_adapter(base_dir, tokenizer, tmp_path_factory):
     """A trained LoRA reward adapter (pointwise, linear head) and the scores it gave before saving."""
     out = tmp_path_factory.mktemp("reward_adapter")
     args = TrainingArguments(
-        str(out / "run"), max_steps=4, per_device_train_batch_size=4, use_cpu=True, report_to="none",
-        save_strategy="no", learning_rate=5e-3,
+        str(out / "run"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        learning_rate=5e-3,
     )
     trainer = attach(pointwise_trainer(reward_classifier(base_dir), tokenizer, args, ROWS), plugins="lora")
     trainer.train()
@@ -57,13 +60,25 @@ def reward_adapter(base_dir, tokenizer, tmp_path_factory):
 def rl_trainer(kind, base_dir, tokenizer, tmp_path, reward_path, **config):
     cls, config_cls = (RLOOTrainer, RLOOConfig) if kind == "rloo" else (GRPOTrainer, GRPOConfig)
     args = config_cls(
-        str(tmp_path / kind), max_steps=2, per_device_train_batch_size=4, num_generations=2,
-        max_completion_length=8, use_cpu=True, report_to="none", logging_steps=1, save_strategy="no",
-        learning_rate=1e-2, beta=0.1, **config,
+        str(tmp_path / kind),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=8,
+        use_cpu=True,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        learning_rate=1e-2,
+        beta=0.1,
+        **config,
     )
     return cls(
-        model=AutoModelForCausalLM.from_pretrained(base_dir), reward_funcs=[AdapterReward(reward_path)], args=args,
-        train_dataset=PROMPTS, processing_class=tokenizer,
+        model=AutoModelForCausalLM.from_pretrained(base_dir),
+        reward_funcs=[AdapterReward(reward_path)],
+        args=args,
+        train_dataset=PROMPTS,
+        processing_class=tokenizer,
     )
 
 
@@ -90,7 +105,9 @@ def test_rl_shares_one_base_between_policy_reference_and_reward(kind, reward_ada
     assert trainer.reward_funcs[0].roles is role_set and role_set.model is trainer.model
 
     def base_storage():
-        return sorted(p.data_ptr() for n, p in trainer.model.named_parameters() if "lora_" not in n and "score" not in n)
+        return sorted(
+            p.data_ptr() for n, p in trainer.model.named_parameters() if "lora_" not in n and "score" not in n
+        )
 
     pointers = {}
     for role in role_set.names:
@@ -103,7 +120,7 @@ def test_rl_shares_one_base_between_policy_reference_and_reward(kind, reward_ada
     trainer.train()
     logs = [log for log in trainer.state.log_history if "reward" in log]
     assert logs and all("kl" in log for log in logs)  # the KL penalty to adapters-off is computed
-    assert any(f"rewards/reward_adapter/mean" in log for log in logs)
+    assert any("rewards/reward_adapter/mean" in log for log in logs)
     params = dict(trainer.model.named_parameters())
     assert all(torch.equal(params[n], p) for n, p in reward_before.items())  # reward role stays frozen
     assert any(not torch.equal(params[n], p) for n, p in policy_before.items())  # the policy learned
@@ -132,12 +149,20 @@ def test_readme_reward_role_scores_with_score_texts(reward_adapter, base_dir, to
 
 def test_user_peft_config_wins(base_dir, tokenizer, tmp_path, reward_adapter):
     args = RLOOConfig(
-        str(tmp_path / "r"), max_steps=1, per_device_train_batch_size=4, num_generations=2, max_completion_length=4,
-        use_cpu=True, report_to="none",
+        str(tmp_path / "r"),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=4,
+        use_cpu=True,
+        report_to="none",
     )
     trainer = RLOOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(base_dir), reward_funcs=[AdapterReward(reward_adapter[0])],
-        args=args, train_dataset=PROMPTS, processing_class=tokenizer,
+        model=AutoModelForCausalLM.from_pretrained(base_dir),
+        reward_funcs=[AdapterReward(reward_adapter[0])],
+        args=args,
+        train_dataset=PROMPTS,
+        processing_class=tokenizer,
         peft_config=LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"),
     )
     attach(trainer, plugins="lora", lora_r=64)
@@ -195,12 +220,38 @@ def test_roc_auc_matches_pairwise_definition():
 @pytest.mark.parametrize("feedback", ["pointwise", "pairs"])
 def test_cli_reward_trains_and_reports_accuracy_and_auc(feedback, tmp_path, capsys):
     out = tmp_path / feedback
-    code = cli_main([
-        "reward", "--plugins", "lora", "--feedback", feedback, "--model_size", "tiny", "--output_dir", str(out),
-        "--max_steps", "2", "--per_device_train_batch_size", "4", "--max_train_samples", "16",
-        "--max_eval_samples", "16", "--eval_strategy", "steps", "--eval_steps", "2", "--max_length", "1024",
-        "--use_cpu", "--report_to", "none", "--save_strategy", "no",
-    ])
+    code = cli_main(
+        [
+            "reward",
+            "--plugins",
+            "lora",
+            "--feedback",
+            feedback,
+            "--model_size",
+            "tiny",
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "4",
+            "--max_train_samples",
+            "16",
+            "--max_eval_samples",
+            "16",
+            "--eval_strategy",
+            "steps",
+            "--eval_steps",
+            "2",
+            "--max_length",
+            "1024",
+            "--use_cpu",
+            "--report_to",
+            "none",
+            "--save_strategy",
+            "no",
+        ]
+    )
     assert code == 0
     metrics = json.loads((out / "final_metrics.json").read_text())
     assert "eval_accuracy" in metrics and 0.0 <= metrics["eval_auc"] <= 1.0

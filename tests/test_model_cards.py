@@ -25,8 +25,23 @@ from perl_plugins.models.card import (
 from perl_plugins.models.reward import load_reward_adapter, score
 
 TINY_RUN = [
-    "--model_size", "tiny", "--max_steps", "2", "--per_device_train_batch_size", "4", "--max_train_samples", "16",
-    "--max_eval_samples", "64", "--eval_strategy", "steps", "--eval_steps", "2", "--use_cpu", "--report_to", "none",
+    "--model_size",
+    "tiny",
+    "--max_steps",
+    "2",
+    "--per_device_train_batch_size",
+    "4",
+    "--max_train_samples",
+    "16",
+    "--max_eval_samples",
+    "64",
+    "--eval_strategy",
+    "steps",
+    "--eval_steps",
+    "2",
+    "--use_cpu",
+    "--report_to",
+    "none",
 ]
 IDS = [[5, 17, 42, 99, 7, 3, 250, 11]]
 # Stock loaders only: any import of perl_plugins in this process fails.
@@ -43,8 +58,13 @@ sys.meta_path.insert(0, _Blocked())
 def _stock_load(code: str, tmp_path: Path) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, "-I", "-c", NO_PERL_PLUGINS + code], cwd=tmp_path, env=env, capture_output=True, text=True,
-        timeout=600, check=False,
+        [sys.executable, "-I", "-c", NO_PERL_PLUGINS + code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -90,8 +110,18 @@ def test_cli_reward_adapter_card_and_stock_loading(tmp_path):
 def test_export_cards_and_stock_loading(tmp_path):
     out = tmp_path / "sft"
     argv = [
-        "sft", "--plugins", "lora,adapter_ckpt", "--output_dir", str(out), "--save_strategy", "steps",
-        "--save_steps", "2", "--max_length", "96", *TINY_RUN,
+        "sft",
+        "--plugins",
+        "lora,adapter_ckpt",
+        "--output_dir",
+        str(out),
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+        "--max_length",
+        "96",
+        *TINY_RUN,
     ]
     assert cli_main(argv) == 0
     run_card = read_card(out)
@@ -127,9 +157,17 @@ def test_export_cards_and_stock_loading(tmp_path):
 
 def test_card_steps_add_to_each_other(tmp_path):
     """A card written at save time keeps its facts when a later step adds the metrics."""
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/base", "task_type": "CAUSAL_LM"}))
-    write_model_card(tmp_path, fingerprint="0123456789abcdef", plugins=["lora"], options={"lora": {"lora_r": 4}},
-                     data=training_data(taskmaster_file="mine.jsonl"), command="python x.py")
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"base_model_name_or_path": "org/base", "task_type": "CAUSAL_LM"})
+    )
+    write_model_card(
+        tmp_path,
+        fingerprint="0123456789abcdef",
+        plugins=["lora"],
+        options={"lora": {"lora_r": 4}},
+        data=training_data(taskmaster_file="mine.jsonl"),
+        command="python x.py",
+    )
     write_model_card(tmp_path, metrics={"eval_loss": 0.5})
     card = (tmp_path / "README.md").read_text()
     meta = _front_matter(card)

@@ -12,13 +12,39 @@ from perl_plugins.cli import main as cli_main
 from perl_plugins.training import recipe_kit
 
 TINY = [
-    "--model_size", "tiny", "--rm_train_samples", "48", "--rm_eval_samples", "48", "--rm_max_steps", "3",
-    "--rl_max_steps", "2", "--rl_prompts", "8", "--rl_eval_prompts", "4", "--rl_batch_size", "4",
-    "--rl_num_generations", "2", "--rl_max_completion_length", "8",
+    "--model_size",
+    "tiny",
+    "--rm_train_samples",
+    "48",
+    "--rm_eval_samples",
+    "48",
+    "--rm_max_steps",
+    "3",
+    "--rl_max_steps",
+    "2",
+    "--rl_prompts",
+    "8",
+    "--rl_eval_prompts",
+    "4",
+    "--rl_batch_size",
+    "4",
+    "--rl_num_generations",
+    "2",
+    "--rl_max_completion_length",
+    "8",
 ]
 KEYS = (
-    "rm_eval_accuracy", "rm_eval_auc", "rl_reward_before", "rl_reward_after", "rl_reward_before_se",
-    "rl_reward_after_se", "rl_gain_in_std", "rl_gain_se", "rl_final_kl", "rl_length_before", "rl_length_after",
+    "rm_eval_accuracy",
+    "rm_eval_auc",
+    "rl_reward_before",
+    "rl_reward_after",
+    "rl_reward_before_se",
+    "rl_reward_after_se",
+    "rl_gain_in_std",
+    "rl_gain_se",
+    "rl_final_kl",
+    "rl_length_before",
+    "rl_length_after",
 )
 
 
@@ -50,8 +76,13 @@ def test_rl_report_matches_its_formulas():
     after_r = before_r + rng.normal(0.5, 0.3, size=(n, k))
 
     def side(r):
-        return {"mean": r.mean(), "std": r.std(ddof=1), "per_prompt": r.mean(1), "mean_length": 5.0,
-                "se": r.mean(1).std(ddof=1) / math.sqrt(n)}
+        return {
+            "mean": r.mean(),
+            "std": r.std(ddof=1),
+            "per_prompt": r.mean(1),
+            "mean_length": 5.0,
+            "se": r.mean(1).std(ddof=1) / math.sqrt(n),
+        }
 
     report = recipe_kit.rl_report(side(before_r), side(after_r))
     gain = after_r.mean() - before_r.mean()

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import tokenizers
 import torch
+from perl_plugins.recipes import pretrain_base as P
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from perl_plugins.models import embedded as E
 from perl_plugins.data.taskmaster import (
     DEFAULT_DIALOGS_FILE,
     DEFAULT_REWARD_FILE,
@@ -25,14 +25,50 @@ from perl_plugins.data.taskmaster import (
     load_dialog_texts,
     load_splits,
 )
-from perl_plugins.recipes import pretrain_base as P
+from perl_plugins.models import embedded as E
 
 BASE = E.ASSETS_BASE_DIR
 COFFEE_WORDS = {
-    "coffee", "latte", "espresso", "mocha", "cappuccino", "americano", "macchiato", "tea", "chai", "cortado",
-    "milk", "oat", "almond", "soy", "whole", "iced", "hot", "size", "small", "medium", "large", "grande", "tall",
-    "venti", "shot", "shots", "sugar", "syrup", "vanilla", "caramel", "order", "drink", "cup", "decaf", "whipped",
-    "cream", "pickup", "name", "bar", "menu",
+    "coffee",
+    "latte",
+    "espresso",
+    "mocha",
+    "cappuccino",
+    "americano",
+    "macchiato",
+    "tea",
+    "chai",
+    "cortado",
+    "milk",
+    "oat",
+    "almond",
+    "soy",
+    "whole",
+    "iced",
+    "hot",
+    "size",
+    "small",
+    "medium",
+    "large",
+    "grande",
+    "tall",
+    "venti",
+    "shot",
+    "shots",
+    "sugar",
+    "syrup",
+    "vanilla",
+    "caramel",
+    "order",
+    "drink",
+    "cup",
+    "decaf",
+    "whipped",
+    "cream",
+    "pickup",
+    "name",
+    "bar",
+    "menu",
 }
 
 
@@ -98,7 +134,7 @@ def test_generates_coffee_domain_text():
     batch = tok(prompts, return_tensors="pt", padding=True)
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=30, do_sample=False, pad_token_id=tok.pad_token_id)
-    texts = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    texts = tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     words = [w for t in texts for w in re.findall(r"[a-z]+", t.lower())]
     assert len(words) >= 10, texts
     assert COFFEE_WORDS & set(words), texts
@@ -127,17 +163,47 @@ def test_corpus_holds_nothing_of_the_held_out_split(card):
 
 
 TINY_RUN = [
-    "--hidden_size", "32", "--num_hidden_layers", "2", "--intermediate_size", "64",
-    "--max_steps", "3", "--batch_size", "4", "--block_size", "64", "--max_documents", "60",
-    "--warmup_steps", "1", "--eval_steps", "0", "--logging_steps", "1", "--sample_tokens", "4",
-    "--fresh_tokenizer", "false",
+    "--hidden_size",
+    "32",
+    "--num_hidden_layers",
+    "2",
+    "--intermediate_size",
+    "64",
+    "--max_steps",
+    "3",
+    "--batch_size",
+    "4",
+    "--block_size",
+    "64",
+    "--max_documents",
+    "60",
+    "--warmup_steps",
+    "1",
+    "--eval_steps",
+    "0",
+    "--logging_steps",
+    "1",
+    "--sample_tokens",
+    "4",
+    "--fresh_tokenizer",
+    "false",
 ]
 
 
 def test_recipe_is_deterministic(tmp_path):
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    cards = [P.main(["--config", str(Path(P.__file__).with_suffix(".yaml")), "--output_dir", str(tmp_path / f"run{i}"),
-                     *TINY_RUN]) for i in range(2)]
+    cards = [
+        P.main(
+            [
+                "--config",
+                str(Path(P.__file__).with_suffix(".yaml")),
+                "--output_dir",
+                str(tmp_path / f"run{i}"),
+                *TINY_RUN,
+            ]
+        )
+        for i in range(2)
+    ]
     assert cards[0]["files"]["model.safetensors"] == cards[1]["files"]["model.safetensors"]
     assert cards[0]["training"]["final_train_loss"] == cards[1]["training"]["final_train_loss"]
     out = tmp_path / "run0"

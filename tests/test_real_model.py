@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-import perl_plugins
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from perl_plugins.models import smollm2
+import perl_plugins
 from perl_plugins.cli import main as cli_main
+from perl_plugins.models import smollm2
 from perl_plugins.models.embedded import resolve_model
 from perl_plugins.models.reward import load_reward_adapter, score, score_texts
 
@@ -93,14 +92,20 @@ def test_alias_is_a_plain_hf_directory_with_a_card(base, tokenizer):
     card = (base / "README.md").read_text()
     assert smollm2.SOURCE in card and "Apache-2.0" in card and "Q4_1" in card and smollm2.DISTRIBUTION in card
     # The real tokenizer conventions the tests below exercise.
-    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == (
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|im_end|>",
+    )
     assert tokenizer.chat_template and "<|im_start|>" in tokenizer.apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False
     )
     model = AutoModelForCausalLM.from_pretrained(base)
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
     # Pre-trained, not random weights: English text costs a few nats per token (random: ln 49152 = 10.8).
-    ids = tokenizer("The capital of France is Paris. It is known for the Eiffel Tower.", return_tensors="pt")["input_ids"]
+    ids = tokenizer("The capital of France is Paris. It is known for the Eiffel Tower.", return_tensors="pt")[
+        "input_ids"
+    ]
     with torch.no_grad():
         assert model(ids, labels=ids).loss < 4.0
 
@@ -112,7 +117,9 @@ def test_models_lists_every_alias_and_where_it_comes_from(capsys):
     assert smollm2.SOURCE in listing[ALIAS]["source"] and listing[ALIAS]["license"] == "Apache-2.0"
     assert listing[ALIAS]["status"].startswith("installed")
     assert cli_main(["models"]) == 0 and ALIAS in capsys.readouterr().out
-    assert resolve_model("tiny") == resolve_model(None, "tiny") and resolve_model("embedded") == resolve_model(None, "demo")
+    assert resolve_model("tiny") == resolve_model(None, "tiny") and resolve_model("embedded") == resolve_model(
+        None, "demo"
+    )
 
 
 def test_missing_package_names_the_install_line(monkeypatch, tmp_path, capsys):
@@ -139,8 +146,23 @@ def test_reward_on_pairs_with_lora_grm(base, tmp_path):
     out = tmp_path / "rm_pairs"
     trainer = train_cli(
         "reward",
-        [*COMMON, "--feedback", "pairs", "--plugins", "lora,grm", "--max_length", "128", "--max_steps", "2",
-         "--eval_strategy", "no", "--save_strategy", "no", "--output_dir", str(out)],
+        [
+            *COMMON,
+            "--feedback",
+            "pairs",
+            "--plugins",
+            "lora,grm",
+            "--max_length",
+            "128",
+            "--max_steps",
+            "2",
+            "--eval_strategy",
+            "no",
+            "--save_strategy",
+            "no",
+            "--output_dir",
+            str(out),
+        ],
     )
     logs = list(step_logs(trainer).values())
     assert len(logs) == 2 and finite([e["loss"] for e in logs] + [e["grm_reg_loss"] for e in logs])
@@ -159,9 +181,25 @@ def pointwise(base, tmp_path_factory) -> tuple[Any, Path]:
 
 
 POINTWISE = [
-    *COMMON, "--plugins", "lora,fp8,adapter_ckpt", "--fp8_min_numel", "0", "--fp8_compile", "false",
-    "--max_length", "96", "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2",
-    "--eval_strategy", "no", "--learning_rate", "1e-3",
+    *COMMON,
+    "--plugins",
+    "lora,fp8,adapter_ckpt",
+    "--fp8_min_numel",
+    "0",
+    "--fp8_compile",
+    "false",
+    "--max_length",
+    "96",
+    "--max_steps",
+    "4",
+    "--save_strategy",
+    "steps",
+    "--save_steps",
+    "2",
+    "--eval_strategy",
+    "no",
+    "--learning_rate",
+    "1e-3",
 ]
 
 
@@ -184,9 +222,25 @@ def test_rloo_with_the_reward_adapter_on_the_shared_base(pointwise, tmp_path):
     _, reward_dir = pointwise
     trainer = train_cli(
         "rloo",
-        [*COMMON, "--plugins", "lora", "--reward_adapter", str(reward_dir), "--max_steps", "1",
-         "--num_generations", "2", "--max_completion_length", "8", "--beta", "0.0",
-         "--save_strategy", "no", "--output_dir", str(tmp_path)],
+        [
+            *COMMON,
+            "--plugins",
+            "lora",
+            "--reward_adapter",
+            str(reward_dir),
+            "--max_steps",
+            "1",
+            "--num_generations",
+            "2",
+            "--max_completion_length",
+            "8",
+            "--beta",
+            "0.0",
+            "--save_strategy",
+            "no",
+            "--output_dir",
+            str(tmp_path),
+        ],
     )
     roles = perl_plugins.state(trainer)["lora"]
     assert set(roles.adapters) >= {"policy", "reward"} and trainer.ref_model is None
@@ -198,8 +252,19 @@ def test_rloo_with_the_reward_adapter_on_the_shared_base(pointwise, tmp_path):
 def test_dpo_with_lora(tmp_path):
     trainer = train_cli(
         "dpo",
-        [*COMMON, "--plugins", "lora", "--max_length", "128", "--max_steps", "2", "--save_strategy", "no",
-         "--output_dir", str(tmp_path)],
+        [
+            *COMMON,
+            "--plugins",
+            "lora",
+            "--max_length",
+            "128",
+            "--max_steps",
+            "2",
+            "--save_strategy",
+            "no",
+            "--output_dir",
+            str(tmp_path),
+        ],
     )
     logs = list(step_logs(trainer).values())
     assert len(logs) == 2 and finite([e["loss"] for e in logs]) and trainer.ref_model is None
@@ -209,12 +274,25 @@ def test_export_merge_scores_like_the_adapter(pointwise, base, tokenizer, tmp_pa
     _, out = pointwise
     merged = tmp_path / "merged"
     result = subprocess.run(
-        [sys.executable, "-m", "perl_plugins.cli", "export", str(out / "checkpoint-4"), "--out", str(merged), "--merge"],
-        capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-m",
+            "perl_plugins.cli",
+            "export",
+            str(out / "checkpoint-4"),
+            "--out",
+            str(merged),
+            "--merge",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     classifier = AutoModelForSequenceClassification.from_pretrained(merged).eval()
-    adapter = load_reward_adapter(AutoModelForCausalLM.from_pretrained(base), out / "checkpoint-4" / "adapters" / "default")
+    adapter = load_reward_adapter(
+        AutoModelForCausalLM.from_pretrained(base), out / "checkpoint-4" / "adapters" / "default"
+    )
     for text in TEXTS:
         ids = tokenizer(text + tokenizer.eos_token, return_tensors="pt", add_special_tokens=False)
         with torch.no_grad():
@@ -245,11 +323,14 @@ def test_adapter_reward_reads_chat_prompts_at_the_training_token(base, reward_on
     import trl
     from datasets import Dataset
 
-    from perl_plugins.plugins.lora import AdapterReward
     from perl_plugins.models.roles import Roles
+    from perl_plugins.plugins.lora import AdapterReward
 
     prompts = [[{"role": "user", "content": "Can I get a latte?"}], [{"role": "user", "content": "Tea, please."}]]
-    chosen = [[{"role": "assistant", "content": "Sure, one latte."}], [{"role": "assistant", "content": "Green or black?"}]]
+    chosen = [
+        [{"role": "assistant", "content": "Sure, one latte."}],
+        [{"role": "assistant", "content": "Green or black?"}],
+    ]
     rejected = [[{"role": "assistant", "content": "No."}], [{"role": "assistant", "content": "What?"}]]
     trainer = trl.RewardTrainer(
         model=AutoModelForSequenceClassification.from_pretrained(base, num_labels=1),  # only its preprocessing is used

@@ -47,9 +47,16 @@ def test_take():
 
 
 def test_reward_stage_args_read_the_rm_keys(tmp_path):
-    cfg = SimpleNamespace(output_dir=str(tmp_path), seed=4, rm_epochs=2.0, rm_max_steps=7, rm_batch_size=3,
-                          rm_learning_rate=0.01)
+    cfg = SimpleNamespace(
+        output_dir=str(tmp_path), seed=4, rm_epochs=2.0, rm_max_steps=7, rm_batch_size=3, rm_learning_rate=0.01
+    )
     args = reward_stage_args(cfg, RewardConfig, max_length=64)
     assert isinstance(args, RewardConfig) and args.output_dir == str(tmp_path / "reward_model")
-    assert (args.seed, args.num_train_epochs, args.max_steps, args.learning_rate, args.max_length) == (4, 2.0, 7, 0.01, 64)
+    assert (args.seed, args.num_train_epochs, args.max_steps, args.learning_rate, args.max_length) == (
+        4,
+        2.0,
+        7,
+        0.01,
+        64,
+    )
     assert args.per_device_train_batch_size == args.per_device_eval_batch_size == 3

@@ -7,8 +7,8 @@ import importlib
 
 import pytest
 
-from perl_plugins.host.arguments import check_options, options_for, parse_plugin_options
 from perl_plugins.errors import PluginOptionError
+from perl_plugins.host.arguments import check_options, options_for, parse_plugin_options
 
 
 def test_options_of_an_enabled_stage_pass_and_reach_only_that_stage():
@@ -30,7 +30,10 @@ def test_an_option_of_no_plugin_is_refused():
 
 @pytest.mark.parametrize(
     ("options", "message"),
-    [("{grm_alpha: 0.05}", r"plugin_options '\{grm_alpha: 0.05\}' is not valid JSON"), ("[1, 2]", r"got list \[1, 2\]")],
+    [
+        ("{grm_alpha: 0.05}", r"plugin_options '\{grm_alpha: 0.05\}' is not valid JSON"),
+        ("[1, 2]", r"got list \[1, 2\]"),
+    ],
 )
 def test_plugin_options_that_are_no_mapping_are_refused_naming_the_value(options, message):
     for parse in (lambda: check_options(options, "lora"), lambda: options_for("lora", options)):

@@ -111,7 +111,12 @@ def run_copied_recipe(recipe: str, tmp_path: Path, argv: list[str]) -> Path:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(
         [sys.executable, "-I", str(script), "--config", str(config), *argv],
-        cwd=tmp_path / "repo", env=env, capture_output=True, text=True, timeout=1200, check=False,
+        cwd=tmp_path / "repo",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-4000:]
     return script
@@ -121,7 +126,8 @@ def check_model_cards(out: Path) -> None:
     """Every adapter the run saved carries a README.md card with base, fingerprint, data, metrics."""
     # (peft also saves a policy's other adapters, e.g. the reward one, in sub-folders: copies, skipped)
     adapters = [
-        p.parent for p in out.rglob("adapter_config.json")
+        p.parent
+        for p in out.rglob("adapter_config.json")
         if "repo" not in p.parts and not (p.parent.parent / "adapter_config.json").is_file()
     ]
     assert adapters, f"no adapter saved under {out}"
@@ -133,8 +139,7 @@ def check_model_cards(out: Path) -> None:
 
 
 LABEL_KEYS = (
-    "prompt response_1 response_2 p_1_preferred p_1_preferred_order_12 p_1_preferred_order_21 "
-    "thumbs_1 thumbs_2"
+    "prompt response_1 response_2 p_1_preferred p_1_preferred_order_12 p_1_preferred_order_21 thumbs_1 thumbs_2"
 )
 
 

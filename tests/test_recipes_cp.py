@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -72,8 +71,22 @@ def test_copied_pretrain_base_runs_alone(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(
-        [sys.executable, "-I", "pretrain_base.py", "--config", "pretrain_base.yaml", "--output_dir", str(out), *TINY_RUN],
-        cwd=tmp_path / "repo", env=env, capture_output=True, text=True, timeout=1200, check=False,
+        [
+            sys.executable,
+            "-I",
+            "pretrain_base.py",
+            "--config",
+            "pretrain_base.yaml",
+            "--output_dir",
+            str(out),
+            *TINY_RUN,
+        ],
+        cwd=tmp_path / "repo",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     card = json.loads((out / "card.json").read_text())

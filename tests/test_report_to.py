@@ -9,10 +9,30 @@ from pathlib import Path
 from perl_plugins.cli import main as cli_main
 
 RUN = [
-    "reward", "--plugins", "lora,grm,fp8", "--model_size", "tiny", "--max_steps", "3", "--logging_steps", "1",
-    "--per_device_train_batch_size", "4", "--max_train_samples", "16", "--max_eval_samples", "64",
-    "--eval_strategy", "steps", "--eval_steps", "3", "--save_strategy", "no", "--use_cpu",
-    "--disable_tqdm", "false",
+    "reward",
+    "--plugins",
+    "lora,grm,fp8",
+    "--model_size",
+    "tiny",
+    "--max_steps",
+    "3",
+    "--logging_steps",
+    "1",
+    "--per_device_train_batch_size",
+    "4",
+    "--max_train_samples",
+    "16",
+    "--max_eval_samples",
+    "64",
+    "--eval_strategy",
+    "steps",
+    "--eval_steps",
+    "3",
+    "--save_strategy",
+    "no",
+    "--use_cpu",
+    "--disable_tqdm",
+    "false",
 ]
 
 

@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from trl import RewardConfig, RewardTrainer
 
 from perl_plugins import attach
-from perl_plugins.plugins.lora import AdapterReward
 from perl_plugins.models.reward import load_reward_adapter, save_reward_adapter, score_texts
 from perl_plugins.models.roles import Roles
+from perl_plugins.plugins.lora import AdapterReward
 
 PROMPTS = ["User: a latte please\nAgent:", "User: tea?\nAgent:"]
 CHOSEN = [" Sure, one latte.", " Yes: green, black or a chai latte with oat milk?"]

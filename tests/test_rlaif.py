@@ -11,8 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_lm, tiny_reward_model, train_quietly
-
-from perl_plugins import attach
 from perl_plugins.recipes.rlaif import (
     CUE,
     CausalLMLabeller,
@@ -20,8 +18,8 @@ from perl_plugins.recipes.rlaif import (
     RLAIFRecipeConfig,
     SoftLabelLoss,
     candidate_pairs,
-    labeller_format,
     label_with_ai,
+    labeller_format,
     labeller_metrics,
     labelling_prompt,
     likelihood_labels,
@@ -29,6 +27,8 @@ from perl_plugins.recipes.rlaif import (
     soft_label_pairs,
     soft_labels,
 )
+
+from perl_plugins import attach
 
 PREAMBLE = "Which reply is better?"
 PAIRS = [

@@ -35,18 +35,46 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "accelerate"
 ZERO3_JSON = ROOT / "tests" / "ds_zero3_partition_all.json"
 STATE_DUMP = ROOT / "tests" / "plugins_for_tests" / "state_dump.py"
-PLUGINS = {"reward": "lora,grm,fp8,adapter_ckpt", "dpo": "lora,fp8,adapter_ckpt", "rloo": "lora,fp8,adapter_ckpt",
-           "sft": "lora,fp8,adapter_ckpt"}
+PLUGINS = {
+    "reward": "lora,grm,fp8,adapter_ckpt",
+    "dpo": "lora,fp8,adapter_ckpt",
+    "rloo": "lora,fp8,adapter_ckpt",
+    "sft": "lora,fp8,adapter_ckpt",
+}
 ARGS = {
     "reward": ["--per_device_train_batch_size", "4", "--max_train_samples", "64"],
     "dpo": ["--per_device_train_batch_size", "2", "--max_train_samples", "32", "--max_length", "128"],
-    "rloo": ["--per_device_train_batch_size", "4", "--num_generations", "4", "--max_completion_length", "12",
-             "--max_train_samples", "32"],
+    "rloo": [
+        "--per_device_train_batch_size",
+        "4",
+        "--num_generations",
+        "4",
+        "--max_completion_length",
+        "12",
+        "--max_train_samples",
+        "32",
+    ],
     "sft": ["--per_device_train_batch_size", "2", "--max_train_samples", "16", "--max_length", "64"],
 }
 # On CPU, fp32 unless a test asks for bf16; 4 steps with checkpoints at 2 and 4.
-COMMON = ["--use_cpu", "true", "--max_steps", "4", "--save_steps", "2", "--logging_steps", "1",
-          "--report_to", "none", "--eval_strategy", "no", "--disable_tqdm", "true", "--learning_rate", "1e-3"]
+COMMON = [
+    "--use_cpu",
+    "true",
+    "--max_steps",
+    "4",
+    "--save_steps",
+    "2",
+    "--logging_steps",
+    "1",
+    "--report_to",
+    "none",
+    "--eval_strategy",
+    "no",
+    "--disable_tqdm",
+    "true",
+    "--learning_rate",
+    "1e-3",
+]
 ADAPTER = Path("adapters") / "default" / "adapter_model.safetensors"
 _NATIVE_ABORT = "terminate called without an active exception"
 
@@ -73,8 +101,16 @@ def _free_port() -> int:
 def _launcher(engine: str, precision: str) -> list[str]:
     if engine == "single":
         return [sys.executable, "-m"]
-    accelerate = [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_processes", "2",
-                  "--mixed_precision", precision, "--main_process_port", str(_free_port())]
+    accelerate = [
+        str(Path(sys.executable).with_name("accelerate")),
+        "launch",
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        precision,
+        "--main_process_port",
+        str(_free_port()),
+    ]
     if engine == "zero3":
         return [*accelerate, "--use_deepspeed", "--deepspeed_config_file", str(ZERO3_JSON), "-m"]
     if engine == "zero1":
@@ -90,20 +126,46 @@ class Launcher:
         self.root = root
         self.runs: dict[str, Run] = {}
 
-    def __call__(self, name: str, engine: str, command: str, *extra: str, plugins: str | None = None,
-                 resume: Path | None = None, expect_failure: bool = False, bf16: bool = False) -> Run | str:
+    def __call__(
+        self,
+        name: str,
+        engine: str,
+        command: str,
+        *extra: str,
+        plugins: str | None = None,
+        resume: Path | None = None,
+        expect_failure: bool = False,
+        bf16: bool = False,
+    ) -> Run | str:
         if name in self.runs:
             return self.runs[name]
         out = self.root / name
-        argv = [*_launcher(engine, "bf16" if bf16 else "no"), "perl_plugins.cli", command,
-                "--plugins", plugins or PLUGINS[command], *ARGS[command], *COMMON, "--bf16", str(bf16).lower(),
-                "--output_dir", str(out), *extra]
+        argv = [
+            *_launcher(engine, "bf16" if bf16 else "no"),
+            "perl_plugins.cli",
+            command,
+            "--plugins",
+            plugins or PLUGINS[command],
+            *ARGS[command],
+            *COMMON,
+            "--bf16",
+            str(bf16).lower(),
+            "--output_dir",
+            str(out),
+            *extra,
+        ]
         if resume is not None:
             argv += ["--resume_from_checkpoint", str(resume)]
         # One inductor compile thread: FP8AdamW's compiled step would otherwise start a pool of compile
         # workers in each process, on a 2-core machine.
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-               "TORCHINDUCTOR_COMPILE_THREADS": "1", "PERL_PLUGINS_CACHE": str(self.root / "cache")}
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "TORCHINDUCTOR_COMPILE_THREADS": "1",
+            "PERL_PLUGINS_CACHE": str(self.root / "cache"),
+        }
         start = time.perf_counter()
         proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0 and _NATIVE_ABORT in proc.stderr and not expect_failure:
@@ -117,8 +179,9 @@ class Launcher:
             assert proc.returncode != 0, f"{name} should have failed"
             return proc.stdout + proc.stderr
         if proc.returncode != 0:
-            pytest.fail(f"{name} ({engine} {command}) failed with {proc.returncode} after {wall:.0f}s:\n"
-                        f"{proc.stderr[-6000:]}")
+            pytest.fail(
+                f"{name} ({engine} {command}) failed with {proc.returncode} after {wall:.0f}s:\n{proc.stderr[-6000:]}"
+            )
         print(f"[scaling-out] {name}: {wall:.1f}s wall")
         self.runs[name] = Run(out, wall)
         return self.runs[name]
@@ -247,8 +310,13 @@ def test_zero3_reward_resumes_exactly_and_gathers_like_ddp(launch: Launcher) -> 
 def test_zero3_checkpoint_resumes_on_one_process_without_deepspeed(launch: Launcher) -> None:
     full = launch("zero3_reward", "zero3", "reward")
     checkpoint = full.out / "checkpoint-2"
-    single = launch("zero3_reward_on_one_process", "single", "reward",
-                    plugins=f"{PLUGINS['reward']},{STATE_DUMP}", resume=checkpoint)
+    single = launch(
+        "zero3_reward_on_one_process",
+        "single",
+        "reward",
+        plugins=f"{PLUGINS['reward']},{STATE_DUMP}",
+        resume=checkpoint,
+    )
     dump = torch.load(single.out / "state_at_train_begin.pt", weights_only=True)
     assert dump["world_size"] == 1
     # The gathered adapters and optimizer state are what this process started from.

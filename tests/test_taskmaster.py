@@ -43,9 +43,7 @@ def test_shipped_file(coffee):
     api_call = coffee[1]
     assert api_call.prompt.splitlines()[1] == "User: can i get an espresso please"
     assert api_call.prompt.splitlines()[3].startswith('API response: {"get_menu_items": ')
-    assert api_call.completion == (
-        ' API call: {"add_order_item": {"menu_item_id": "espresso-0001", "quantity": "1"}}'
-    )
+    assert api_call.completion == (' API call: {"add_order_item": {"menu_item_id": "espresso-0001", "quantity": "1"}}')
 
 
 def test_render_turn():
@@ -174,12 +172,16 @@ def _leaky_file(path, dialogs=60):
             turns.append({"role": "agent", "text": f"Which size for drink {d}, step {t}?"})
             turns.append({"role": "user", "text": f"size {d * 7 + t} please"})
         for n in range(2, len(turns) + 1, 2):
-            lines.append(json.dumps({
-                "conversation_id": f"dlg-{d}-{n}",
-                "context": json.dumps(turns[:n]),
-                "generation": json.dumps({"role": "agent", "text": f"Noted {d}/{n}."}),
-                "reward": float((d + n) % 3 != 0),
-            }))
+            lines.append(
+                json.dumps(
+                    {
+                        "conversation_id": f"dlg-{d}-{n}",
+                        "context": json.dumps(turns[:n]),
+                        "generation": json.dumps({"role": "agent", "text": f"Noted {d}/{n}."}),
+                        "reward": float((d + n) % 3 != 0),
+                    }
+                )
+            )
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -190,7 +192,11 @@ def test_leaky_file_split_is_leak_free_without_one_big_group(tmp_path):
     for seed in range(3):
         splits = tm.load_splits(path, test_fraction=0.3, seed=seed)
         assert splits["test"] and splits["train"]
-        assert tm.count_leaks(splits["train"], splits["test"]) == {"prefix_rows": 0, "shared_ids": 0, "shared_prompts": 0}
+        assert tm.count_leaks(splits["train"], splits["test"]) == {
+            "prefix_rows": 0,
+            "shared_ids": 0,
+            "shared_prompts": 0,
+        }
     # Rows of one dialog travel together; the shared two-turn opening does not merge dialogs
     # (its rows, with the very same prompt, form one group of their own).
     group = tm._split_groups(rows)

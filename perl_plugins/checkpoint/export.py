@@ -13,8 +13,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from perl_plugins.checkpoint.store import verify_checkpoint
-from perl_plugins.models.reward import HEAD_SPEC_FILE
 from perl_plugins.checkpoint.model_state import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -23,6 +21,8 @@ from perl_plugins.checkpoint.model_state import (
     check_base,
     read_model_state,
 )
+from perl_plugins.checkpoint.store import verify_checkpoint
+from perl_plugins.models.reward import HEAD_SPEC_FILE
 
 
 class ExportError(ValueError):

@@ -108,8 +108,12 @@ def collect_model_state(model: nn.Module, *, zero: bool = False) -> dict[str, An
     values = full_values(model) if zero else None
     adapters, others = trainable_state(model, values)
     exclusions = fingerprint_exclusions(model, others)
-    return {"adapters": adapters, "others": others, "exclusions": exclusions,
-            "fingerprint": _run_fingerprint(model, exclusions)}
+    return {
+        "adapters": adapters,
+        "others": others,
+        "exclusions": exclusions,
+        "fingerprint": _run_fingerprint(model, exclusions),
+    }
 
 
 def write_model_state(model: nn.Module, directory: Path, collected: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -173,7 +177,9 @@ def read_model_state(model: nn.Module, checkpoint_dir: str | os.PathLike, *, str
         _check_keys(directory, f"adapter {name!r}", state.keys(), adapter_state(model, name).keys())
         result = set_peft_model_state_dict(model, state, adapter_name=name)
         if result.unexpected_keys:
-            raise CheckpointError(f"{directory}: adapter {name!r} has keys the model lacks: {result.unexpected_keys[:5]}")
+            raise CheckpointError(
+                f"{directory}: adapter {name!r} has keys the model lacks: {result.unexpected_keys[:5]}"
+            )
     expected_others = trainable_state(model)[1] if strict else {}
     file = directory / TRAINABLE_FILE
     if not file.is_file():
@@ -185,7 +191,9 @@ def read_model_state(model: nn.Module, checkpoint_dir: str | os.PathLike, *, str
         _check_keys(directory, TRAINABLE_FILE, others.keys(), expected_others.keys())
     result = model.load_state_dict(others, strict=False)
     if result.unexpected_keys:
-        raise CheckpointError(f"{directory}: {TRAINABLE_FILE} has tensors the model lacks: {result.unexpected_keys[:5]}")
+        raise CheckpointError(
+            f"{directory}: {TRAINABLE_FILE} has tensors the model lacks: {result.unexpected_keys[:5]}"
+        )
 
 
 def _check_keys(directory: Path, what: str, found: Any, expected: Any) -> None:

@@ -39,13 +39,13 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from perl_plugins.lazy import lazy_import
+from perl_plugins.models.atomic import TMP_PREFIX, atomic_dir, fsync_dir
 from perl_plugins.models.fingerprint import (
     base_fingerprint,
     describe_base,
     fingerprint_differences,
 )
-from perl_plugins.lazy import lazy_import
-from perl_plugins.models.atomic import TMP_PREFIX, atomic_dir, fsync_dir
 
 # Imported on first use: the adapter_ckpt plugin imports this module while plugins are only listed.
 np = lazy_import("numpy")
@@ -135,9 +135,7 @@ class BaseMismatchError(CheckpointError):
 
 
 @contextlib.contextmanager
-def atomic_checkpoint_dir(
-    final_dir: str | os.PathLike, metadata: Mapping[str, Any] | None = None
-) -> Iterator[Path]:
+def atomic_checkpoint_dir(final_dir: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> Iterator[Path]:
     """Yield a temporary sibling directory of ``final_dir``; commit it on clean exit.
 
     On clean exit: every file is hashed and fsynced, the manifest (``metadata``
@@ -303,9 +301,7 @@ def load_rng_state(path: str | os.PathLike, rank: int = 0, *, world_size: int = 
             torch.cuda.random.set_rng_state(states["cuda"])
 
 
-def prune_checkpoints(
-    output_dir: str | os.PathLike, keep: int, protect: str | os.PathLike | None = None
-) -> list[Path]:
+def prune_checkpoints(output_dir: str | os.PathLike, keep: int, protect: str | os.PathLike | None = None) -> list[Path]:
     """Delete complete checkpoints older than the newest ``keep``, and stale ``.tmp-*`` dirs.
 
     Never deletes ``protect`` (e.g. the best checkpoint or the one resumed from),

@@ -80,7 +80,6 @@ def partition_pieces(trainer: Any) -> list[tuple[torch.Tensor, list[tuple[int, i
     return out
 
 
-
 def _flat_state(basic: torch.optim.Optimizer, flat: torch.Tensor) -> dict[str, Any]:
     """The optimizer's state for one flat ZeRO partition, tensors in full precision."""
     if hasattr(basic, "dequantized_state"):  # FP8AdamW stores scaled fp8/fp16 moments

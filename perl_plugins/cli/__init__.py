@@ -8,10 +8,9 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from perl_plugins.models.card import invoked_as
-
 # Names only: train_command imports trl when a trainer runs.
 from perl_plugins.cli.train import TRAINERS
+from perl_plugins.models.card import invoked_as
 
 
 @dataclass(frozen=True)
@@ -23,9 +22,7 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "demo": Command("demo", "demo", "the PERL recipe at demo size on the embedded default (no network)"),
-    "plugins": Command(
-        "plugins", "plugins [--json] [--plugins P]", "list available plugins, their options and hooks"
-    ),
+    "plugins": Command("plugins", "plugins [--json] [--plugins P]", "list available plugins, their options and hooks"),
     "recipes": Command(
         "recipes", "recipes [cp NAME DEST]", "list the recipes, or copy one (and its YAML) into your repo"
     ),
@@ -88,4 +85,3 @@ def _end_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-

@@ -37,9 +37,7 @@ def describe_plugins(extra: str | None = None) -> dict[str, Any]:
             }
             for f in (dataclasses.fields(option_cls) if option_cls else ())
         ]
-        hooks = sorted(
-            hook.name for hook in plugin_set.pm.get_hookcallers(plugin_set.pm.get_plugin(plugin.name)) or ()
-        )
+        hooks = sorted(hook.name for hook in plugin_set.pm.get_hookcallers(plugin_set.pm.get_plugin(plugin.name)) or ())
         described.append({"name": plugin.name, "source": plugin.source, "hooks": hooks, "options": options})
     return {"plugins": described}
 

@@ -41,9 +41,7 @@ def find_recipes() -> dict[str, Recipe]:
             continue
         doc = (ast.get_docstring(tree) or "").strip()
         config = script.with_suffix(".yaml")
-        found[script.stem] = Recipe(
-            script.stem, _first_sentence(doc), script, config if config.is_file() else None
-        )
+        found[script.stem] = Recipe(script.stem, _first_sentence(doc), script, config if config.is_file() else None)
     return found
 
 

@@ -34,8 +34,10 @@ def _script_arguments() -> type:
     class PerlScriptArguments(ScriptArguments):
         taskmaster_file: str | None = field(
             default=None,
-            metadata={"help": "Taskmaster thumbs up/down file used when no dataset_name is given (default: the "
-                      "shipped coffee feedback, CC BY 4.0)."},
+            metadata={
+                "help": "Taskmaster thumbs up/down file used when no dataset_name is given (default: the "
+                "shipped coffee feedback, CC BY 4.0)."
+            },
         )
         context_turns: int = field(
             default=4, metadata={"help": "Default data: keep the last N dialog turns of each context (0: all)."}
@@ -49,8 +51,10 @@ def _script_arguments() -> type:
         )
         reward_adapter: str | None = field(
             default=None,
-            metadata={"help": "grpo/rloo: a LoRA reward adapter directory scored on the policy's own base "
-                      "(needs --plugins lora)."},
+            metadata={
+                "help": "grpo/rloo: a LoRA reward adapter directory scored on the policy's own base "
+                "(needs --plugins lora)."
+            },
         )
         reward_model_name_or_path: str | None = field(
             default=None, metadata={"help": "grpo/rloo: a separate sequence-classification reward model."}
@@ -137,7 +141,9 @@ def _datasets(command: str, script_args: Any, evaluate: bool = True) -> Any:
     if test is not None and script_args.max_eval_samples:
         test = test.select(range(min(len(test), script_args.max_eval_samples)))
     check_splits(
-        train, test, _source(script_args),
+        train,
+        test,
+        _source(script_args),
         hint="use more rows (--max_train_samples / --max_eval_samples), a larger file, or --eval_strategy no to train "
         "without a held-out split",
     )
@@ -162,12 +168,16 @@ def check_request(command: str, script_args: Any, training_args: Any, plugins: S
     if command in ("grpo", "rloo") and not (script_args.reward_adapter or script_args.reward_model_name_or_path):
         raise UsageError("grpo/rloo need --reward_adapter DIR (with --plugins lora) or --reward_model_name_or_path.")
     if script_args.reward_adapter and "lora" not in [short_name(p) for p in plugins if isinstance(p, str)]:
-        raise UsageError(f"--reward_adapter {script_args.reward_adapter} is scored on the policy's own base by the "
-                         "lora plugin: add lora to --plugins (e.g. --plugins lora).")
+        raise UsageError(
+            f"--reward_adapter {script_args.reward_adapter} is scored on the policy's own base by the "
+            "lora plugin: add lora to --plugins (e.g. --plugins lora)."
+        )
     resume = training_args.resume_from_checkpoint
     if resume and str(resume).lower() != "true" and not Path(resume).is_dir():
-        raise UsageError(f"--resume_from_checkpoint {resume} does not exist (give a checkpoint-<step> directory, "
-                         "or true for the latest one in --output_dir).")
+        raise UsageError(
+            f"--resume_from_checkpoint {resume} does not exist (give a checkpoint-<step> directory, "
+            "or true for the latest one in --output_dir)."
+        )
 
 
 def build_trainer(
@@ -215,20 +225,28 @@ def build_trainer(
         if command in ("grpo", "rloo"):
             kwargs["reward_funcs"] = _reward_funcs(script_args)
         trainer = trainer_cls(
-            model=model, args=training_args, train_dataset=train, eval_dataset=test, processing_class=tokenizer, **kwargs
+            model=model,
+            args=training_args,
+            train_dataset=train,
+            eval_dataset=test,
+            processing_class=tokenizer,
+            **kwargs,
         )
         if command == "reward":  # trl's RewardTrainer drops pairs longer than max_length
-            check_splits(trainer.train_dataset, trainer.eval_dataset,
-                         f"{_source(script_args)} (pairs within --max_length {training_args.max_length})",
-                         hint="raise --max_length, lower --context_turns, or use more rows")
+            check_splits(
+                trainer.train_dataset,
+                trainer.eval_dataset,
+                f"{_source(script_args)} (pairs within --max_length {training_args.max_length})",
+                hint="raise --max_length, lower --context_turns, or use more rows",
+            )
     return attach(trainer, plugins=plugins, **options)
 
 
 def save_outputs(command: str, trainer: Any) -> dict[str, Any]:
     """Save the trained model (a reward adapter keeps its head spec) and return final metrics."""
     from perl_plugins.host.attach import trainer_family
-    from perl_plugins.training.reward_metrics import evaluate_trainer_pairs
     from perl_plugins.models.reward import save_adapter, save_reward_adapter
+    from perl_plugins.training.reward_metrics import evaluate_trainer_pairs
 
     output_dir = trainer.args.output_dir
     writer = trainer.args.should_save  # with several processes, the main one writes
@@ -263,7 +281,9 @@ def run(command: str, argv: Sequence[str]) -> dict[str, Any]:
     trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
     metrics = save_outputs(command, trainer)
     data = training_data(script_args.taskmaster_file, script_args.dataset_name)
-    write_model_card(training_args.output_dir, trainer=trainer, metrics=metrics, data=data, write=training_args.should_save)
+    write_model_card(
+        training_args.output_dir, trainer=trainer, metrics=metrics, data=data, write=training_args.should_save
+    )
     if trainer.is_world_process_zero():
         print(json.dumps({"command": command, "output_dir": training_args.output_dir, "metrics": metrics}))
     return metrics

@@ -9,11 +9,11 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     command pays for the imports."""
     import yaml
 
+    from perl_plugins.checkpoint.export import ExportError
     from perl_plugins.checkpoint.store import CheckpointError
     from perl_plugins.data.split_checks import SplitTooSmallError
     from perl_plugins.data.taskmaster import DatasetFormatError
     from perl_plugins.errors import PluginError, UsageError
-    from perl_plugins.checkpoint.export import ExportError
     from perl_plugins.models.reward import RewardAdapterError
 
     return (

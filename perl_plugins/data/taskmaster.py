@@ -78,10 +78,7 @@ def render_turn(turn: Mapping[str, Any]) -> str:
         return f"Agent: API call: {_json(turn['api'])}"
     if role == "api" and "response" in turn:
         return f"API response: {_json(turn['response'])}"
-    raise ValueError(
-        f"unsupported turn {_json(turn)[:100]}"
-        " (expected user text, agent text or api call, api response)"
-    )
+    raise ValueError(f"unsupported turn {_json(turn)[:100]} (expected user text, agent text or api call, api response)")
 
 
 def _read_records(path: Path) -> list[tuple[int, Any]]:
@@ -114,9 +111,7 @@ def _read_records(path: Path) -> list[tuple[int, Any]]:
             try:
                 out.append((lineno, json.loads(line)))
             except json.JSONDecodeError as e:
-                raise DatasetFormatError(
-                    f"{path}: row {lineno}: invalid JSON ({e.msg} at column {e.colno})"
-                ) from None
+                raise DatasetFormatError(f"{path}: row {lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
     if not out:
         raise DatasetFormatError(f"{path}: no rows")
     return out
@@ -156,7 +151,7 @@ def _feedback_row(rec: Any) -> FeedbackRow:
     generation = _embedded_json(rec["generation"], "generation", dict)
     if generation.get("role") != "agent":
         raise ValueError(f"generation must be an agent turn, got role {generation.get('role')!r}")
-    completion = render_turn(generation)[len(AGENT_PREFIX):]
+    completion = render_turn(generation)[len(AGENT_PREFIX) :]
     return FeedbackRow(cid, "\n".join([*lines, AGENT_PREFIX]), completion, int(reward))
 
 
@@ -181,9 +176,7 @@ def _parse_records(path: str | Path | None, default: Path, parse: Callable[[Any]
     return out
 
 
-def split_ids(
-    ids: Iterable[str], test_fraction: float = 0.1, seed: int = 0
-) -> tuple[list[str], list[str]]:
+def split_ids(ids: Iterable[str], test_fraction: float = 0.1, seed: int = 0) -> tuple[list[str], list[str]]:
     """Split unique ids into (train, test), deterministically and independently of their order.
 
     An id goes to test when sha256(f"{seed}:{id}"), read as a fraction of 2**64, is below
@@ -241,9 +234,7 @@ def _split_groups(rows: Iterable[FeedbackRow], turns: int = LEAK_TURNS) -> dict[
     return {cid: find(cid) for cid in parent}
 
 
-def count_leaks(
-    train: Iterable[FeedbackRow], test: Iterable[FeedbackRow], turns: int = LEAK_TURNS
-) -> dict[str, int]:
+def count_leaks(train: Iterable[FeedbackRow], test: Iterable[FeedbackRow], turns: int = LEAK_TURNS) -> dict[str, int]:
     """Ways ``test`` leaks into ``train``: ``prefix_rows``, held-out rows whose context (of at
     least ``turns`` whole turns) equals the first turns of some train context (the same dialog,
     rated at a later turn); ``shared_ids``, conversation ids on both sides; ``shared_prompts``,
@@ -256,9 +247,7 @@ def count_leaks(
     train_prompts = {r.prompt for r in train}
     test_ids = {r.conversation_id for r in test}
     return {
-        "prefix_rows": sum(
-            len(ctx) >= turns and "\n".join(ctx) in prefixes for ctx in map(context_turns, test)
-        ),
+        "prefix_rows": sum(len(ctx) >= turns and "\n".join(ctx) in prefixes for ctx in map(context_turns, test)),
         "shared_ids": len(test_ids & {r.conversation_id for r in train}),
         "shared_prompts": len({r.prompt for r in test} & train_prompts),
     }
@@ -278,9 +267,7 @@ def load_splits(
     return split_rows(load_feedback(path), test_fraction, seed)
 
 
-def split_rows(
-    rows: Iterable[FeedbackRow], test_fraction: float = 0.1, seed: int = 0
-) -> dict[str, list[FeedbackRow]]:
+def split_rows(rows: Iterable[FeedbackRow], test_fraction: float = 0.1, seed: int = 0) -> dict[str, list[FeedbackRow]]:
     """:func:`load_splits` on rows already loaded, e.g. to carve a validation split out of train."""
     rows = list(rows)
     group = _split_groups(rows)

@@ -82,7 +82,9 @@ def check_options(options: dict[str, Any] | str | None, *stage_plugins: str | Se
     owner = owners.get(stray[0])
     names = ", ".join(str(n) for n in enabled) or "none"
     if owner is None:
-        raise PluginOptionError(f"plugin_options: {stray[0]!r} is not an option of any plugin the recipe enables ({names}).")
+        raise PluginOptionError(
+            f"plugin_options: {stray[0]!r} is not an option of any plugin the recipe enables ({names})."
+        )
     raise PluginOptionError(
         f"plugin_options: {stray[0]!r} is an option of plugin {owner!r}, which no stage of the recipe enables "
         f"(plugins: {names}): add {owner} to a stage's plugins, or drop the option."

@@ -10,12 +10,12 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from perl_plugins.errors import PluginIncompatibleError
-from perl_plugins.lazy import lazy_import
-from perl_plugins.host.loss_terms import LossTermRecorder, LossTerms
-from perl_plugins.host import trainer_compat
-from perl_plugins.host.plugin_set import PluginSet
 from perl_plugins.checkpoint.zero import zero_stage
+from perl_plugins.errors import PluginIncompatibleError
+from perl_plugins.host import trainer_compat
+from perl_plugins.host.loss_terms import LossTermRecorder, LossTerms
+from perl_plugins.host.plugin_set import PluginSet
+from perl_plugins.lazy import lazy_import
 
 # torch and transformers load when a trainer is attached, not when plugins are listed.
 torch = lazy_import("torch")
@@ -92,7 +92,10 @@ def _attached(trainer: Any) -> AttachedPlugins:
 
 
 def keep_columns(
-    trainer: Any, columns: Sequence[str], *, collator: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None,
+    trainer: Any,
+    columns: Sequence[str],
+    *,
+    collator: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None,
     private: Iterable[str] = (),
 ) -> None:
     """Feed a plugin's own dataset columns to its loss term, from ``perl_configure``.

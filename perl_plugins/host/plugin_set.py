@@ -13,7 +13,6 @@ from perl_plugins.errors import PluginLoadError, PluginOptionError
 from perl_plugins.host import tracing
 from perl_plugins.host.registry import LoadedPlugin, load, split_names
 
-
 # Hooks whose results feed the next implementation (see PluginSet.chain).
 CHAINED_HOOKS = ("perl_prepare_model", "perl_shape_rewards")
 
@@ -98,7 +97,10 @@ class PluginSet:
     def option_fields(self) -> dict[str, str]:
         """Every option name mapped to the plugin that declares it."""
         return {
-            f.name: name for name, cls in self.option_classes.items() if cls is not None for f in dataclasses.fields(cls)
+            f.name: name
+            for name, cls in self.option_classes.items()
+            if cls is not None
+            for f in dataclasses.fields(cls)
         }
 
     def configure_options(self, values: dict[str, Any]) -> dict[str, Any]:

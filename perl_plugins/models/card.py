@@ -125,7 +125,10 @@ def _saved_facts(directory: Path) -> dict[str, Any]:
     config = _read_json(directory / "config.json")
     if adapter:
         reward = bool(head) or adapter.get("task_type") == "SEQ_CLS"
-        facts = {"kind": "reward adapter" if reward else "adapter", "base_model": adapter.get("base_model_name_or_path")}
+        facts = {
+            "kind": "reward adapter" if reward else "adapter",
+            "base_model": adapter.get("base_model_name_or_path"),
+        }
         if head.get("base"):  # save_reward_adapter records it; a checkpoint's manifest holds its own
             facts["fingerprint"] = head["base"]["fingerprint"]
             facts["head"] = head["head"]

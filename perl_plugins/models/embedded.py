@@ -73,19 +73,24 @@ _TOKENIZER_SETTINGS = {
 
 _SIZES = {
     # Unit tests: a forward pass in milliseconds.
-    "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, intermediate_size=64),
+    "tiny": dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64
+    ),
     # Demos on CPU: ~1.8M parameters.
-    "demo": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, intermediate_size=384),
+    "demo": dict(
+        hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=384
+    ),
     # Benchmarks: ~20.5M and ~99.5M parameters with the 4,096-token vocabulary.
-    "bench20m": dict(hidden_size=384, num_hidden_layers=8, num_attention_heads=6,
-                     num_key_value_heads=2, intermediate_size=1536),
-    "bench100m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                      num_key_value_heads=4, intermediate_size=2688),
+    "bench20m": dict(
+        hidden_size=384, num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=2, intermediate_size=1536
+    ),
+    "bench100m": dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4, intermediate_size=2688
+    ),
     # Memory benchmark where weights, gradients and optimizer states dominate: ~0.5B parameters.
-    "bench500m": dict(hidden_size=1536, num_hidden_layers=20, num_attention_heads=16,
-                      num_key_value_heads=4, intermediate_size=4096),
+    "bench500m": dict(
+        hidden_size=1536, num_hidden_layers=20, num_attention_heads=16, num_key_value_heads=4, intermediate_size=4096
+    ),
 }
 
 

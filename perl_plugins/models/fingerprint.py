@@ -71,9 +71,6 @@ VOLATILE_CONFIG_KEYS = frozenset(
         "return_dict",
         # task-head settings: the same backbone serves a causal LM and a one-label reward classifier
         "num_labels",
-        "id2label",
-        "label2id",
-        "problem_type",
     }
 )
 
@@ -85,9 +82,7 @@ _EDGE_WORDS = 16  # first/last words always hashed
 _WORD_DTYPES = ((8, "int64"), (4, "int32"), (2, "int16"), (1, "uint8"))  # names: torch loads lazily
 
 
-def base_fingerprint(
-    model: torch.nn.Module, *, exclude: Callable[[str], bool] | None = None
-) -> dict[str, Any]:
+def base_fingerprint(model: torch.nn.Module, *, exclude: Callable[[str], bool] | None = None) -> dict[str, Any]:
     """Fingerprint the frozen base of ``model`` (a plain model or a peft ``PeftModel``).
 
     ``exclude`` receives each normalised parameter name and returns True to leave

@@ -110,7 +110,10 @@ def reward_encoding(model: nn.Module) -> RewardEncoding:
 
 
 def reward_ids(
-    tokenizer: Any, example: str | list[dict[str, Any]], max_length: int | None = None, encoding: RewardEncoding | None = None
+    tokenizer: Any,
+    example: str | list[dict[str, Any]],
+    max_length: int | None = None,
+    encoding: RewardEncoding | None = None,
 ) -> list[int]:
     """The ids a reward model trains and is scored on, made as trl's RewardTrainer makes them: a
     conversation (list of messages) through the chat template, nothing appended; plain text with
@@ -197,7 +200,9 @@ def reward_head_spec(model: nn.Module, adapter_name: str | None = None) -> dict[
     return {"head": head_kind(head), "encoding": asdict(recorded or reward_encoding(model))}
 
 
-def save_reward_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default", *, write: bool = True) -> Path:
+def save_reward_adapter(
+    model: nn.Module, path: str | Path, adapter_name: str = "default", *, write: bool = True
+) -> Path:
     """:func:`save_adapter` plus a head spec recording the head kind, the base it was trained on (a
     fingerprint: under ZeRO-3 every process calls this) and its :class:`RewardEncoding` (the pad id
     is the trained model's, which trl set from the tokenizer)."""
@@ -225,7 +230,9 @@ def check_reward_adapter(model: nn.Module, path: str | Path) -> dict[str, Any]:
     spec = json.loads(spec_file.read_text()) if spec_file.is_file() else {}
     stored = _adapter_head_kind(path)
     if spec.setdefault("head", stored) != stored:
-        raise RewardAdapterError(f"{path}: {HEAD_SPEC_FILE} says a {spec['head']} head, the weights hold a {stored} one.")
+        raise RewardAdapterError(
+            f"{path}: {HEAD_SPEC_FILE} says a {spec['head']} head, the weights hold a {stored} one."
+        )
     expected = spec.get("base")
     if expected is not None:
         actual = base_description(model)

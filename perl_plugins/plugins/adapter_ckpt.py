@@ -62,6 +62,8 @@ torch = lazy_import("torch")
 nn = lazy_import("torch.nn")
 
 logger = logging.getLogger(__name__)
+
+
 @dataclass
 class AdapterCkptOptions:
     adapter_ckpt_save_tokenizer: bool = field(
@@ -73,9 +75,11 @@ class AdapterCkptOptions:
     )
     adapter_ckpt_portable_optimizer: bool = field(
         default=True,
-        metadata={"help": "Under DeepSpeed, also gather the ZeRO-partitioned optimizer state into optimizer.pt, so "
-                  "the checkpoint resumes without DeepSpeed at any world size (costs a gather of the trainable "
-                  "parameters' optimizer state at each save)."},
+        metadata={
+            "help": "Under DeepSpeed, also gather the ZeRO-partitioned optimizer state into optimizer.pt, so "
+            "the checkpoint resumes without DeepSpeed at any world size (costs a gather of the trainable "
+            "parameters' optimizer state at each save)."
+        },
     )
 
 
@@ -110,7 +114,10 @@ def _update_best_checkpoint(trainer: Any, run_dir: str) -> None:
     from transformers.trainer_utils import SaveStrategy
 
     state = trainer.state
-    if trainer.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST) and state.best_global_step:
+    if (
+        trainer.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST)
+        and state.best_global_step
+    ):
         best = os.path.join(run_dir, f"checkpoint-{state.best_global_step}")
         if state.best_global_step == state.global_step or os.path.exists(best):
             state.best_model_checkpoint = best
@@ -142,7 +149,7 @@ def save_checkpoint(trainer: Any, model: nn.Module, checkpoint_dir: str, opts: A
     zero = zero_stage(trainer) is not None
     portable = zero and opts.adapter_ckpt_portable_optimizer and not args.save_only_model
     metadata: dict[str, Any] = {}
-    with (atomic_checkpoint_dir(checkpoint_dir, metadata) if writer else contextlib.nullcontext()) as tmp:
+    with atomic_checkpoint_dir(checkpoint_dir, metadata) if writer else contextlib.nullcontext() as tmp:
         tmp = _shared_path(trainer, tmp)
         if not args.save_only_model:
             # optimizer.pt (state dtypes kept) and scheduler.pt; under DeepSpeed, every process
@@ -193,8 +200,11 @@ def check_resume_engine(trainer: Any, checkpoint_dir: str | os.PathLike, manifes
             f"{checkpoint_dir} was written by {saved} at world size {saved_world}; DeepSpeed resumes only its own "
             f"shards of the same ZeRO stage and world size, and this run is {current} at world size {world}. "
             "Resume with the checkpoint's DeepSpeed config and world size, or without DeepSpeed"
-            + (" (adapters and the gathered optimizer.pt are then loaded)." if manifest.get("portable_optimizer")
-               else ".")
+            + (
+                " (adapters and the gathered optimizer.pt are then loaded)."
+                if manifest.get("portable_optimizer")
+                else "."
+            )
         )
     if zero_stage(trainer) is None and saved.startswith("deepspeed") and not trainer.args.save_only_model:
         if not (Path(checkpoint_dir) / OPTIMIZER_FILE).is_file():
@@ -240,7 +250,10 @@ def _warn_inside_generation_round(trainer: Any) -> None:
             "adapter_ckpt: %s generates every %d micro-steps (steps_per_generation * num_iterations), but "
             "save_steps=%d x gradient_accumulation_steps=%d is not a multiple of it: resuming from a checkpoint "
             "inside a generation round regenerates completions, so it will not repeat the uninterrupted run.",
-            type(trainer).__name__, every, args.save_steps, args.gradient_accumulation_steps,
+            type(trainer).__name__,
+            every,
+            args.save_steps,
+            args.gradient_accumulation_steps,
         )
 
 

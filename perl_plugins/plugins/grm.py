@@ -184,7 +184,9 @@ def _prompt_ids(tokenizer: Any, prompt: str | list[dict[str, Any]]) -> list[int]
     generation prompt."""
     if isinstance(prompt, str):
         return tokenizer(text=prompt)["input_ids"]
-    return tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+    return tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True)[
+        "input_ids"
+    ]
 
 
 def _pair_prompt_length(example: dict[str, Any], tokenizer: Any) -> dict[str, int]:

@@ -40,7 +40,9 @@ def perl_check_trainer(trainer: Any, options: dict[str, Any]) -> None:
     opts: LoraOptions = options["lora"]
     model = trainer.model
     if not hasattr(model, "config"):
-        raise PluginIncompatibleError(f"lora: the trainer's model ({type(model).__name__}) is not a transformers model.")
+        raise PluginIncompatibleError(
+            f"lora: the trainer's model ({type(model).__name__}) is not a transformers model."
+        )
     rewards = _adapter_rewards(trainer)
     if rewards and "reward" not in opts.role_list:
         raise PluginIncompatibleError("lora: AdapterReward reward functions need the 'reward' role in lora_roles.")

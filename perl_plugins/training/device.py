@@ -34,6 +34,9 @@ def cpu_settings(given: Collection[str] = ()) -> dict[str, bool]:
     flags = " ".join(f"--{key} {str(value).lower()}" for key, value in chosen.items())
     if chosen and flags not in _said:
         _said.add(flags)
-        logger.warning("perl-plugins: no GPU or other accelerator found: training on CPU (%s); "
-                       "set --use_cpu / --bf16 yourself to choose otherwise.", flags)
+        logger.warning(
+            "perl-plugins: no GPU or other accelerator found: training on CPU (%s); "
+            "set --use_cpu / --bf16 yourself to choose otherwise.",
+            flags,
+        )
     return chosen

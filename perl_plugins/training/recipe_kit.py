@@ -93,8 +93,13 @@ def held_out_rewards(model, tokenizer, reward: AdapterReward, prompts: list[str]
     torch.manual_seed(cfg.seed + 7919)
     try:
         completions = sample_completions(
-            model, tokenizer, prompts, _setting(cfg, "rl_eval_samples"), cfg.rl_max_completion_length,
-            batch_size=64, desc="Held-out samples",  # a small model's generate is per-step overhead: batch wide
+            model,
+            tokenizer,
+            prompts,
+            _setting(cfg, "rl_eval_samples"),
+            cfg.rl_max_completion_length,
+            batch_size=64,
+            desc="Held-out samples",  # a small model's generate is per-step overhead: batch wide
         )
     finally:
         torch.random.set_rng_state(state)
@@ -225,8 +230,10 @@ def write_samples(output_dir: str, evals: dict[str, dict[str, Any]], per_side: i
     lines = [
         "# Held-out samples before and after RL",
         "",
-        (f"Mean completion length (characters): before {before['mean_length']:.1f}, after {after['mean_length']:.1f}. "
-        f"Mean reward: before {before['mean']:.3f} ± {before['se']:.3f}, after {after['mean']:.3f} ± {after['se']:.3f}."),
+        (
+            f"Mean completion length (characters): before {before['mean_length']:.1f}, after {after['mean_length']:.1f}. "
+            f"Mean reward: before {before['mean']:.3f} ± {before['se']:.3f}, after {after['mean']:.3f} ± {after['se']:.3f}."
+        ),
         "",
     ]
     step = max(1, len(before["samples"]) // per_side)

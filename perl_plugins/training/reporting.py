@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 
-def write_summary(output_dir: str | Path, recipe: str, metrics: dict[str, float], info: dict[str, Any] | None = None) -> Path:
+def write_summary(
+    output_dir: str | Path, recipe: str, metrics: dict[str, float], info: dict[str, Any] | None = None
+) -> Path:
     """Write and print ``summary.json``; non-finite metrics are kept (as null) so they are seen."""
     clean = {k: (float(v) if v is not None and math.isfinite(float(v)) else None) for k, v in metrics.items()}
     summary = {"recipe": recipe, "metrics": clean, **({"info": info} if info else {})}

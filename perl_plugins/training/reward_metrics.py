@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+
 def roc_auc(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray) -> float:
     """Area under the ROC curve: P(score of a random positive > score of a random negative), ties 1/2
     (the Mann-Whitney statistic, with average ranks for ties)."""
@@ -40,8 +41,12 @@ def evaluate_pairs(model: Any, tokenizer: Any, pairs: Any, max_length: int | Non
     was_training = model.training
     model.eval()
     try:
-        chosen = score_texts(model, tokenizer, [p + c for p, c in zip(pairs["prompt"], pairs["chosen"])], max_length=max_length)
-        rejected = score_texts(model, tokenizer, [p + r for p, r in zip(pairs["prompt"], pairs["rejected"])], max_length=max_length)
+        chosen = score_texts(
+            model, tokenizer, [p + c for p, c in zip(pairs["prompt"], pairs["chosen"])], max_length=max_length
+        )
+        rejected = score_texts(
+            model, tokenizer, [p + r for p, r in zip(pairs["prompt"], pairs["rejected"])], max_length=max_length
+        )
     finally:
         model.train(was_training)
     scores = np.concatenate([chosen.numpy(), rejected.numpy()])

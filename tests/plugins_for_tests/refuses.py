@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from perl_plugins import hookimpl
-from perl_plugins.host.attach import trainer_family
 from perl_plugins.errors import PluginIncompatibleError
+from perl_plugins.host.attach import trainer_family
 
 
 @hookimpl

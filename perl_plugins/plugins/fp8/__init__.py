@@ -19,9 +19,9 @@ from typing import Any
 
 import perl_plugins
 from perl_plugins import hookimpl
+from perl_plugins.checkpoint.zero import partition_pieces
 from perl_plugins.errors import PluginIncompatibleError
 from perl_plugins.lazy import lazy_import
-from perl_plugins.checkpoint.zero import partition_pieces
 
 __all__ = ["FP8AdamW", "FP8Options"]  # noqa: F822 (FP8AdamW: module __getattr__, imports torch)
 
@@ -38,8 +38,10 @@ _DEFAULT_OPTIMS = {"adamw_torch", "adamw_torch_fused"}
 class FP8Options:
     fp8_second_moment: str = field(
         default="fp16",
-        metadata={"help": "Second-moment format: 'fp16' (FP8-LM, per-tensor scale, ~3 bytes/param) or 'fp8' "
-                  "(2-byte mode: sqrt(v) in E4M3 with one scale per 256 values)."},
+        metadata={
+            "help": "Second-moment format: 'fp16' (FP8-LM, per-tensor scale, ~3 bytes/param) or 'fp8' "
+            "(2-byte mode: sqrt(v) in E4M3 with one scale per 256 values)."
+        },
     )
     fp8_min_numel: int = field(
         default=4096, metadata={"help": "Tensors with fewer values keep fp32 states (not worth compressing)."}

@@ -17,7 +17,6 @@ the fp32 gradient it replaces. Non-finite gradients are sent as NaN (E4M3 has no
 downstream checks still see them; they never shrink ``mu``.
 """
 
-
 import math
 from collections.abc import Hashable, Mapping
 from itertools import accumulate

@@ -47,9 +47,9 @@ from itertools import chain
 from typing import Any, Literal
 
 import torch
+from torch import Tensor
 
 import perl_plugins
-from torch import Tensor
 
 __all__ = ["FP8AdamW", "describe"]
 
@@ -124,7 +124,9 @@ def _dequantize(state: dict[str, Any], key: str) -> Tensor:
     return value * value if key == "exp_avg_sq" and kind == "blocks" else value
 
 
-def _quantize_into(state: dict[str, Any], key: str, scale_key: str, x: Tensor, fmax: float, positive: bool = False) -> None:
+def _quantize_into(
+    state: dict[str, Any], key: str, scale_key: str, x: Tensor, fmax: float, positive: bool = False
+) -> None:
     """Store flat fp32 ``x`` in ``state[key]`` with fresh power-of-two scales of its layout."""
     kind = _scale_kind(state, scale_key)
     tiny = (FP16_TINY if fmax == FP16_MAX else E4M3_TINY) if positive else 0.0
@@ -194,8 +196,15 @@ def _new_weights(
 
 
 def _amax_pass(
-    p: Tensor, g: Tensor, m: Tensor, m_scale: Tensor | None, v: Tensor, v_scale: Tensor | None,
-    w: Tensor | None, w_scale: Tensor | None, hp: Tensor,
+    p: Tensor,
+    g: Tensor,
+    m: Tensor,
+    m_scale: Tensor | None,
+    v: Tensor,
+    v_scale: Tensor | None,
+    w: Tensor | None,
+    w_scale: Tensor | None,
+    hp: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
     """Pass 1 (reads only): amax of the new m, of the new v (per block: of sqrt(v)) and, with
     master weights, of the new weights; and whether all of them are finite."""
@@ -215,9 +224,18 @@ def _amax_pass(
 
 
 def _apply_pass(
-    p: Tensor, g: Tensor, m: Tensor, m_scale: Tensor | None, v: Tensor, v_scale: Tensor | None,
-    w: Tensor | None, w_scale: Tensor | None, hp: Tensor,
-    m_amax: Tensor, v_amax: Tensor, w_amax: Tensor | None,
+    p: Tensor,
+    g: Tensor,
+    m: Tensor,
+    m_scale: Tensor | None,
+    v: Tensor,
+    v_scale: Tensor | None,
+    w: Tensor | None,
+    w_scale: Tensor | None,
+    hp: Tensor,
+    m_amax: Tensor,
+    v_amax: Tensor,
+    w_amax: Tensor | None,
 ) -> list[Tensor]:
     """Pass 2 (one elementwise loop): recompute the moments, update the weights, requantize.
 
@@ -256,8 +274,15 @@ FP16_ROUND = 1 + 2.0**-11
 
 
 def _one_pass(
-    p: Tensor, g: Tensor, m: Tensor, m_scale: Tensor | None, m_amax: Tensor | None,
-    v: Tensor, v_scale: Tensor | None, v_amax: Tensor | None, hp: Tensor,
+    p: Tensor,
+    g: Tensor,
+    m: Tensor,
+    m_scale: Tensor | None,
+    m_amax: Tensor | None,
+    v: Tensor,
+    v_scale: Tensor | None,
+    v_amax: Tensor | None,
+    hp: Tensor,
 ) -> list[Tensor]:
     """The whole update of per-tensor (or per-piece) scaled states in one read of p, m, v.
 
@@ -523,8 +548,15 @@ class FP8AdamW(torch.optim.Optimizer):
                 return False
             cuts = state["segment_bounds"].tolist()
             calls = [
-                (*(t.narrow(0, a, b - a) for t in (flat, g, m)), m_scale[i], m_amax[i],
-                 v.narrow(0, a, b - a), v_scale[i], v_amax[i], hp)
+                (
+                    *(t.narrow(0, a, b - a) for t in (flat, g, m)),
+                    m_scale[i],
+                    m_amax[i],
+                    v.narrow(0, a, b - a),
+                    v_scale[i],
+                    v_amax[i],
+                    hp,
+                )
                 for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))
                 if b > a
             ]
