@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from perl_plugins.plugins.fp8.comm import E4M3_MAX, FP8CommState, _quantize
+from perl_plugins.plugins.fp8.codec import E4M3_MAX, quantize_e4m3
+from perl_plugins.plugins.fp8.comm import FP8CommState
 
 
 def test_propose_halves_until_few_enough_values_saturate():
@@ -41,7 +42,7 @@ def test_nonfinite_gradients_travel_as_nan_and_keep_the_scale():
     state = FP8CommState(init_scale=256.0)
     grad = torch.tensor([1.0, float("inf"), float("nan"), -1e9])
     assert state.propose(0, grad) == 256.0
-    q = _quantize(grad, 256.0).float()
+    q = quantize_e4m3(grad, 256.0).float()
     assert q[0] == 256.0 and q[1].isnan() and q[2].isnan() and q[3] == -E4M3_MAX
 
 

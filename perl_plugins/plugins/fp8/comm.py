@@ -26,10 +26,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["FP8CommState", "fp8_allreduce_hook", "register_fp8_comm_hook"]
+from perl_plugins.plugins.fp8.codec import E4M3, E4M3_MAX, quantize_e4m3
 
-E4M3 = torch.float8_e4m3fn
-E4M3_MAX = 448.0
+__all__ = ["FP8CommState", "fp8_allreduce_hook", "register_fp8_comm_hook"]
 
 
 class FP8CommState:
@@ -113,12 +112,6 @@ class FP8CommState:
         self.bytes_fp32_equivalent = int(state["bytes_fp32_equivalent"])
 
 
-def _quantize(grad: Tensor, mu: float) -> Tensor:
-    """grad * mu in E4M3, saturating at +-448; non-finite values become NaN."""
-    scaled = grad.float() * mu
-    return torch.where(torch.isfinite(scaled), scaled.clamp(-E4M3_MAX, E4M3_MAX), float("nan")).to(E4M3)
-
-
 def fp8_allreduce_hook(state: FP8CommState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
     """DDP communication hook: average the bucket's gradients, exchanging them in FP8."""
     group = state.process_group if state.process_group is not None else dist.group.WORLD
@@ -139,7 +132,7 @@ def fp8_allreduce_hook(state: FP8CommState, bucket: dist.GradBucket) -> torch.fu
     for k, mu in zip(keys, mus):
         state.commit(k, mu)
 
-    payload = torch.cat([_quantize(g, mu).flatten() for g, mu in zip(grads, mus)]).view(torch.uint8)
+    payload = torch.cat([quantize_e4m3(g, mu).flatten() for g, mu in zip(grads, mus)]).view(torch.uint8)
     state.bytes_sent += payload.numel() + 4 * len(mus)
     state.bytes_fp32_equivalent += 4 * buffer.numel()
     gathered = [torch.empty_like(payload) for _ in range(world)]

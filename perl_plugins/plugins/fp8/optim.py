@@ -50,32 +50,20 @@ import torch
 from torch import Tensor
 
 import perl_plugins
+from perl_plugins.plugins.fp8.codec import (
+    E4M3,
+    E4M3_MAX,
+    E4M3_TINY,
+    FP16_MAX,
+    FP16_TINY,
+    pow2_scale,
+    saturate,
+)
 
 __all__ = ["FP8AdamW", "describe"]
 
-E4M3 = torch.float8_e4m3fn
-E4M3_MAX = 448.0
-FP16_MAX = 65504.0
-# Smallest positive codes: a positive second moment is clamped up to these instead of flushing to 0.
-E4M3_TINY = 2.0**-9
-FP16_TINY = 2.0**-24
 BLOCK = 256  # values per scale in the 2-byte mode (torchao / bitsandbytes layout)
 _HALF = (torch.float16, torch.bfloat16)
-
-
-def _pow2_scale(amax: Tensor, fmax: float, old: Tensor) -> Tensor:
-    """Largest power of two s with amax * s <= fmax; ``old`` where amax is 0 or not finite."""
-    exp = torch.floor(torch.log2(fmax / amax)).clamp(-126.0, 126.0)
-    return torch.where((amax > 0) & torch.isfinite(amax), torch.exp2(exp), old)
-
-
-def _scaled(x: Tensor, scale: Tensor, fmax: float, tiny: float = 0.0) -> Tensor:
-    """x * scale clamped to the format's range (and up to ``tiny`` for positive x); still fp32,
-    the cast to the storage dtype happens in _write."""
-    y = (x * scale).clamp(-fmax, fmax)
-    if tiny:
-        y = torch.where(x > 0, y.clamp_min(tiny), y)
-    return y
 
 
 def _deferred(dst: Tensor) -> bool:
@@ -140,8 +128,8 @@ def _quantize_into(
     else:
         cuts = state["segment_bounds"].tolist()
         amax = torch.stack([x[a:b].abs().amax() if b > a else x.new_zeros(()) for a, b in zip(cuts[:-1], cuts[1:])])
-    scale = _pow2_scale(amax, fmax, old)
-    state[key].copy_(_scaled(x, _per_value(scale, state, kind), fmax, tiny))
+    scale = pow2_scale(amax, fmax, old)
+    state[key].copy_(saturate(x, _per_value(scale, state, kind), fmax, tiny))
     old.copy_(scale)
     if f"{key}_amax" in state:  # bounds the stored values before rounding, as the single pass records it
         state[f"{key}_amax"].copy_(amax)
@@ -248,21 +236,21 @@ def _apply_pass(
         _write(m, m_new, deferred)
         _write(v, v_new, deferred)
     else:
-        new_m_scale = _pow2_scale(m_amax, E4M3_MAX, m_scale)
-        _write(m, _scaled(m_new, new_m_scale if m_scale.dim() == 0 else new_m_scale[:, None], E4M3_MAX), deferred)
+        new_m_scale = pow2_scale(m_amax, E4M3_MAX, m_scale)
+        _write(m, saturate(m_new, new_m_scale if m_scale.dim() == 0 else new_m_scale[:, None], E4M3_MAX), deferred)
         m_scale.copy_(new_m_scale)
         if v_scale.dim() == 0:
-            new_v_scale = _pow2_scale(v_amax, FP16_MAX, v_scale)
-            _write(v, _scaled(v_new, new_v_scale, FP16_MAX, FP16_TINY), deferred)
+            new_v_scale = pow2_scale(v_amax, FP16_MAX, v_scale)
+            _write(v, saturate(v_new, new_v_scale, FP16_MAX, FP16_TINY), deferred)
         else:
-            new_v_scale = _pow2_scale(v_amax, E4M3_MAX, v_scale)
-            _write(v, _scaled(torch.sqrt(v_new), new_v_scale[:, None], E4M3_MAX, E4M3_TINY), deferred)
+            new_v_scale = pow2_scale(v_amax, E4M3_MAX, v_scale)
+            _write(v, saturate(torch.sqrt(v_new), new_v_scale[:, None], E4M3_MAX, E4M3_TINY), deferred)
         v_scale.copy_(new_v_scale)
     if w is not None and w_scale is None:
         _write(w, w_new, deferred)
     elif w is not None:
-        new_w_scale = _pow2_scale(w_amax, FP16_MAX, w_scale)
-        _write(w, _scaled(w_new, new_w_scale, FP16_MAX), deferred)
+        new_w_scale = pow2_scale(w_amax, FP16_MAX, w_scale)
+        _write(w, saturate(w_new, new_w_scale, FP16_MAX), deferred)
         w_scale.copy_(new_w_scale)
     _write(p, w_new, deferred)
     return deferred
@@ -305,8 +293,8 @@ def _one_pass(
         bound_m = b1 * m_amax * E4M3_ROUND + c1 * g_amax
         bound_v = b2 * v_amax + c2 * (g_amax * g_amax)
         ok = torch.isfinite(bound_m) & torch.isfinite(bound_v)
-        new_m_scale = _pow2_scale(bound_m, E4M3_MAX, m_scale)
-        new_v_scale = _pow2_scale(bound_v, FP16_MAX, v_scale)
+        new_m_scale = pow2_scale(bound_m, E4M3_MAX, m_scale)
+        new_v_scale = pow2_scale(bound_v, FP16_MAX, v_scale)
         m_new = b1 * (m.float() * (1 / m_scale)) + c1 * g32
         v_new = b2 * (v.float() * (1 / v_scale)) + c2 * (g32 * g32)
     p_new = p.float() * decay - lr * (m_new * inv_bc1) / (torch.sqrt(v_new * inv_bc2) + eps)
@@ -316,8 +304,8 @@ def _one_pass(
         m.copy_(torch.where(ok, m_new, m))
         v.copy_(torch.where(ok, v_new, v))
         return deferred
-    m_stored = _scaled(m_new, new_m_scale, E4M3_MAX)
-    v_stored = _scaled(v_new, new_v_scale, FP16_MAX, FP16_TINY)
+    m_stored = saturate(m_new, new_m_scale, E4M3_MAX)
+    v_stored = saturate(v_new, new_v_scale, FP16_MAX, FP16_TINY)
     m.copy_(torch.where(ok, m_stored, m.float()))
     _write(v, torch.where(ok, v_stored, v.float()), deferred)
     # Recorded from the scaled values, so these reductions run in the writing loop.
