@@ -24,7 +24,7 @@ policy samples on held-out prompts before and after RLOO, for a LoRA policy and 
 one, as gains in standard deviations of the before-distribution.
 
 Settings are chosen with ``--validate`` (evaluates on a validation split carved from train, leak-free
-too), never on the test split. Writes ``benchmarks/results/quality.md`` (unless ``--no_write``)
+too), never on the test split. Writes ``benchmarks/results/quality.md`` (``quality-<model>.md`` with ``--model``; not with ``--no_write``)
 and prints one JSON object as its last line.
 
     python benchmarks/quality.py --rl                          # 3 seeds, embedded base
@@ -68,11 +68,20 @@ from perl_plugins.data.defaults import trim_context
 from perl_plugins.models.embedded import resolve_model
 from perl_plugins.models.reward import save_reward_adapter, score_texts
 from perl_plugins.training import recipe_kit
-from perl_plugins.training.reward_metrics import roc_auc
+from perl_plugins.training.reward_metrics import grouped_bootstrap_se, roc_auc
 
 METHODS = ("tfidf_logreg", "rm_lora", "rm_full", "rm_lora_grm")
 RM_PLUGINS = {"rm_lora": "lora", "rm_full": "", "rm_lora_grm": "lora,grm"}
-RESULTS = Path(__file__).resolve().parent / "results" / "quality.md"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def results_path(model: str | None) -> Path:
+    """quality.md for the embedded default; quality-<model>.md for any other base, so figures on
+    different bases sit side by side."""
+    if model is None:
+        return RESULTS / "quality.md"
+    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(model).name or model)
+    return RESULTS / f"quality-{slug}.md"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -252,6 +261,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trim = lambda rows: [dataclasses.replace(r, prompt=trim_context(r.prompt, turns)) for r in rows]
     train_t, eval_t = trim(train), trim(evaluation)
     labels = np.asarray([r.label for r in evaluation])
+    group_of = taskmaster.split_groups([*train, *evaluation])
+    groups = [group_of[r.conversation_id] for r in evaluation]
     print(
         f"[quality] {model_path}: {len(train)} train rows, {len(evaluation)} {split_name} rows "
         f"({int(labels.sum())} up / {int((1 - labels).sum())} down), leaks {leaks}",
@@ -262,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.jobs > 1 and len(seeds) > 1:
         outcomes = seeds_in_workers(argv if argv is not None else sys.argv[1:], seeds, args.jobs)
     else:
-        outcomes = [run_seed(args, seed, model_path, train_t, eval_t, labels, prior) for seed in seeds]
+        outcomes = [run_seed(args, seed, model_path, train_t, eval_t, labels, groups, prior) for seed in seeds]
     for results, rl_run in outcomes:
         for method in methods:
             per_seed[method].append(results[method])
@@ -287,16 +298,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     if not args.no_write:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(markdown(table))
-        print(f"[quality] wrote {RESULTS}", flush=True)
+        out = results_path(args.model)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(markdown(table))
+        print(f"[quality] wrote {out}", flush=True)
     print(json.dumps(table))
     return table
 
 
-def run_seed(args, seed: int, model_path: str, train_t, eval_t, labels: np.ndarray, prior: float):
+def run_seed(args, seed: int, model_path: str, train_t, eval_t, labels: np.ndarray, groups: list[str], prior: float):
     """One seed: ({method: metrics}, RL results or None)."""
     results: dict[str, dict[str, float]] = {}
+    floor = None
     rl_run = None
     with tempfile.TemporaryDirectory(prefix="perl-quality-") as tmp:
         cfg = recipe_config(args, seed, tmp)
@@ -307,6 +320,9 @@ def run_seed(args, seed: int, model_path: str, train_t, eval_t, labels: np.ndarr
                 save_to = os.path.join(tmp, "reward_adapter") if method == "rm_lora" else None
                 scores, extra = reward_model(method, cfg, model_path, train_t, eval_t, save_to=save_to)
             results[method] = {**classification_metrics(scores, labels, prior), **extra}
+            results[method].update(sampling_errors(scores, floor, labels, groups))
+            if method == "tfidf_logreg":
+                floor = scores
             print(f"[quality] seed {seed} {method}: {json.dumps(results[method])}", flush=True)
         if args.rl:
             reward_dir = os.path.join(tmp, "reward_adapter")
@@ -315,6 +331,18 @@ def run_seed(args, seed: int, model_path: str, train_t, eval_t, labels: np.ndarr
             rl_run = rl_both(cfg, model_path, reward_dir, train_t, eval_t, args.rl_policies.split(","))
             print(f"[quality] seed {seed} rl: {json.dumps(rl_run)}", flush=True)
     return results, rl_run
+
+
+def sampling_errors(scores: np.ndarray, floor: np.ndarray | None, labels: np.ndarray, groups: list[str]) -> dict:
+    """How much the evaluation sample alone moves the AUC: its standard error, and that of the AUC's
+    difference from the TF-IDF floor's on the same rows, by bootstrap over whole dialogs (a dialog's
+    rows are rated together; few dialogs hold the thumbs down, so rows overstate the sample)."""
+    out = {"auc_se": grouped_bootstrap_se(roc_auc, groups, scores, labels)}
+    if floor is not None:
+        diff = lambda s, f, y: roc_auc(s, y) - roc_auc(f, y)
+        out["auc_minus_tfidf"] = diff(scores, floor, labels)
+        out["auc_minus_tfidf_se"] = grouped_bootstrap_se(diff, groups, scores, floor, labels)
+    return out
 
 
 def seeds_in_workers(argv: list[str], seeds: list[int], jobs: int) -> list:
@@ -350,7 +378,15 @@ def build_table(
             "per_seed_auc": [r["auc"] for r in runs],
             **{
                 k: float(np.mean([r[k] for r in runs]))
-                for k in ("train_s", "step_s", "peak_rss_mb", "trainable_params")
+                for k in (
+                    "auc_se",
+                    "auc_minus_tfidf",
+                    "auc_minus_tfidf_se",
+                    "train_s",
+                    "step_s",
+                    "peak_rss_mb",
+                    "trainable_params",
+                )
                 if k in runs[0]
             },
         }
@@ -386,6 +422,12 @@ def _fmt(row: dict[str, Any], key: str, spec: str) -> str:
     return format(row[key], spec) if key in row else "–"
 
 
+def _vs_floor(row: dict[str, Any]) -> str:
+    if "auc_minus_tfidf" not in row:
+        return "–"
+    return f"{row['auc_minus_tfidf']:+.3f} ± {row['auc_minus_tfidf_se']:.3f}"
+
+
 def markdown(table: dict[str, Any]) -> str:
     setup = table["setup"]
     lines = [
@@ -397,14 +439,16 @@ def markdown(table: dict[str, Any]) -> str:
             f"({setup['eval_negatives']} thumbs down); leaks {setup['leaks']}."
         ),
         "",
-        "| method | held-out AUC (mean ± std) | balanced accuracy | trainable params | step time (s) | peak RSS (MiB) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| method | held-out AUC (mean ± std over seeds) | test-sample SE | AUC − floor (± SE) | balanced accuracy "
+        "| trainable params | step time (s) | peak RSS (MiB) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for method in METHODS:
         if method in table:
             r = table[method]
             lines.append(
-                f"| {method} | {r['auc_mean']:.3f} ± {r['auc_std']:.3f} | {r['balanced_accuracy_mean']:.3f} ± "
+                f"| {method} | {r['auc_mean']:.3f} ± {r['auc_std']:.3f} | {_fmt(r, 'auc_se', '.3f')} | "
+                f"{_vs_floor(r)} | {r['balanced_accuracy_mean']:.3f} ± "
                 f"{r['balanced_accuracy_std']:.3f} | {_fmt(r, 'trainable_params', ',.0f')} | "
                 f"{_fmt(r, 'step_s', '.3f')} | {_fmt(r, 'peak_rss_mb', '.0f')} |"
             )
@@ -424,6 +468,11 @@ def markdown(table: dict[str, Any]) -> str:
                 f"{', '.join(format(r[prefix + '_final_kl'], '.4f') for r in runs)} | "
                 f"{np.mean([r['peak_rss_mb'] for r in runs]):.0f} | {np.mean([r['wall_s'] for r in runs]):.0f} |"
             )
+    lines += [
+        "",
+        "Test-sample SE: the AUC's standard error from the evaluation rows alone (bootstrap over whole "
+        "dialogs, mean over seeds); the seeds' std above is training noise only.",
+    ]
     lines += ["", "Goals: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in table["goals"].items()), ""]
     return "\n".join(lines)
 

@@ -199,7 +199,7 @@ def test_leaky_file_split_is_leak_free_without_one_big_group(tmp_path):
         }
     # Rows of one dialog travel together; the shared two-turn opening does not merge dialogs
     # (its rows, with the very same prompt, form one group of their own).
-    group = tm._split_groups(rows)
+    group = tm.split_groups(rows)
     dialog_of = {r.conversation_id: r.conversation_id.split("-")[1] for r in rows}
     long_rows = [r for r in rows if len(tm.context_turns(r)) >= 4]
     for dialog in set(dialog_of.values()):

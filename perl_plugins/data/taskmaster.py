@@ -202,7 +202,7 @@ def context_turns(row: FeedbackRow) -> list[str]:
     return row.prompt.split("\n")[:-1]  # render_turn never emits a raw "\n" inside a turn
 
 
-def _split_groups(rows: Iterable[FeedbackRow], turns: int = LEAK_TURNS) -> dict[str, str]:
+def split_groups(rows: Iterable[FeedbackRow], turns: int = LEAK_TURNS) -> dict[str, str]:
     """Map each conversation id to its split group, named by the group's smallest id.
 
     Rows are one group when they share a conversation id, a whole prompt, or their first ``turns``
@@ -260,7 +260,7 @@ def load_splits(
 
     Leak-free for any file of this format: no conversation id and no prompt is on both sides, and
     no held-out context equals the first turns (``LEAK_TURNS`` or more) of a train context
-    (``count_leaks`` is all zeros; see ``_split_groups``). Groups are assigned with ``split_ids``,
+    (``count_leaks`` is all zeros; see ``split_groups``). Groups are assigned with ``split_ids``,
     so the split is deterministic and independent of row order. Coffee file, defaults: 1,326 groups;
     2,875 train and 353 test rows.
     """
@@ -270,7 +270,7 @@ def load_splits(
 def split_rows(rows: Iterable[FeedbackRow], test_fraction: float = 0.1, seed: int = 0) -> dict[str, list[FeedbackRow]]:
     """:func:`load_splits` on rows already loaded, e.g. to carve a validation split out of train."""
     rows = list(rows)
-    group = _split_groups(rows)
+    group = split_groups(rows)
     test_groups = set(split_ids(sorted(set(group.values())), test_fraction, seed)[1])
     return {
         "train": [r for r in rows if group[r.conversation_id] not in test_groups],

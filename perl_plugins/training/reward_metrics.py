@@ -79,3 +79,28 @@ def evaluate_trainer_pairs(trainer: Any) -> dict[str, float]:
     scores = np.concatenate([chosen_t.numpy(), rejected_t.numpy()])
     labels = np.concatenate([np.ones(len(chosen_t)), np.zeros(len(rejected_t))])
     return {"eval_pair_accuracy": float((chosen_t > rejected_t).float().mean()), "eval_auc": roc_auc(scores, labels)}
+
+
+def grouped_bootstrap_se(
+    metric: Any,
+    groups: Sequence[Any],
+    *columns: Sequence[float] | np.ndarray,
+    reps: int = 1000,
+    seed: int = 0,
+) -> float:
+    """Standard error of ``metric(*columns)`` over the evaluation sample, resampling whole groups.
+
+    Held-out rows of one dialog are not independent (one dialog is rated at several turns), so the
+    spread of a test-set AUC comes from how many dialogs, not rows, it holds: each replicate draws
+    the groups with replacement and keeps every row of a drawn group. Replicates where the metric
+    is undefined (NaN: e.g. no negative drawn) are left out."""
+    cols = [np.asarray(c) for c in columns]
+    keys, index = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
+    members = [np.flatnonzero(index == k) for k in range(len(keys))]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(reps):
+        rows = np.concatenate([members[k] for k in rng.integers(0, len(keys), len(keys))])
+        values.append(metric(*(c[rows] for c in cols)))
+    values = np.asarray(values, dtype=np.float64)
+    return float(np.nanstd(values, ddof=1))
