@@ -182,15 +182,22 @@ def tfidf_logreg(train, evaluation, seed: int) -> tuple[np.ndarray, dict[str, fl
 
 
 def reward_model(
-    method: str, cfg: perl.PerlConfig, model_path: str, train, evaluation, save_to: str | None = None
+    method: str,
+    cfg: perl.PerlConfig,
+    model_path: str,
+    train,
+    evaluation,
+    save_to: str | None = None,
+    groups: dict[str, str] | None = None,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Train the recipe's stage 1 (with ``method``'s plugins), score ``evaluation``, and save the
-    reward adapter to ``save_to`` if given (LoRA methods only)."""
+    reward adapter to ``save_to`` if given (LoRA methods only). ``groups``: each train row's dialog
+    (conversation id -> group), for the head probe's cross-validation."""
     tokenizer = recipe_kit.padded_tokenizer(model_path)
     if method == "rm_full":
         cfg = dataclasses.replace(cfg, rm_learning_rate=cfg.rm_full_learning_rate)
     set_seed(cfg.seed)
-    train_ds = taskmaster.pointwise(train).shuffle(seed=cfg.seed)
+    train_ds = taskmaster.pointwise(train, groups=groups).shuffle(seed=cfg.seed)
     trainer = recipe_kit.reward_trainer(
         cfg, model_path, tokenizer, train_ds, taskmaster.pointwise(evaluation), plugins=RM_PLUGINS[method]
     )
@@ -261,8 +268,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trim = lambda rows: [dataclasses.replace(r, prompt=trim_context(r.prompt, turns)) for r in rows]
     train_t, eval_t = trim(train), trim(evaluation)
     labels = np.asarray([r.label for r in evaluation])
-    group_of = taskmaster.split_groups([*train, *evaluation])
-    groups = [group_of[r.conversation_id] for r in evaluation]
+    group_of = taskmaster.split_groups([*train, *evaluation])  # untrimmed: trimmed contexts hide their dialog
     print(
         f"[quality] {model_path}: {len(train)} train rows, {len(evaluation)} {split_name} rows "
         f"({int(labels.sum())} up / {int((1 - labels).sum())} down), leaks {leaks}",
@@ -273,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.jobs > 1 and len(seeds) > 1:
         outcomes = seeds_in_workers(argv if argv is not None else sys.argv[1:], seeds, args.jobs)
     else:
-        outcomes = [run_seed(args, seed, model_path, train_t, eval_t, labels, groups, prior) for seed in seeds]
+        outcomes = [run_seed(args, seed, model_path, train_t, eval_t, labels, group_of, prior) for seed in seeds]
     for results, rl_run in outcomes:
         for method in methods:
             per_seed[method].append(results[method])
@@ -306,8 +312,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return table
 
 
-def run_seed(args, seed: int, model_path: str, train_t, eval_t, labels: np.ndarray, groups: list[str], prior: float):
-    """One seed: ({method: metrics}, RL results or None)."""
+def run_seed(args, seed: int, model_path: str, train_t, eval_t, labels: np.ndarray, group_of: dict, prior: float):
+    """One seed: ({method: metrics}, RL results or None); ``group_of``: conversation id -> dialog."""
+    groups = [group_of[r.conversation_id] for r in eval_t]
     results: dict[str, dict[str, float]] = {}
     floor = None
     rl_run = None
@@ -318,7 +325,7 @@ def run_seed(args, seed: int, model_path: str, train_t, eval_t, labels: np.ndarr
                 scores, extra = tfidf_logreg(train_t, eval_t, seed)
             else:
                 save_to = os.path.join(tmp, "reward_adapter") if method == "rm_lora" else None
-                scores, extra = reward_model(method, cfg, model_path, train_t, eval_t, save_to=save_to)
+                scores, extra = reward_model(method, cfg, model_path, train_t, eval_t, save_to=save_to, groups=group_of)
             results[method] = {**classification_metrics(scores, labels, prior), **extra}
             results[method].update(sampling_errors(scores, floor, labels, groups))
             if method == "tfidf_logreg":
@@ -327,7 +334,7 @@ def run_seed(args, seed: int, model_path: str, train_t, eval_t, labels: np.ndarr
         if args.rl:
             reward_dir = os.path.join(tmp, "reward_adapter")
             if not os.path.isdir(reward_dir):  # rm_lora not among the methods: train it for the RL
-                reward_model("rm_lora", cfg, model_path, train_t, eval_t, save_to=reward_dir)
+                reward_model("rm_lora", cfg, model_path, train_t, eval_t, save_to=reward_dir, groups=group_of)
             rl_run = rl_both(cfg, model_path, reward_dir, train_t, eval_t, args.rl_policies.split(","))
             print(f"[quality] seed {seed} rl: {json.dumps(rl_run)}", flush=True)
     return results, rl_run

@@ -69,6 +69,13 @@ class PerlConfig:
         default=STAGE_DEFAULTS["rm_balance_classes"],
         metadata={"help": "Repeat rows of the rarer thumb until both thumbs count as many train rows."},
     )
+    rm_head_init: str = field(
+        default=STAGE_DEFAULTS["rm_head_init"],
+        metadata={
+            "help": "Reward head before fine-tuning: 'random', or 'probe' (logistic regression on the frozen "
+            "model's features for the train rows, then fine-tune: LP-FT)."
+        },
+    )
     rm_full_learning_rate: float = field(
         default=1e-4, metadata={"help": "Learning rate when the reward model is fully fine-tuned (benchmarks)."}
     )

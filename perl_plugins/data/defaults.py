@@ -54,8 +54,8 @@ def default_dataset(
             ds = taskmaster.pointwise([r for r in rows if r.label]).remove_columns("label")
         elif command == "dpo" or (command == "reward" and feedback == "pairs"):
             ds = taskmaster.preference_pairs(rows)
-        elif command == "reward":
-            ds = taskmaster.pointwise(rows)
+        elif command == "reward":  # grouped before trimming: a trimmed context no longer shows its dialog
+            ds = taskmaster.pointwise(rows, groups=taskmaster.split_groups(split))
         elif command == "kto":
             ds = taskmaster.pointwise(rows)
             ds = ds.cast_column("label", datasets.Value("bool"))

@@ -278,21 +278,23 @@ def split_rows(rows: Iterable[FeedbackRow], test_fraction: float = 0.1, seed: in
     }
 
 
-def pointwise(rows: Iterable[FeedbackRow]) -> datasets.Dataset:
-    """Unpaired data (columns prompt, completion, label 0/1): reward classification, KTO-style."""
+def pointwise(rows: Iterable[FeedbackRow], groups: Mapping[str, str] | None = None) -> datasets.Dataset:
+    """Unpaired data (columns prompt, completion, label 0/1): reward classification, KTO-style.
+
+    ``groups`` (conversation id -> dialog group, :func:`split_groups` of the untrimmed rows) adds a
+    ``dialog`` column, so that cross-validation on these rows can keep each dialog in one fold."""
     rows = list(rows)
-    return datasets.Dataset.from_dict(
-        {
-            "prompt": [r.prompt for r in rows],
-            "completion": [r.completion for r in rows],
-            "label": [r.label for r in rows],
-        },
-        features=datasets.Features(
-            prompt=datasets.Value("string"),
-            completion=datasets.Value("string"),
-            label=datasets.Value("int64"),
-        ),
-    )
+    columns = {
+        "prompt": [r.prompt for r in rows],
+        "completion": [r.completion for r in rows],
+        "label": [r.label for r in rows],
+    }
+    features = {"prompt": datasets.Value("string"), "completion": datasets.Value("string")}
+    features["label"] = datasets.Value("int64")
+    if groups is not None:
+        columns["dialog"] = [groups[r.conversation_id] for r in rows]
+        features["dialog"] = datasets.Value("string")
+    return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
 
 
 def preference_pairs(rows: Iterable[FeedbackRow]) -> datasets.Dataset:

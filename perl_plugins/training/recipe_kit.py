@@ -6,6 +6,7 @@ the keys of ``recipes/perl.yaml`` that the stage reads."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 from pathlib import Path
@@ -26,6 +27,7 @@ from perl_plugins.models.embedded import resolve_model
 from perl_plugins.models.reward import save_reward_adapter
 from perl_plugins.models.roles import roles
 from perl_plugins.training.device import cpu_settings
+from perl_plugins.training.head_probe import probe_reward_head
 from perl_plugins.training.pointwise import balance_labels, pointwise_trainer, reward_classifier
 from perl_plugins.training.progress import quiet_progress
 from perl_plugins.training.sampling import (
@@ -35,6 +37,8 @@ from perl_plugins.training.sampling import (
     sample_completions,
     stop_at_line_end,
 )
+
+logger = logging.getLogger(__name__)
 
 ArgsT = TypeVar("ArgsT", bound=TrainingArguments)
 
@@ -47,7 +51,9 @@ STAGE_DEFAULTS: dict[str, Any] = {
     "rl_full_learning_rate": 5e-5,
     "rl_stop_at_newline": False,
     "rm_balance_classes": False,
+    "rm_head_init": "random",
 }
+RM_HEAD_INITS = ("random", "probe")
 
 
 def reward_trainer(cfg: Any, model_path: str, tokenizer, train, test, plugins: str | None = None):
@@ -56,6 +62,7 @@ def reward_trainer(cfg: Any, model_path: str, tokenizer, train, test, plugins: s
     ``plugins`` defaults to ``cfg.rm_plugins``; ``""`` fine-tunes the whole model (the comparison
     PERL draws: LoRA reward models on par with full fine-tuning at the same budget)."""
     plugins = cfg.rm_plugins if plugins is None else plugins
+    check_head_init(cfg)
     if _setting(cfg, "rm_balance_classes"):
         train = balance_labels(train, cfg.seed)
     args = reward_stage_args(
@@ -70,7 +77,19 @@ def reward_trainer(cfg: Any, model_path: str, tokenizer, train, test, plugins: s
     options = options_for(names, cfg.plugin_options)
     if "lora" in names:
         options.update(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
-    return quiet_progress(attach(trainer, plugins=names, **options))
+    trainer = quiet_progress(attach(trainer, plugins=names, **options))
+    if check_head_init(cfg) == "probe":  # after attach: the head the plugins leave (GRM's MLP, LoRA's trainable copy)
+        report = probe_reward_head(trainer, train["dialog"] if "dialog" in train.column_names else None)
+        logger.info("reward head probed: C %.3g, cross-validated AUC %.3f", report["probe_C"], report["probe_cv_auc"])
+    return trainer
+
+
+def check_head_init(cfg: Any) -> str:
+    """``cfg``'s reward-head initialisation, refused before any training if unknown."""
+    head_init = _setting(cfg, "rm_head_init")
+    if head_init not in RM_HEAD_INITS:
+        raise ValueError(f"rm_head_init must be one of {RM_HEAD_INITS}, got {head_init!r}.")
+    return head_init
 
 
 def train_reward_model(cfg: Any, model_path: str, tokenizer, data) -> tuple[str, dict, list]:
