@@ -183,3 +183,24 @@ def test_validation_split_is_carved_out_of_train_without_leaks():
     assert again["test"]["prompt"] == validation["test"]["prompt"]
     with pytest.raises(ValueError, match="heldout must be one of"):
         default_dataset("reward", heldout="dev")
+
+
+def test_sampled_rewards_repeat_their_draws_and_count_prompts_for_the_standard_error(tokenizer):
+    from perl_plugins.training.sampling import sampled_rewards
+
+    model = tiny_lm(tokenizer)
+    prompts = PAIRS["prompt"]
+
+    def reward(prompts, completions):  # stands in for a reward adapter: any score of the text
+        return [float(len(c)) for c in completions]
+
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    first = sampled_rewards(model, tokenizer, reward, prompts, 3, max_new_tokens=5, seed=0)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random stream is untouched
+    again = sampled_rewards(model, tokenizer, reward, prompts, 3, max_new_tokens=5, seed=0)
+    assert [c for _, c, _ in again["samples"]] == [c for _, c, _ in first["samples"]]
+    r = np.array([r for _, _, r in first["samples"]]).reshape(4, 3)
+    assert first["mean"] == pytest.approx(r.mean()) and first["std"] == pytest.approx(r.std(ddof=1))
+    assert first["per_prompt"] == pytest.approx(r.mean(1))
+    assert first["se"] == pytest.approx(r.mean(1).std(ddof=1) / 2)
