@@ -179,7 +179,8 @@ def group_ranking(
             p = (response_logps(logits, ids, mask) / mask[:, 1:].sum(-1)).cpu()
             scores, group = batch["rrhf_scores"], batch["rrhf_groups"]
             pair = (group[:, None] == group[None, :]) & (scores[:, None] > scores[None, :])  # i better than j
-            won = ((p[:, None] - p[None, :]) > 0) + 0.5 * ((p[:, None] - p[None, :]) == 0)
+            diff = p[:, None] - p[None, :]
+            won = (diff > 0) + 0.5 * (diff == 0)
             for g in range(int(group.max()) + 1):
                 mine = pair & (group[:, None] == g)
                 wins.append(float(won[mine].sum()))
