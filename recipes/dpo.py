@@ -7,8 +7,14 @@ is the same base with the adapters off, so one copy of the base weights serves b
     python recipes/dpo.py --config recipes/dpo.yaml --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct
 
 Loss: -log sigmoid(beta * ((logp_c - ref_c) - (logp_r - ref_r))), summed response log-probs.
-Summary: on held-out pairs, the accuracy and mean margin of DPO's implicit reward
-beta * (logp - ref) between chosen and rejected. Writes OUTPUT_DIR/summary.json and curves.png.
+Summary: on held-out pairs (the leak-free test split; ``heldout_split: validation`` carves one
+out of train instead, for tuning), before and after training, the accuracy of DPO's implicit
+reward, margin = beta * ((logp_c - ref_c) - (logp_r - ref_r)) > 0, ties counting 1/2, and its mean
+margin, with standard errors over pairs and the paired standard error of the gain. Before
+training the policy *is* the reference (LoRA starts at zero), so every margin is 0: the
+accuracy is 0.5 by construction, the point a policy that learned nothing sits at.
+``eval_reference_accuracy`` says how often the base alone already gives the chosen reply the
+higher log-prob. Goal (default YAML): after >= 0.65. Writes OUTPUT_DIR/summary.json and curves.png.
 """
 
 from __future__ import annotations
@@ -26,8 +32,12 @@ from perl_plugins.data.defaults import default_dataset
 from perl_plugins.data.text import trim_prompts
 from perl_plugins.host.arguments import check_options
 from perl_plugins.models.adapters import LoraOptions
-from perl_plugins.training.recipe_kit import load_base, save_policy, stage_args, take, train_dpo
+from perl_plugins.training.heldout import before_after, mean_se, pair_wins
+from perl_plugins.training.recipe_kit import dpo_trainer, load_base, save_policy, stage_args, take
 from perl_plugins.training.reporting import plot_curves, write_summary
+from perl_plugins.training.reward_metrics import dpo_logratios
+
+GOAL_ACCURACY = 0.65  # held-out implicit-reward accuracy the default YAML must reach
 
 
 @dataclass
@@ -39,6 +49,12 @@ class DPORecipeConfig:
     plugins: str = field(default="lora", metadata={"help": "Plugins on the DPO trainer (lora required; fp8...)."})
     plugin_options: str = field(default="{}", metadata={"help": "Plugin options (a mapping in YAML, JSON on the CLI)."})
     seed: int = field(default=0, metadata={"help": "Seed."})
+    split_seed: int = field(
+        default=0, metadata={"help": "Seed of the leak-free train/test split (the embedded base saw split 0's train)."}
+    )
+    heldout_split: str = field(
+        default="test", metadata={"help": "Pairs the summary scores: test, or validation (carved from train: tuning)."}
+    )
     context_turns: int = field(default=4, metadata={"help": "Keep the last N dialog turns of each context."})
     max_prompt_tokens: int = field(default=128, metadata={"help": "Keep the latest prompt tokens up to this."})
     max_length: int = field(default=192, metadata={"help": "Max tokens of prompt + response."})
@@ -63,7 +79,9 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(cfg.seed)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     model_path, tokenizer = load_base(cfg.model_name_or_path, cfg.model_size)
-    data = default_dataset("dpo", cfg.taskmaster_file, cfg.context_turns, seed=cfg.seed)
+    data = default_dataset(
+        "dpo", cfg.taskmaster_file, cfg.context_turns, seed=cfg.split_seed, heldout=cfg.heldout_split
+    )
     train, test = data["train"].shuffle(seed=cfg.seed), data["test"]
     train, test = take(train, cfg.train_samples), take(test, cfg.eval_samples)
     train, test = (
@@ -86,15 +104,25 @@ def main(argv: list[str] | None = None) -> dict:
         gradient_checkpointing=cfg.gradient_checkpointing,
     )
     lora = LoraOptions(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
-    metrics, logs, trainer = train_dpo(model_path, tokenizer, train, test, args, lora, cfg.plugins, cfg.plugin_options)
+    trainer = dpo_trainer(model_path, tokenizer, train, test, args, lora, cfg.plugins, cfg.plugin_options)
+    policy_before, reference = dpo_logratios(trainer)
+    trainer.train()
+    metrics, logs = trainer.evaluate(), trainer.state.log_history
+    policy_after, _ = dpo_logratios(trainer)
+    margin_before, margin_after = cfg.beta * (policy_before - reference), cfg.beta * (policy_after - reference)
     summary = {
-        "eval_reward_accuracy": metrics["eval_rewards/accuracies"],
-        "eval_reward_margin": metrics["eval_rewards/margins"],
+        **before_after("eval_reward_accuracy", pair_wins(margin_before), pair_wins(margin_after)),
+        **before_after("eval_reward_margin", margin_before, margin_after),
+        "eval_reference_accuracy": mean_se(pair_wins(reference))[0],
+        "eval_pairs": len(reference),
         "eval_loss": metrics["eval_loss"],
         "train_loss": next((log["train_loss"] for log in reversed(logs) if "train_loss" in log), math.nan),
     }
+    summary["goal_met"] = summary["eval_reward_accuracy_after"] >= GOAL_ACCURACY
     save_policy(trainer, args.output_dir, summary, cfg.taskmaster_file)
-    write_summary(cfg.output_dir, "dpo", summary, {"model": model_path, "plugins": cfg.plugins, "pairs": len(train)})
+    info = {"model": model_path, "plugins": cfg.plugins, "pairs": len(train), "heldout": cfg.heldout_split}
+    info["goal"] = f"held-out implicit-reward accuracy after >= {GOAL_ACCURACY}"
+    write_summary(cfg.output_dir, "dpo", summary, info)
     plot_curves(
         cfg.output_dir,
         {

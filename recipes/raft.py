@@ -11,13 +11,17 @@ iteration: take the next ``raft_prompts`` training prompts; sample ``raft_k`` re
 with the current policy adapter; score them with the reward adapter loaded onto the same base;
 keep the best reply per prompt (``local``) or the global top 1/K of all samples (``top``); then
 stock ``trl.SFTTrainer`` (``sft_plugins``) fine-tunes the same policy adapter on the kept pairs.
-Summary: the mean reward of each iteration's samples (expected to rise), and the mean reward of
-samples on held-out prompts before and after. Writes OUTPUT_DIR/summary.json and curves.png.
+Summary: the mean reward of each iteration's samples (expected to rise; on training prompts), and
+on held-out prompts (the leak-free test split; ``heldout_split: validation`` carves one out of train
+instead, for tuning) the mean reward of ``eval_samples`` policy samples per prompt before and after,
+with the same sampling seed both times; standard errors count prompts (a prompt's samples are
+correlated), the gain's is paired by prompt, and ``eval_gain_in_std`` divides the gain by the
+standard deviation of single before-rewards. Goal (default YAML): ``eval_gain_in_std`` >= 0.5.
+Writes OUTPUT_DIR/summary.json and curves.png.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -34,11 +38,12 @@ from perl_plugins.data.text import trim_prompt
 from perl_plugins.host.arguments import check_options, options_for
 from perl_plugins.models.adapters import AdapterReward, LoraOptions
 from perl_plugins.models.card import training_data, write_model_card
-from perl_plugins.training.recipe_kit import load_base, stage_args, train_reward_model
+from perl_plugins.training.recipe_kit import load_base, rl_report, stage_args, train_reward_model
 from perl_plugins.training.reporting import plot_curves, write_summary
-from perl_plugins.training.sampling import iteration_log, policy_with_reward, sample_completions
+from perl_plugins.training.sampling import iteration_log, policy_with_reward, sample_completions, sampled_rewards
 
 SELECTIONS = ("local", "top")
+GOAL_GAIN_IN_STD = 0.5  # held-out reward gain, in standard deviations of the before-rewards
 
 
 @dataclass
@@ -51,6 +56,13 @@ class RAFTRecipeConfig:
     sft_plugins: str = field(default="lora", metadata={"help": "SFT plugins (lora required; fp8...)."})
     plugin_options: str = field(default="{}", metadata={"help": "Plugin options (a mapping in YAML, JSON on the CLI)."})
     seed: int = field(default=0, metadata={"help": "Seed."})
+    split_seed: int = field(
+        default=0, metadata={"help": "Seed of the leak-free train/test split (the embedded base saw split 0's train)."}
+    )
+    heldout_split: str = field(
+        default="test",
+        metadata={"help": "Prompts the summary scores: test, or validation (carved from train: tuning)."},
+    )
     context_turns: int = field(default=4, metadata={"help": "Keep the last N dialog turns of each context."})
     max_prompt_tokens: int = field(default=128, metadata={"help": "Keep the latest prompt tokens up to this."})
     max_length: int = field(default=192, metadata={"help": "Max tokens of prompt + reply (reward model, SFT)."})
@@ -73,12 +85,18 @@ class RAFTRecipeConfig:
     sft_epochs: float = field(default=3.0, metadata={"help": "SFT epochs on each iteration's kept pairs."})
     sft_batch_size: int = field(default=8, metadata={"help": "SFT batch size."})
     sft_learning_rate: float = field(default=1e-3, metadata={"help": "SFT learning rate of the policy adapter."})
-    eval_prompts: int = field(default=24, metadata={"help": "Held-out prompts scored before/after (0: none)."})
+    eval_prompts: int = field(default=64, metadata={"help": "Held-out prompts scored before/after."})
+    eval_samples: int = field(default=4, metadata={"help": "Sampled replies per held-out prompt."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations (large models)."})
 
     def __post_init__(self) -> None:
         if self.raft_selection not in SELECTIONS:
             raise ValueError(f"raft_selection must be one of {SELECTIONS}, got {self.raft_selection!r}.")
+        if self.eval_prompts < 2 or self.eval_samples < 1:
+            raise ValueError(
+                f"eval_prompts must be >= 2 and eval_samples >= 1 (a standard error over prompts), "
+                f"got {self.eval_prompts} and {self.eval_samples}."
+            )
 
 
 def select(
@@ -137,11 +155,12 @@ def main(argv: list[str] | None = None) -> dict:
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     model_path, tokenizer = load_base(cfg.model_name_or_path, cfg.model_size)
 
-    rm_data = default_dataset("reward", cfg.taskmaster_file, cfg.context_turns, seed=cfg.seed)
+    split = {"seed": cfg.split_seed, "heldout": cfg.heldout_split}
+    rm_data = default_dataset("reward", cfg.taskmaster_file, cfg.context_turns, **split)
     print(f"[raft] stage 1: LoRA reward model on thumbs up/down ({cfg.rm_train_samples or 'all'} rows)", flush=True)
     reward_dir, rm_metrics, rm_logs = train_reward_model(cfg, model_path, tokenizer, rm_data)
 
-    prompts = default_dataset("rloo", cfg.taskmaster_file, cfg.context_turns, seed=cfg.seed)
+    prompts = default_dataset("rloo", cfg.taskmaster_file, cfg.context_turns, **split)
     train_prompts = [
         trim_prompt(tokenizer, p, cfg.max_prompt_tokens) for p in prompts["train"].shuffle(seed=cfg.seed)["prompt"]
     ]
@@ -153,12 +172,12 @@ def main(argv: list[str] | None = None) -> dict:
         AutoModelForCausalLM.from_pretrained(model_path), tokenizer, reward_dir, lora
     )
 
-    def held_out_reward(desc: str) -> float:
-        if not eval_prompts:
-            return math.nan
-        return mean(sample_and_score(policy, reward, tokenizer, eval_prompts, 1, cfg, desc)[1])
+    def held_out() -> dict:
+        return sampled_rewards(
+            policy, tokenizer, reward, eval_prompts, cfg.eval_samples, cfg.max_new_tokens, cfg.seed, cfg.temperature
+        )
 
-    eval_before = held_out_reward("Held-out samples (before)")
+    eval_before = held_out()
     iteration_rewards, kept_rewards, sft_logs = [], [], []
     for it in range(cfg.raft_iterations):
         start = (it * cfg.raft_prompts) % len(train_prompts)
@@ -179,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
             for log in fine_tune(policy, tokenizer, kept, cfg, it)
             if "loss" in log
         ]
-    eval_after = held_out_reward("Held-out samples (after)")
+    eval_after = held_out()
     policy.save_pretrained(os.path.join(cfg.output_dir, "policy"), selected_adapters=[policy.active_adapter])
 
     metrics = {
@@ -189,9 +208,10 @@ def main(argv: list[str] | None = None) -> dict:
         "reward_first_iter": iteration_rewards[0],
         "reward_last_iter": iteration_rewards[-1],
         "kept_reward_last_iter": kept_rewards[-1],
-        "eval_reward_before": eval_before,
-        "eval_reward_after": eval_after,
+        **rl_report(eval_before, eval_after, prefix="eval"),
+        "eval_prompts": len(eval_prompts),
     }
+    metrics["goal_met"] = metrics["eval_gain_in_std"] >= GOAL_GAIN_IN_STD
     write_model_card(
         os.path.join(cfg.output_dir, "policy"),
         model=policy,
@@ -200,7 +220,9 @@ def main(argv: list[str] | None = None) -> dict:
         data=training_data(cfg.taskmaster_file),
         metrics={k: v for k, v in metrics.items() if not k.startswith("rm_")},
     )
-    write_summary(cfg.output_dir, "raft", metrics, {"model": model_path, "selection": cfg.raft_selection})
+    info = {"model": model_path, "selection": cfg.raft_selection, "heldout": cfg.heldout_split}
+    info["goal"] = f"held-out reward gain >= {GOAL_GAIN_IN_STD} standard deviations of the before-rewards"
+    write_summary(cfg.output_dir, "raft", metrics, info)
     plot_curves(
         cfg.output_dir,
         {

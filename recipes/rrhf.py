@@ -12,9 +12,12 @@ Groups: every Taskmaster coffee context with at least two distinct rated replies
 thumbs label (1 up, 0 down; ties give no ranking pair). With ``policy_samples > 0`` a LoRA reward
 model is trained first (as PERL stage 1, ``rm_*`` keys) and each training group gets that many
 replies sampled from the initial policy, scored sigmoid(reward) = the reward model's P(thumbs up),
-which sits on the thumbs' 0..1 scale. Summary: on held-out groups (and a slice of training
-groups), the share of differently-scored pairs whose better reply has the higher
-length-normalised log-prob, before and after training. Writes OUTPUT_DIR/summary.json, curves.png.
+which sits on the thumbs' 0..1 scale. Summary: on held-out groups (the leak-free test split;
+``heldout_split: validation`` carves one out of train instead, for tuning) and a slice of training
+groups, the share of differently-scored pairs whose better reply has the higher length-normalised
+log-prob (ties 1/2), before and after training; held-out standard errors are clustered by group
+(its pairs share replies), and the gain's is paired (the same pairs before and after). Goal
+(default YAML): held-out gain > 2 standard errors. Writes OUTPUT_DIR/summary.json, curves.png.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
@@ -43,9 +47,12 @@ from perl_plugins.models.logprobs import response_logps
 from perl_plugins.models.reward import load_reward_adapter
 from perl_plugins.models.roles import Roles
 from perl_plugins.plugins.rrhf import RRHFCollator, tokenize_groups
+from perl_plugins.training.heldout import before_after
 from perl_plugins.training.recipe_kit import load_base, stage_args, take, train_reward_model
 from perl_plugins.training.reporting import plot_curves, write_summary
 from perl_plugins.training.sampling import sample_completions
+
+GOAL_GAIN_IN_SE = 2.0  # the held-out ranking-accuracy gain must exceed this many standard errors
 
 
 @dataclass
@@ -58,6 +65,12 @@ class RRHFRecipeConfig:
     plugin_options: str = field(default="{}", metadata={"help": "Plugin options (a mapping in YAML, JSON on the CLI)."})
     rrhf_weight: float = field(default=1.0, metadata={"help": "Weight w of the ranking loss (L = w*L_rank + L_ft)."})
     seed: int = field(default=0, metadata={"help": "Seed."})
+    split_seed: int = field(
+        default=0, metadata={"help": "Seed of the leak-free train/test split (the embedded base saw split 0's train)."}
+    )
+    heldout_split: str = field(
+        default="test", metadata={"help": "Groups the summary scores: test, or validation (carved from train: tuning)."}
+    )
     context_turns: int = field(default=4, metadata={"help": "Keep the last N dialog turns of each context."})
     max_prompt_tokens: int = field(default=128, metadata={"help": "Keep the latest prompt tokens up to this."})
     max_length: int = field(default=192, metadata={"help": "Max tokens of prompt + response."})
@@ -112,7 +125,9 @@ def add_policy_samples(
 ) -> tuple[datasets.Dataset, dict, list]:
     """Train a reward adapter (PERL stage 1), then add ``policy_samples`` replies per group sampled
     from the initial policy (the base), scored sigmoid(reward) = the reward model's P(thumbs up)."""
-    rm_data = default_dataset("reward", cfg.taskmaster_file, cfg.context_turns, seed=cfg.seed)
+    rm_data = default_dataset(
+        "reward", cfg.taskmaster_file, cfg.context_turns, seed=cfg.split_seed, heldout=cfg.heldout_split
+    )
     reward_dir, rm_metrics, rm_logs = train_reward_model(cfg, model_path, tokenizer, rm_data)
     model = load_reward_adapter(AutoModelForCausalLM.from_pretrained(model_path), reward_dir, adapter_name="reward")
     roles = Roles(model, {"policy": None, "reward": "reward"})  # the initial policy is the bare base
@@ -142,10 +157,20 @@ def ranking_accuracy(
 ) -> float:
     """Share of differently-scored pairs (within a group) whose better reply has the higher
     length-normalised log-prob (ties count one half)."""
+    wins, pairs = group_ranking(model, collator, groups, batch_size)
+    return float(wins.sum() / pairs.sum()) if pairs.sum() else math.nan
+
+
+def group_ranking(
+    model: torch.nn.Module, collator: RRHFCollator, groups: datasets.Dataset, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per group: (differently-scored pairs whose better reply has the higher length-normalised
+    log-prob, ties 1/2; differently-scored pairs)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    correct = total = 0.0
+    wins: list[float] = []
+    pairs: list[int] = []
     with torch.no_grad():
         for start in range(0, len(groups), batch_size):
             batch = collator([groups[i] for i in range(start, min(start + batch_size, len(groups)))])
@@ -154,11 +179,14 @@ def ranking_accuracy(
             p = (response_logps(logits, ids, mask) / mask[:, 1:].sum(-1)).cpu()
             scores, group = batch["rrhf_scores"], batch["rrhf_groups"]
             pair = (group[:, None] == group[None, :]) & (scores[:, None] > scores[None, :])  # i better than j
-            diff = (p[:, None] - p[None, :])[pair]
-            correct += (diff > 0).sum().item() + 0.5 * (diff == 0).sum().item()
-            total += pair.sum().item()
+            diff = p[:, None] - p[None, :]
+            won = (diff > 0) + 0.5 * (diff == 0)
+            for g in range(int(group.max()) + 1):
+                mine = pair & (group[:, None] == g)
+                wins.append(float(won[mine].sum()))
+                pairs.append(int(mine.sum()))
     model.train(was_training)
-    return correct / total if total else math.nan
+    return np.asarray(wins), np.asarray(pairs)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -169,7 +197,9 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(cfg.seed)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     model_path, tokenizer = load_base(cfg.model_name_or_path, cfg.model_size)
-    data = default_dataset("reward", cfg.taskmaster_file, cfg.context_turns, seed=cfg.seed)
+    data = default_dataset(
+        "reward", cfg.taskmaster_file, cfg.context_turns, seed=cfg.split_seed, heldout=cfg.heldout_split
+    )
     train = scored_groups(data["train"], cfg.max_responses, tokenizer, cfg.max_prompt_tokens).shuffle(seed=cfg.seed)
     test = scored_groups(data["test"], len(data["test"]), tokenizer, cfg.max_prompt_tokens)  # every held-out pair
     train, test = take(train, cfg.train_groups), take(test, cfg.eval_groups)
@@ -208,22 +238,31 @@ def main(argv: list[str] | None = None) -> dict:
         plugins=cfg.plugins,
         **options_for(cfg.plugins, {**parse_plugin_options(cfg.plugin_options), **options}),
     )
-    before = ranking_accuracy(trainer.model, collator, test_tok, cfg.batch_size)
+    wins_before, pairs = group_ranking(trainer.model, collator, test_tok, cfg.batch_size)
     train_before = ranking_accuracy(trainer.model, collator, train_probe, cfg.batch_size)
     trainer.train()
     trainer.save_model(args.output_dir)
     logs = trainer.state.log_history
+    wins_after, _ = group_ranking(trainer.model, collator, test_tok, cfg.batch_size)
+    rated = pairs > 0  # a group of equal scores has no pair to rank
+    per_group = [wins[rated] / pairs[rated] for wins in (wins_before, wins_after)]
+    held_out = before_after("eval_ranking_accuracy", *per_group, weights=pairs[rated])
     metrics.update(
         {
-            "eval_ranking_accuracy_before": before,
-            "eval_ranking_accuracy_after": ranking_accuracy(trainer.model, collator, test_tok, cfg.batch_size),
+            **held_out,
+            "eval_groups": int(rated.sum()),
+            "eval_pairs": int(pairs.sum()),
+            "goal_met": held_out["eval_ranking_accuracy_gain"]
+            > GOAL_GAIN_IN_SE * held_out["eval_ranking_accuracy_gain_se"],
             "train_ranking_accuracy_before": train_before,
             "train_ranking_accuracy_after": ranking_accuracy(trainer.model, collator, train_probe, cfg.batch_size),
             "train_loss": next((log["train_loss"] for log in reversed(logs) if "train_loss" in log), math.nan),
         }
     )
     write_model_card(args.output_dir, trainer=trainer, metrics=metrics, data=training_data(cfg.taskmaster_file))
-    write_summary(cfg.output_dir, "rrhf", metrics, {"model": model_path, "plugins": cfg.plugins, "groups": len(train)})
+    info = {"model": model_path, "plugins": cfg.plugins, "groups": len(train), "heldout": cfg.heldout_split}
+    info["goal"] = f"held-out ranking-accuracy gain > {GOAL_GAIN_IN_SE:g} standard errors (paired)"
+    write_summary(cfg.output_dir, "rrhf", metrics, info)
     panels = {"RRHF: loss": (logs, ["loss", "base_loss", "rrhf_rank_loss"])}
     if rm_logs:
         panels["reward model: loss"] = (rm_logs, ["loss"])

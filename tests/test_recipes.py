@@ -36,18 +36,22 @@ RUNS = {
     ),
     "dpo": (
         [*COMMON, *"--train_samples 8 --eval_samples 8 --max_steps 2 --batch_size 4".split()],
-        "eval_reward_accuracy eval_reward_margin eval_loss train_loss".split(),
+        "eval_reward_accuracy_before eval_reward_accuracy_after eval_reward_accuracy_gain eval_reward_accuracy_gain_se "
+        "eval_reward_accuracy_after_se eval_reward_margin_before eval_reward_margin_after eval_reference_accuracy "
+        "eval_pairs eval_loss train_loss goal_met".split(),
     ),
     "rrhf": (
-        [*COMMON, *"--train_groups 6 --eval_groups 8 --train_eval_groups 4 --max_steps 2".split()],
-        "eval_ranking_accuracy_before eval_ranking_accuracy_after train_ranking_accuracy_before "
-        "train_ranking_accuracy_after train_loss".split(),
+        # every held-out group: few of them have differently-rated replies, and a standard error needs two
+        [*COMMON, *"--train_groups 6 --eval_groups 0 --train_eval_groups 4 --max_steps 2".split()],
+        "eval_ranking_accuracy_before eval_ranking_accuracy_after eval_ranking_accuracy_before_se "
+        "eval_ranking_accuracy_after_se eval_ranking_accuracy_gain eval_ranking_accuracy_gain_se eval_groups "
+        "eval_pairs goal_met train_ranking_accuracy_before train_ranking_accuracy_after train_loss".split(),
     ),
     "rrhf_policy_samples": (
         [
             *COMMON,
             *RM_TINY,
-            *"--train_groups 4 --eval_groups 8 --train_eval_groups 2 --max_steps 2 --policy_samples 2".split(),
+            *"--train_groups 4 --eval_groups 0 --train_eval_groups 2 --max_steps 2 --policy_samples 2".split(),
             *"--sample_max_new_tokens 6".split(),
         ],
         "rm_eval_accuracy rm_eval_auc eval_ranking_accuracy_before eval_ranking_accuracy_after".split(),
@@ -56,11 +60,12 @@ RUNS = {
         [
             *COMMON,
             *RM_TINY,
-            *"--raft_iterations 2 --raft_prompts 4 --raft_k 2 --max_new_tokens 6 --eval_prompts 4".split(),
+            *"--raft_iterations 2 --raft_prompts 4 --raft_k 2 --max_new_tokens 6 --eval_prompts 4 --eval_samples 2".split(),
             *"--sft_epochs 1 --raft_selection top".split(),
         ],
         "rm_eval_accuracy rm_eval_auc reward_iter_1 reward_iter_2 reward_first_iter reward_last_iter "
-        "kept_reward_last_iter eval_reward_before eval_reward_after".split(),
+        "kept_reward_last_iter eval_reward_before eval_reward_after eval_reward_before_se eval_reward_after_se "
+        "eval_gain eval_gain_se eval_gain_in_std eval_prompts goal_met".split(),
     ),
     "rlaif": (
         [*COMMON, *"--label_pairs 8 --eval_pairs 8 --rm_max_steps 2".split(), *RL_TINY],

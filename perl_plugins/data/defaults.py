@@ -20,6 +20,9 @@ FORMATS = {
     "rloo": "prompt",
 }
 
+HELDOUT = ("test", "validation")
+VALIDATION_FRACTION = 0.2  # of train's groups: enough held-out pairs to compare settings on
+
 
 def trim_context(prompt: str, turns: int | None) -> str:
     """Keep the last ``turns`` rendered context lines (plus the final ``Agent:`` cue): small models
@@ -42,11 +45,21 @@ def default_dataset(
     context_turns: int | None = 4,
     feedback: str = "pointwise",
     seed: int = 0,
+    heldout: str = "test",
 ) -> datasets.DatasetDict:
-    """``DatasetDict(train=..., test=...)`` for ``command`` from a Taskmaster feedback file."""
+    """``DatasetDict(train=..., test=...)`` for ``command`` from a Taskmaster feedback file.
+
+    ``heldout="validation"`` makes ``test`` a validation split carved out of train the same
+    leak-free way (``VALIDATION_FRACTION`` of its groups; ``train`` the rest), for choosing
+    settings without looking at the test split."""
     if command not in FORMATS:
         raise ValueError(f"No default dataset for {command!r}; commands: {sorted(FORMATS)}.")
+    if heldout not in HELDOUT:
+        raise ValueError(f"heldout must be one of {HELDOUT}, got {heldout!r}.")
     splits = taskmaster.load_splits(path, seed=seed)
+    if heldout == "validation":
+        # split seed + 1: under the same seed no train group would hash to the held-out side
+        splits = taskmaster.split_rows(splits["train"], VALIDATION_FRACTION, seed=seed + 1)
     out = {}
     for name, split in splits.items():
         rows = _rows(split, context_turns)

@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import datasets
-import numpy as np
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 from trl import DPOConfig, DPOTrainer, RLOOConfig, RLOOTrainer
 
@@ -32,9 +30,8 @@ from perl_plugins.training.pointwise import balance_labels, pointwise_trainer, r
 from perl_plugins.training.progress import quiet_progress
 from perl_plugins.training.sampling import (
     TurnReward,
-    first_line,
     policy_with_reward,
-    sample_completions,
+    sampled_rewards,
     stop_at_line_end,
 )
 
@@ -107,36 +104,17 @@ def train_reward_model(cfg: Any, model_path: str, tokenizer, data) -> tuple[str,
 
 def held_out_rewards(model, tokenizer, reward: AdapterReward, prompts: list[str], cfg: Any) -> dict[str, Any]:
     """``rl_eval_samples`` sampled completions per held-out prompt from the model's active policy,
-    scored by the reward adapter, with a fixed sampling seed (the same draws before and after RL)."""
-    state = torch.random.get_rng_state()
-    torch.manual_seed(cfg.seed + 7919)
-    try:
-        completions = sample_completions(
-            model,
-            tokenizer,
-            prompts,
-            _setting(cfg, "rl_eval_samples"),
-            cfg.rl_max_completion_length,
-            batch_size=64,
-            desc="Held-out samples",  # a small model's generate is per-step overhead: batch wide
-        )
-    finally:
-        torch.random.set_rng_state(state)
-    flat_prompts = [p for p, cs in zip(prompts, completions) for _ in cs]
-    flat = [c for cs in completions for c in cs]
-    if _setting(cfg, "rl_stop_at_newline"):
-        flat = [first_line(c) for c in flat]  # generation stopped there; the newline is no part of the turn
-    rewards = np.asarray(reward(prompts=flat_prompts, completions=flat), dtype=np.float64)
-    per_prompt = rewards.reshape(len(prompts), -1).mean(axis=1)
-    return {
-        "mean": float(rewards.mean()),
-        "std": float(rewards.std(ddof=1)),
-        # Samples of one prompt are correlated: the standard error counts prompts, not samples.
-        "se": float(per_prompt.std(ddof=1) / math.sqrt(len(prompts))),
-        "per_prompt": per_prompt,
-        "mean_length": float(np.mean([len(c) for c in flat])),  # characters: decoded text re-tokenizes unevenly
-        "samples": [(p, c, float(r)) for p, c, r in zip(flat_prompts, flat, rewards)],
-    }
+    scored by the reward adapter: :func:`sampled_rewards` with the RL stage's settings."""
+    return sampled_rewards(
+        model,
+        tokenizer,
+        reward,
+        prompts,
+        _setting(cfg, "rl_eval_samples"),
+        cfg.rl_max_completion_length,
+        seed=cfg.seed,
+        stop_at_newline=_setting(cfg, "rl_stop_at_newline"),
+    )
 
 
 def rl_report(before: dict[str, Any], after: dict[str, Any], prefix: str = "rl") -> dict[str, float]:
@@ -286,6 +264,22 @@ def train_dpo(
     plugin_options: dict | str | None = None,
 ) -> tuple[dict[str, float], list[dict[str, float]], DPOTrainer]:
     """DPO with a LoRA policy (reference = adapters off); returns (eval metrics, logs, trainer)."""
+    trainer = dpo_trainer(model_path, tokenizer, train, test, args, lora, plugins, plugin_options)
+    trainer.train()
+    return trainer.evaluate(), trainer.state.log_history, trainer
+
+
+def dpo_trainer(
+    model_path: str,
+    tokenizer: Any,
+    train: datasets.Dataset,
+    test: datasets.Dataset,
+    args: DPOConfig,
+    lora: LoraOptions,
+    plugins: str = "lora",
+    plugin_options: dict | str | None = None,
+) -> DPOTrainer:
+    """The stock ``DPOTrainer`` of :func:`train_dpo`, plugins attached, not yet trained."""
     model = AutoModelForCausalLM.from_pretrained(model_path)
     trainer = DPOTrainer(
         model=model,
@@ -296,9 +290,7 @@ def train_dpo(
         peft_config=lora_config(model, lora),
     )
     attach(trainer, plugins=plugins, **options_for(plugins, plugin_options))
-    quiet_progress(trainer)
-    trainer.train()
-    return trainer.evaluate(), trainer.state.log_history, trainer
+    return quiet_progress(trainer)
 
 
 def save_policy(trainer: Any, output_dir: str, metrics: dict[str, Any], taskmaster_file: str | None) -> str:

@@ -12,14 +12,18 @@ from typing import Any
 def write_summary(
     output_dir: str | Path, recipe: str, metrics: dict[str, float], info: dict[str, Any] | None = None
 ) -> Path:
-    """Write and print ``summary.json``; non-finite metrics are kept (as null) so they are seen."""
-    clean = {k: (float(v) if v is not None and math.isfinite(float(v)) else None) for k, v in metrics.items()}
+    """Write and print ``summary.json``; non-finite metrics are kept (as null) so they are seen;
+    booleans (a goal met or not) stay booleans."""
+    clean = {
+        k: v if isinstance(v, bool) else float(v) if v is not None and math.isfinite(float(v)) else None
+        for k, v in metrics.items()
+    }
     summary = {"recipe": recipe, "metrics": clean, **({"info": info} if info else {})}
     path = Path(output_dir) / "summary.json"
     path.write_text(json.dumps(summary, indent=2))
     print(f"[{recipe}] summary ({path}):")
     for key, value in clean.items():
-        print(f"  {key:>24}: {value if value is None else round(value, 4)}")
+        print(f"  {key:>24}: {value if value is None or isinstance(value, bool) else round(value, 4)}")
     return path
 
 

@@ -104,3 +104,31 @@ def grouped_bootstrap_se(
         values.append(metric(*(c[rows] for c in cols)))
     values = np.asarray(values, dtype=np.float64)
     return float(np.nanstd(values, ddof=1))
+
+
+def dpo_logratios(trainer: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Per pair of a LoRA ``DPOTrainer``'s eval dataset, as the trainer prepared and batches it:
+    (policy log p(chosen) - log p(rejected), the same under the reference = adapters off), each
+    log p summed over the reply's tokens. DPO's implicit-reward margin of a pair is
+    beta * (policy - reference)."""
+    import torch
+
+    from perl_plugins.models.logprobs import response_logps
+    from perl_plugins.models.roles import roles
+
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    sides: dict[str, list] = {"policy": [], "reference": []}
+    try:
+        with torch.no_grad():
+            for batch in trainer.get_eval_dataloader():
+                ids, mask = batch["input_ids"], batch["completion_mask"]
+                for role, out in sides.items():
+                    with roles(trainer).use(role):
+                        logits = model(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False).logits
+                    chosen, rejected = torch.chunk(response_logps(logits, ids, mask), chunks=2)  # [chosen; rejected]
+                    out.append(trainer.accelerator.gather_for_metrics(chosen - rejected).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(sides["policy"]).numpy(), torch.cat(sides["reference"]).numpy()

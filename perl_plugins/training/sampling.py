@@ -3,8 +3,10 @@ that carries a reward adapter on its own base (one copy of the base weights)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -47,6 +49,52 @@ def sample_completions(
     finally:
         model.train(was_training)
     return [completions[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
+
+
+def sampled_rewards(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    reward: AdapterReward,
+    prompts: list[str],
+    num_samples: int,
+    max_new_tokens: int,
+    seed: int,
+    temperature: float = 1.0,
+    stop_at_newline: bool = False,
+) -> dict[str, Any]:
+    """``num_samples`` sampled completions per prompt from the model's active policy, scored by
+    ``reward``, with a sampling seed fixed by ``seed`` (the same draws before and after training):
+    mean, std of single rewards, standard error over prompts, per-prompt means, mean length, samples."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed + 7919)
+    try:
+        completions = sample_completions(
+            model,
+            tokenizer,
+            prompts,
+            num_samples,
+            max_new_tokens,
+            temperature,
+            batch_size=64,
+            desc="Held-out samples",  # a small model's generate is per-step overhead: batch wide
+        )
+    finally:
+        torch.random.set_rng_state(state)
+    flat_prompts = [p for p, cs in zip(prompts, completions) for _ in cs]
+    flat = [c for cs in completions for c in cs]
+    if stop_at_newline:
+        flat = [first_line(c) for c in flat]  # generation stopped there; the newline is no part of the turn
+    rewards = np.asarray(reward(prompts=flat_prompts, completions=flat), dtype=np.float64)
+    per_prompt = rewards.reshape(len(prompts), -1).mean(axis=1)
+    return {
+        "mean": float(rewards.mean()),
+        "std": float(rewards.std(ddof=1)),
+        # Samples of one prompt are correlated: the standard error counts prompts, not samples.
+        "se": float(per_prompt.std(ddof=1) / math.sqrt(len(prompts))),
+        "per_prompt": per_prompt,
+        "mean_length": float(np.mean([len(c) for c in flat])),  # characters: decoded text re-tokenizes unevenly
+        "samples": [(p, c, float(r)) for p, c, r in zip(flat_prompts, flat, rewards)],
+    }
 
 
 def line_end_ids(tokenizer: Any) -> list[int]:
