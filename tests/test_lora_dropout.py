@@ -94,7 +94,7 @@ def test_folded_peft_layers_match_the_formula_with_the_regenerated_masks():
     assert recompute_lora_dropout(model) == 0  # already folded
     layer = model.base_model.model.q_proj
     assert isinstance(layer.lora_dropout["default"], nn.Identity)
-    assert isinstance(layer.lora_A["default"], DroppedLoraA) and layer.lora_A["default"].dropout_p == 0.2
+    assert isinstance(layer.lora_A["default"], DroppedLoraA) and layer.lora_A["default"].dropout.p == 0.2
     x = torch.randn(6, 32, requires_grad=True)
     model.train()
     torch.manual_seed(5)
@@ -156,3 +156,14 @@ def test_zero_dropout_and_non_linear_adapters_are_left_alone():
     model = _peft(p=0.0)
     assert recompute_lora_dropout(model) == 0
     assert type(model.base_model.model.q_proj.lora_A["default"]) is nn.Linear
+
+
+def test_disabling_dropout_on_the_model_reaches_the_folded_adapters():
+    from trl.trainer import disable_dropout_in_model
+
+    model = _peft()
+    recompute_lora_dropout(model)
+    disable_dropout_in_model(model)
+    model.train()
+    x = torch.randn(6, 32)
+    torch.testing.assert_close(model(x), model(x))  # no dropout left: two calls agree

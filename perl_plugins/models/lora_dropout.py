@@ -53,21 +53,24 @@ class DroppedLinear(torch.autograd.Function):
 
 
 class DroppedLoraA(nn.Linear):
-    """peft's ``lora_A`` with its dropout folded in (the class :func:`recompute_lora_dropout` gives it)."""
+    """peft's ``lora_A`` with its dropout folded in (the class :func:`recompute_lora_dropout` gives
+    it). The ``nn.Dropout`` stays a submodule and its ``p`` is read at every call, so whatever sets
+    dropout rates on the model (trl's ``disable_dropout``) still reaches it."""
 
-    dropout_p: float
+    dropout: nn.Dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.dropout_p == 0.0:
+        p = float(self.dropout.p)
+        if not self.training or p == 0.0:
             return super().forward(x)
         seed = int(torch.randint(_SEED_HIGH, (1,)))
-        return DroppedLinear.apply(x, self.weight, self.dropout_p, seed)
+        return DroppedLinear.apply(x, self.weight, p, seed)
 
 
 def recompute_lora_dropout(model: nn.Module) -> int:
     """Fold every plain LoRA linear adapter's dropout (``nn.Dropout``, p > 0) into its ``lora_A``
-    (``lora_dropout`` becomes ``nn.Identity``); parameters, state-dict keys and the peft config stay
-    as they are. Returns how many adapters changed."""
+    (the dropout moves under it; ``lora_dropout`` holds ``nn.Identity``); parameters, state-dict keys
+    and the peft config stay as they are. Returns how many adapters changed."""
     changed = 0
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)
@@ -81,7 +84,7 @@ def recompute_lora_dropout(model: nn.Module) -> int:
             if type(lora_a) is not nn.Linear:  # embeddings, convolutions, already folded
                 continue
             lora_a.__class__ = DroppedLoraA
-            lora_a.dropout_p = float(dropout.p)
+            lora_a.dropout = dropout
             dropouts[name] = nn.Identity()
             changed += 1
     return changed
