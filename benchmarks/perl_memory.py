@@ -12,15 +12,19 @@ Five cases, each in its own process (peak RSS = that process's VmHWM), alternate
 - ``rl_policy_only``: the same, constant reward function (no reward model at all).
 
 All RL cases use a LoRA policy, so the reference is the base with adapters off everywhere (trl
-loads no reference copy). The last line printed is JSON with the medians per case and the ratios
+loads no reference copy), and trl's RL default of gradient checkpointing (what ``perl-plugins rloo``
+runs; ``--rl_gradient_checkpointing false`` keeps every activation instead). The last line printed
+is JSON with the medians per case and the ratios
 ``rm_lora_vs_full_peak_ratio`` (goal <= 0.5; bench500m 0.35), ``rm_lora_vs_full_step_ratio`` (<= 0.7;
 0.5), ``rl_shared_vs_separate_peak_ratio`` (<= 0.6), ``rl_shared_vs_policy_only_peak_ratio`` (<= 1.15;
 1.02); the same peak ratios above the idle process (``above_idle``: interpreter + libraries loaded,
-no model); per case a breakdown of the peak from tensors (weights, gradients, optimizer states) and
+no model); per case a breakdown of the peak from tensors (weights, gradients, optimizer states,
+activations the loss saved for backward), the peak split into anonymous and file-backed pages, and
 the peak RSS in each training phase (generation, reward, log-prob passes, forward + backward,
 optimizer step; RSS sampled every 5 ms).
 
-    python benchmarks/perl_memory.py [--size bench500m] [--rounds 2] [--steps 3] [--batch_size 4] [--seq_len 128]
+    python benchmarks/perl_memory.py [--size bench500m] [--rounds 2] [--steps 3] [--batch_size 4] [--seq_len 128] \
+        [--rl_gradient_checkpointing true]
 """
 
 from __future__ import annotations
@@ -75,6 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq_len", type=int, default=128, help="Tokens per sequence (RL: prompt + completion).")
     parser.add_argument("--completion_length", type=int, default=16, help="RL: new tokens per completion.")
     parser.add_argument("--size", default="bench100m", help="perl_plugins.models.embedded.tiny_config size.")
+    parser.add_argument(
+        "--rl_gradient_checkpointing",
+        choices=("true", "false"),
+        default="true",
+        help="RL cases: recompute activations in backward (trl's RLOO default, what `perl-plugins rloo` runs).",
+    )
     parser.add_argument("--case", choices=("setup", *CASES), help=argparse.SUPPRESS)  # worker mode
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -85,6 +95,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _mb(n_bytes: int) -> float:
     return round(n_bytes / 2**20, 1)
+
+
+def _rss_parts() -> dict[str, float]:
+    """RSS now, MiB, and its anonymous / file-backed parts (memory-mapped weights are file pages)."""
+    wanted = {"VmRSS:": "rss", "RssAnon:": "anon", "RssFile:": "file"}
+    with open("/proc/self/status") as f:
+        return {wanted[line.split()[0]]: float(line.split()[1]) / 1024 for line in f if line.split()[0] in wanted}
 
 
 class TensorBytes:
@@ -131,11 +148,58 @@ class TensorBytes:
             self.peak[key] = max(self.peak.get(key, 0.0), _mb(n))
 
 
+class SavedActivations:
+    """Bytes autograd keeps for backward during the loss forward (each storage once, parameters
+    excluded), the largest over steps: ``lora`` what LoRA's own modules save (dropout masks and
+    copies, the adapters' inputs and outputs), ``base`` the rest. Under gradient checkpointing the
+    blocks' activations are recomputed in backward: only what runs outside them is seen here."""
+
+    def __init__(self) -> None:
+        self.peak: dict[str, float] = {"lora": 0.0, "base": 0.0}
+
+    def trace(self, trainer: Any) -> None:
+        compute_loss = trainer.compute_loss
+
+        def traced(*args: Any, **kwargs: Any) -> Any:
+            import torch
+
+            model = trainer.model
+            params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+            seen: set[int] = set()
+            counts = {"lora": 0, "base": 0}
+            depth = [0]  # > 0 while a LoRA submodule runs
+
+            def pack(t: torch.Tensor) -> torch.Tensor:
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in params and storage.data_ptr() not in seen and t.device.type != "meta":
+                    seen.add(storage.data_ptr())
+                    counts["lora" if depth[0] else "base"] += storage.nbytes()
+                return t
+
+            handles = []
+            for name, module in model.named_modules():
+                parts = name.split(".")
+                if len(parts) > 1 and parts[-2] in ("lora_A", "lora_B", "lora_dropout"):
+                    handles.append(module.register_forward_pre_hook(lambda *a: depth.__setitem__(0, depth[0] + 1)))
+                    handles.append(module.register_forward_hook(lambda *a: depth.__setitem__(0, depth[0] - 1)))
+            try:
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    return compute_loss(*args, **kwargs)
+            finally:
+                for handle in handles:
+                    handle.remove()
+                for key, n in counts.items():
+                    self.peak[key] = max(self.peak[key], _mb(n))
+
+        trainer.compute_loss = traced
+
+
 class PhaseRss(threading.Thread):
     """Samples this process's RSS every few ms during training. Per phase (a wrapped trainer
     method) it keeps the peak RSS while it runs and its growth: peak during a call minus RSS when
     the call began, the largest over calls (torch kernels release the GIL, so samples land inside
-    them; a phase's growth includes the phases it calls)."""
+    them; a phase's growth includes the phases it calls). ``at_peak`` splits the highest sample
+    into anonymous memory and file-backed pages (the memory-mapped weights)."""
 
     def __init__(self, interval_s: float = 0.005) -> None:
         super().__init__(daemon=True)
@@ -143,11 +207,15 @@ class PhaseRss(threading.Thread):
         self.frames: list[list[Any]] = []  # [label, RSS at entry, peak so far] of the calls running
         self.peak: dict[str, float] = {}
         self.growth: dict[str, float] = {}
+        self.at_peak: dict[str, float] = {"rss": 0.0}
         self.running = True
 
     def run(self) -> None:
         while self.running:
-            now = rss_mb()
+            parts = _rss_parts()
+            now = parts["rss"]
+            if now > self.at_peak["rss"]:
+                self.at_peak = {k: round(v, 1) for k, v in parts.items()}
             for frame in list(self.frames):
                 frame[2] = max(frame[2], now)
             time.sleep(self.interval_s)
@@ -259,7 +327,7 @@ def _rl_trainer(case: str, base: str, tokenizer: Any, args: argparse.Namespace, 
         max_completion_length=args.completion_length,
         learning_rate=1e-4,
         beta=0.05,
-        gradient_checkpointing=False,
+        gradient_checkpointing=args.rl_gradient_checkpointing == "true",
         save_strategy="no",
         logging_strategy="no",
         report_to="none",
@@ -305,7 +373,7 @@ def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
         trainer = _rl_trainer(case, base, tokenizer, args, args.workdir, steps)
     from transformers import TrainerCallback
 
-    timer, tensors, phases = StepTimer(), TensorBytes(), PhaseRss()
+    timer, tensors, phases, saved = StepTimer(), TensorBytes(), PhaseRss(), SavedActivations()
 
     class Measure(TrainerCallback):
         def on_optimizer_step(self, *a: Any, **k: Any) -> None:  # after step(), before zero_grad
@@ -313,6 +381,7 @@ def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
 
     trainer.add_callback(timer)
     trainer.add_callback(Measure())
+    saved.trace(trainer)  # inside the phase tracer: its hooks cost no RSS of their own
     phases.trace(trainer)
     setup_peak, before_train = peak_rss_mb(), rss_mb()
     resettable = reset_peak_rss()
@@ -332,7 +401,9 @@ def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
         "params": sum(p.numel() for p in model.parameters()),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "tensor_mb": tensors.peak,
+        "saved_activations_mb": saved.peak,
         "phase_peak_rss_mb": phases.peak,
+        "peak_rss_parts_mb": phases.at_peak,
         "phase_growth_mb": phases.growth,
     }
 
@@ -373,12 +444,15 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _breakdown(rs: list[dict[str, Any]]) -> dict[str, float]:
-    """Median peak RSS split into the idle process (interpreter + libraries), tensors by kind, and
-    the rest (activations, generation cache, allocator slack, transient copies at load)."""
+    """Median peak RSS split into the idle process (interpreter + libraries), tensors by kind, the
+    activations the loss forward saved for backward (LoRA's own / the rest), and the rest (backward
+    and generation transients, allocator slack, weight pages never touched count negative)."""
     tensors = {k: median([r["tensor_mb"].get(k, 0.0) for r in rs]) for k in rs[0]["tensor_mb"]}
+    saved = {f"activations_{k}": median([r["saved_activations_mb"][k] for r in rs]) for k in ("lora", "base")}
     floor = median([r["import_floor_mb"] for r in rs])
     peak = median([r["peak_rss_mb"] for r in rs])
-    return {"idle_process": round(floor, 1), **tensors, "other": round(peak - floor - sum(tensors.values()), 1)}
+    other = peak - floor - sum(tensors.values()) - sum(saved.values())
+    return {"idle_process": round(floor, 1), **tensors, **saved, "other": round(other, 1)}
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]], size: str = "bench100m") -> dict[str, Any]:
@@ -395,7 +469,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]], size: str = "bench100m") ->
             "breakdown_mb": _breakdown(rs),
             **{
                 key: {k: median([r[key].get(k, 0.0) for r in rs]) for k in rs[0][key]}
-                for key in ("phase_peak_rss_mb", "phase_growth_mb")
+                for key in ("phase_peak_rss_mb", "phase_growth_mb", "peak_rss_parts_mb")
             },
             "runs": [{k: r[k] for k in keys} for r in rs],
         }
@@ -446,6 +520,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"--seq_len={args.seq_len}",
             f"--completion_length={args.completion_length}",
             f"--size={args.size}",
+            f"--rl_gradient_checkpointing={args.rl_gradient_checkpointing}",
         ]
         with tempfile.TemporaryDirectory(prefix="perl_memory_") as workdir:
             me = [os.path.abspath(__file__), f"--workdir={workdir}", *common]

@@ -169,6 +169,19 @@ def test_user_peft_config_wins(base_dir, tokenizer, tmp_path, reward_adapter):
     assert trainer.model.peft_config["default"].r == 2
 
 
+def test_lora_dropout_is_folded_into_lora_a_unless_turned_off(reward_adapter, base_dir, tokenizer, tmp_path):
+    from perl_plugins.models.lora_dropout import DroppedLoraA
+
+    def lora_a_types(model):
+        return {type(m) for n, m in model.named_modules() if n.endswith("lora_A.default")}
+
+    assert lora_a_types(reward_adapter[3].model) == {DroppedLoraA}  # the plugin's default
+    args = TrainingArguments(str(tmp_path / "run"), max_steps=1, use_cpu=True, report_to="none")
+    trainer = pointwise_trainer(reward_classifier(base_dir), tokenizer, args, ROWS)
+    attach(trainer, plugins="lora", lora_dropout_recompute=False)
+    assert lora_a_types(trainer.model) == {torch.nn.Linear}
+
+
 def test_reward_adapter_from_another_base_is_refused(reward_adapter, tokenizer, tmp_path):
     other = str(save_default(tmp_path / "other", "tiny", seed=1))  # same shapes, other weights
     trainer = rl_trainer("rloo", other, tokenizer, tmp_path, reward_adapter[0])

@@ -26,6 +26,13 @@ class LoraOptions:
         default=0.05,
         metadata={"help": "Dropout on the LoRA input; 0 where the trainer disables dropout (trl's disable_dropout)."},
     )
+    lora_dropout_recompute: bool = field(
+        default=True,
+        metadata={
+            "help": "Regenerate the LoRA dropout mask in backward from a seed instead of keeping a dropped copy "
+            "of each adapter's input for it (same distribution, less activation memory)."
+        },
+    )
     lora_target_modules: list[str] | None = field(
         default=None,
         metadata={

@@ -64,6 +64,10 @@ def perl_prepare_model(trainer: Any, model: Any, role: str, options: dict[str, A
     family = trainer_family(trainer)
     # A user-supplied peft model (trainer built with peft_config) wins over this plugin's config.
     peft_model = model if isinstance(model, PeftModel) else get_peft_model(model, lora_config(model, opts))
+    if opts.lora_dropout_recompute:
+        from perl_plugins.models.lora_dropout import recompute_lora_dropout
+
+        recompute_lora_dropout(peft_model)
     adapters: dict[str, str | None] = {"policy": peft_model.active_adapter}
     if family in _HAS_REFERENCE and "reference" in opts.role_list:
         trainer.ref_model = None  # trl falls back to the same model with adapters disabled
