@@ -8,10 +8,11 @@
 // differ by an ulp where torch's vectorized CPU sqrt is not correctly rounded. Each value is
 // computed on its own and amaxes are maxima, so the result does not depend on the thread count.
 //
-// The inner loop is AVX-512 intrinsics (hardware fp16 conversions) where the compiler targets it;
-// elsewhere, and for the last < 16 values, the scalar code below (exact integer conversions).
+// The inner loop is AVX-512 (16 values) or AVX2 + F16C (8 values) intrinsics, with the hardware's
+// fp16 conversions, where the compiler targets them (-march=native); elsewhere, and for the last
+// values, the scalar code below (exact integer conversions; the compiler does not vectorize it).
 #include <bit>
-#if defined(__AVX512F__)
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 #include <cmath>
@@ -170,6 +171,45 @@ inline __m512i update_fp8_x16(float* p, const float* g, uint8_t* m, uint16_t* v,
 }
 #endif
 
+#if defined(__AVX2__) && defined(__F16C__)
+// The same update, 8 values at a time with AVX2 and F16C.
+inline __m256i update_fp8_x8(float* p, const float* g, uint8_t* m, uint16_t* v, const float* hp, __m256 inv_ms,
+                             __m256 inv_vs, __m256 new_ms, __m256 new_vs) {
+    const __m256 gi = _mm256_loadu_ps(g);
+    __m128i c = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(m)));
+    __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(c, _mm_set1_epi16(0x7f)), 7),
+                             _mm_slli_epi16(_mm_and_si128(c, _mm_set1_epi16(0x80)), 8));
+    __m256 m_old = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0f)), inv_ms);
+    __m256 v_old = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v))), inv_vs);
+    __m256 mn = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(hp[B1]), m_old), _mm256_mul_ps(_mm256_set1_ps(hp[C1]), gi));
+    __m256 vn = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(hp[B2]), v_old),
+                              _mm256_mul_ps(_mm256_set1_ps(hp[C2]), _mm256_mul_ps(gi, gi)));
+    __m256 step = _mm256_div_ps(
+        _mm256_mul_ps(_mm256_set1_ps(hp[LR]), _mm256_mul_ps(mn, _mm256_set1_ps(hp[INV_BC1]))),
+        _mm256_add_ps(_mm256_sqrt_ps(_mm256_mul_ps(vn, _mm256_set1_ps(hp[INV_BC2]))), _mm256_set1_ps(hp[EPS])));
+    _mm256_storeu_ps(p, _mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(p), _mm256_set1_ps(hp[DECAY])), step));
+    __m256 ms = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(mn, new_ms), _mm256_set1_ps(-E4M3_MAX)),
+                              _mm256_set1_ps(E4M3_MAX));
+    __m256 vs = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(vn, new_vs), _mm256_set1_ps(-FP16_MAX)),
+                              _mm256_set1_ps(FP16_MAX));
+    __m256 positive = _mm256_cmp_ps(vn, _mm256_setzero_ps(), _CMP_GT_OQ);
+    vs = _mm256_blendv_ps(vs, _mm256_max_ps(vs, _mm256_set1_ps(FP16_TINY)), positive);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(v), _mm256_cvtps_ph(vs, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    __m256i b = _mm256_castps_si256(ms), a = _mm256_and_si256(b, _mm256_set1_epi32(0x7fffffff));
+    __m256i sign = _mm256_and_si256(_mm256_srli_epi32(b, 24), _mm256_set1_epi32(0x80));
+    __m256i sub = _mm256_sub_epi32(_mm256_castps_si256(_mm256_add_ps(_mm256_castsi256_ps(a), _mm256_set1_ps(16384.0f))),
+                                   _mm256_set1_epi32(0x46800000));
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(a, 20), _mm256_set1_epi32(1));
+    __m256i normal = _mm256_srli_epi32(
+        _mm256_add_epi32(_mm256_add_epi32(a, odd), _mm256_set1_epi32(0x7ffff - (120 << 23))), 20);
+    __m256i small = _mm256_cmpgt_epi32(_mm256_set1_epi32(0x3c800000), a);  // a < 2**-6 (a >= 0 as int)
+    __m256i code = _mm256_or_si256(_mm256_blendv_epi8(normal, sub, small), sign);
+    __m128i c16 = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(m), _mm_packus_epi16(c16, c16));
+    return a;
+}
+#endif
+
 // Returns the bits of amax|m_new * new_m_scale| (clamped, before rounding to E4M3).
 uint32_t step_fp8(float* __restrict p, const float* __restrict g, uint8_t* __restrict m, uint16_t* __restrict v,
                   int64_t n, const float* hp, float m_scale, float v_scale, float new_m_scale, float new_v_scale) {
@@ -183,6 +223,15 @@ uint32_t step_fp8(float* __restrict p, const float* __restrict g, uint8_t* __res
     for (; i + 16 <= n; i += 16)
         amax16 = _mm512_max_epu32(amax16, update_fp8_x16(p + i, g + i, m + i, v + i, hp, ims, ivs, nms, nvs));
     amax = _mm512_reduce_max_epu32(amax16);
+#elif defined(__AVX2__) && defined(__F16C__)
+    __m256i amax8 = _mm256_setzero_si256();
+    const __m256 ims = _mm256_set1_ps(inv_ms), ivs = _mm256_set1_ps(inv_vs);
+    const __m256 nms = _mm256_set1_ps(new_m_scale), nvs = _mm256_set1_ps(new_v_scale);
+    for (; i + 8 <= n; i += 8)
+        amax8 = _mm256_max_epu32(amax8, update_fp8_x8(p + i, g + i, m + i, v + i, hp, ims, ivs, nms, nvs));
+    alignas(32) uint32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), amax8);
+    for (uint32_t a : lanes) amax = a > amax ? a : amax;
 #endif
     for (; i < n; ++i) {
         uint32_t a = update_fp8(p[i], g[i], m[i], v[i], hp, inv_ms, inv_vs, new_m_scale, new_v_scale);
@@ -190,6 +239,47 @@ uint32_t step_fp8(float* __restrict p, const float* __restrict g, uint8_t* __res
     }
     return amax;
 }
+
+
+// A parameter's work items and the amax|g| of each (as abs_bits_max returns it).
+struct Plan {
+    bool cut = false;
+    int64_t pieces = 0;
+    std::vector<Chunk> chunks;
+    std::vector<uint32_t> g_bits;
+};
+
+Plan plan(int64_t i, const int64_t* numel, const int32_t* fp8, const int64_t* n_pieces, const int64_t** cuts) {
+    Plan out;
+    out.cut = fp8[i] && cuts[i];
+    out.pieces = out.cut ? n_pieces[i] : 1;
+    for (int64_t k = 0; k < out.pieces; ++k) {
+        int64_t b = out.cut ? cuts[i][k] : 0, e = out.cut ? cuts[i][k + 1] : numel[i];
+        for (; b < e; b += CHUNK) out.chunks.push_back({k, b, b + CHUNK < e ? b + CHUNK : e});  // empty pieces: none
+    }
+    out.g_bits.assign(out.chunks.size(), 0u);
+    return out;
+}
+
+// Reads a share of the next parameter's gradient for its amax while the update, compute-bound,
+// leaves memory bandwidth idle: `done` of `total` values assigned to this work item so far.
+struct GradientReader {
+    const float* g;
+    Plan* next;
+    int64_t chunk, offset = 0, done = 0;
+
+    void read_until(int64_t target) {
+        while (done < target) {
+            const Chunk& c = next->chunks[chunk];
+            int64_t take = c.end - c.begin - offset < target - done ? c.end - c.begin - offset : target - done;
+            uint32_t a = abs_bits_max(g + c.begin + offset, take);
+            next->g_bits[chunk] = a > next->g_bits[chunk] ? a : next->g_bits[chunk];
+            offset += take;
+            done += take;
+            if (c.begin + offset == c.end) ++chunk, offset = 0;
+        }
+    }
+};
 
 }  // namespace
 
@@ -202,36 +292,31 @@ extern "C" {
 // tensor) with per-piece m_scale, m_amax, v_scale, v_amax arrays, updated in place. A parameter
 // whose gradient or scale bounds are not finite is left untouched (all its pieces), ok[i] = 0.
 //
-// One parameter at a time, so that its gradient, read for the amax, is still in cache (L2/L3) when
-// the update reads it again.
+// One parameter at a time: its gradient's amax decides its scales (and whether it steps) before
+// any of its values is written. The amax of parameter i + 1's gradient is read during parameter
+// i's update, interleaved with it in blocks, so the two overlap (and g[i + 1] is then in cache).
 void fp8_adamw_step(int64_t n_params, float** p, const float** g, void** m, void** v, const int64_t* numel,
                     const int32_t* fp8, const int64_t* n_pieces, const int64_t** cuts, float** m_scale,
                     float** m_amax, float** v_scale, float** v_amax, const float* hp, int32_t* ok, int n_threads) {
-    std::vector<Chunk> chunks;
-    std::vector<uint32_t> chunk_amax;
+    constexpr int64_t BLOCK = 1024;  // update values between two reads of the next gradient
+    auto read_gradient = [&](Plan& pl, int64_t i) {
+        const int64_t n_chunks = static_cast<int64_t>(pl.chunks.size());
+#pragma omp parallel for schedule(static) num_threads(n_threads) if (n_chunks > 1)
+        for (int64_t c = 0; c < n_chunks; ++c)
+            pl.g_bits[c] = abs_bits_max(g[i] + pl.chunks[c].begin, pl.chunks[c].end - pl.chunks[c].begin);
+    };
+    Plan cur = n_params ? plan(0, numel, fp8, n_pieces, cuts) : Plan{};
+    if (n_params) read_gradient(cur, 0);
     for (int64_t i = 0; i < n_params; ++i) {
         const float* h = hp + N_HP * i;
-        const bool cut = fp8[i] && cuts[i];
-        const int64_t pieces = cut ? n_pieces[i] : 1;
-        chunks.clear();
-        for (int64_t k = 0; k < pieces; ++k) {
-            int64_t b = cut ? cuts[i][k] : 0, e = cut ? cuts[i][k + 1] : numel[i];
-            for (; b < e; b += CHUNK) chunks.push_back({k, b, b + CHUNK < e ? b + CHUNK : e});  // empty pieces: none
-        }
-        const int64_t n_chunks = static_cast<int64_t>(chunks.size());
-        chunk_amax.assign(n_chunks, 0u);
-
-        // amax|g| per piece (and whether g is finite).
-#pragma omp parallel for schedule(dynamic, 4) num_threads(n_threads) if (n_chunks > 1)
-        for (int64_t c = 0; c < n_chunks; ++c)
-            chunk_amax[c] = abs_bits_max(g[i] + chunks[c].begin, chunks[c].end - chunks[c].begin);
+        const int64_t pieces = cur.pieces, n_chunks = static_cast<int64_t>(cur.chunks.size());
         std::vector<float> g_amax(pieces, 0.0f);
         std::vector<char> nonempty(pieces, 0);
         for (int64_t c = 0; c < n_chunks; ++c) {
-            float a = std::bit_cast<float>(chunk_amax[c]);
-            float& r = g_amax[chunks[c].piece];
+            float a = std::bit_cast<float>(cur.g_bits[c]);
+            float& r = g_amax[cur.chunks[c].piece];
             r = std::isnan(a) || a > r ? a : r;  // NaN sticks
-            nonempty[chunks[c].piece] = 1;
+            nonempty[cur.chunks[c].piece] = 1;
         }
 
         // Scales from the bounds: delayed scaling (the amaxes the previous step recorded) plus this
@@ -252,34 +337,55 @@ void fp8_adamw_step(int64_t n_params, float** p, const float** g, void** m, void
             bound_v[k] = bv;
         }
         ok[i] = good;
-        if (!good) continue;
 
-        // The update.
-        chunk_amax.assign(n_chunks, 0u);
-#pragma omp parallel for schedule(dynamic, 4) num_threads(n_threads) if (n_chunks > 1)
+        Plan next = i + 1 < n_params ? plan(i + 1, numel, fp8, n_pieces, cuts) : Plan{};
+        const int64_t n_next = static_cast<int64_t>(next.chunks.size());
+        if (!good || n_chunks == 0) {
+            if (i + 1 < n_params) read_gradient(next, i + 1);
+            cur = std::move(next);
+            continue;
+        }
+
+        // The update; work item c also reads the next gradient's chunks [c * n_next / n_chunks, ...).
+        std::vector<uint32_t> chunk_amax(n_chunks, 0u);
+#pragma omp parallel for schedule(static) num_threads(n_threads) if (n_chunks > 1)
         for (int64_t c = 0; c < n_chunks; ++c) {
-            const Chunk& ch = chunks[c];
-            const int64_t b = ch.begin, n = ch.end - ch.begin, k = ch.piece;
-            if (!fp8[i]) {
-                step_fp32(p[i] + b, g[i] + b, static_cast<float*>(m[i]) + b, static_cast<float*>(v[i]) + b, n, h);
-                continue;
+            const Chunk& ch = cur.chunks[c];
+            const int64_t k = ch.piece, first = c * n_next / n_chunks, last = (c + 1) * n_next / n_chunks;
+            int64_t share = 0;
+            for (int64_t j = first; j < last; ++j) share += next.chunks[j].end - next.chunks[j].begin;
+            GradientReader reader{i + 1 < n_params ? g[i + 1] : nullptr, &next, first};
+            const int64_t len = ch.end - ch.begin;
+            uint32_t amax = 0;
+            for (int64_t b = ch.begin; b < ch.end; b += BLOCK) {
+                const int64_t n = b + BLOCK < ch.end ? BLOCK : ch.end - b;
+                if (!fp8[i]) {
+                    step_fp32(p[i] + b, g[i] + b, static_cast<float*>(m[i]) + b, static_cast<float*>(v[i]) + b, n, h);
+                } else {
+                    uint32_t a = step_fp8(p[i] + b, g[i] + b, static_cast<uint8_t*>(m[i]) + b,
+                                          static_cast<uint16_t*>(v[i]) + b, n, h, m_scale[i][k], v_scale[i][k],
+                                          new_ms[k], new_vs[k]);
+                    amax = a > amax ? a : amax;
+                }
+                if (share) reader.read_until(share * (b + n - ch.begin) / len);
             }
-            chunk_amax[c] = step_fp8(p[i] + b, g[i] + b, static_cast<uint8_t*>(m[i]) + b, static_cast<uint16_t*>(v[i]) + b,
-                                     n, h, m_scale[i][k], v_scale[i][k], new_ms[k], new_vs[k]);
+            chunk_amax[c] = amax;
         }
-        if (!fp8[i]) continue;
-        std::vector<uint32_t> piece_amax(pieces, 0u);
-        for (int64_t c = 0; c < n_chunks; ++c) {
-            uint32_t& r = piece_amax[chunks[c].piece];
-            r = chunk_amax[c] > r ? chunk_amax[c] : r;
+        if (fp8[i]) {
+            std::vector<uint32_t> piece_amax(pieces, 0u);
+            for (int64_t c = 0; c < n_chunks; ++c) {
+                uint32_t& r = piece_amax[cur.chunks[c].piece];
+                r = chunk_amax[c] > r ? chunk_amax[c] : r;
+            }
+            for (int64_t k = 0; k < pieces; ++k) {
+                if (!nonempty[k]) continue;  // an empty piece keeps its scales
+                m_amax[i][k] = std::bit_cast<float>(piece_amax[k]) / new_ms[k];
+                v_amax[i][k] = bound_v[k];
+                m_scale[i][k] = new_ms[k];
+                v_scale[i][k] = new_vs[k];
+            }
         }
-        for (int64_t k = 0; k < pieces; ++k) {
-            if (!nonempty[k]) continue;  // an empty piece keeps its scales
-            m_amax[i][k] = std::bit_cast<float>(piece_amax[k]) / new_ms[k];
-            v_amax[i][k] = bound_v[k];
-            m_scale[i][k] = new_ms[k];
-            v_scale[i][k] = new_vs[k];
-        }
+        cur = std::move(next);
     }
 }
 

@@ -92,7 +92,7 @@ def step(
     cuts: list[Tensor | None],
     hp: list[tuple[float, ...]],
 ) -> list[bool]:
-    """One group's update, in place. Per parameter: flat contiguous fp32 ``p`` and ``g``; ``m``, ``v``
+    """One group's update, in place. Per parameter: contiguous fp32 ``p`` and ``g``; flat ``m``, ``v``
     fp32 (``scales`` None) or E4M3 / fp16 with ``scales`` = (m_scale, m_amax, v_scale, v_amax), one
     value per piece (0-d without pieces); ``cuts``: the pieces' int64 boundaries, or None; ``hp``:
     the nine hyper-parameters (see adamw_cpu.cpp). Returns whether each parameter was updated (a

@@ -523,21 +523,24 @@ class FP8AdamW(torch.optim.Optimizer):
                 f"FP8AdamW: the C++ CPU kernel could not be built ({e}); pass kernel='compile' "
                 "(torch.compile) or kernel='eager' to step without it"
             ) from e
-        works, grads, scales, cuts = [], [], [], []
-        for _, p, state, _ in batch:
-            fp32 = p.dtype == torch.float32 and p.is_contiguous()
-            works.append(p.detach().view(-1) if fp32 else p.detach().float().contiguous().view(-1))
-            grads.append(p.grad.detach().reshape(-1).float().contiguous())
-            keys = ("exp_avg_scale", "exp_avg_amax", "exp_avg_sq_scale", "exp_avg_sq_amax")
-            scales.append(tuple(state[k] for k in keys) if "exp_avg_scale" in state else None)
-            cuts.append(state.get("segment_bounds"))
+
+        def fp32(t: Tensor) -> Tensor:  # the kernel reads flat contiguous fp32 values
+            return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
+
+        keys = ("exp_avg_scale", "exp_avg_amax", "exp_avg_sq_scale", "exp_avg_sq_amax")
+        works = [fp32(p) for _, p, _, _ in batch]
         oks = cpu_kernel.step(
-            works, grads, [s["exp_avg"] for _, _, s, _ in batch], [s["exp_avg_sq"] for _, _, s, _ in batch],
-            scales, cuts, [hp for *_, hp in batch],
-        )  # fmt: skip
+            works,
+            [fp32(p.grad) for _, p, _, _ in batch],
+            [s["exp_avg"] for _, _, s, _ in batch],
+            [s["exp_avg_sq"] for _, _, s, _ in batch],
+            [tuple(s[k] for k in keys) if "exp_avg_scale" in s else None for _, _, s, _ in batch],
+            [s.get("segment_bounds") for _, _, s, _ in batch],
+            [hp for *_, hp in batch],
+        )
         for ok, work, (_, p, _, _) in zip(oks, works, batch):
-            if ok and work.data_ptr() != p.data_ptr():
-                p.copy_(work.view_as(p))
+            if ok and work is not p:
+                p.copy_(work)
         return oks
 
     def _update(self, passes: _Passes, p: Tensor, state: dict[str, Any], hp: Tensor) -> bool:
