@@ -32,6 +32,12 @@ saturates. The scale of step t comes from the amax the pass of step t-1 recorded
 gradient amax (the only value read before the loop that writes): ``|m_t| <= b1 * amax|m_{t-1}| +
 (1 - b1) * amax|g_t|``, and for ``v`` a running envelope ``b2 * env + (1 - b2) * amax(g_t)**2``.
 A non-finite bound (NaN/inf gradient, square overflowing fp32) writes every value back unchanged.
+The first step starts from zero amaxes, where the bound is exact (``m_1 = (1 - b1) g``). The bound
+is never below the new amax, so no value saturates; what it costs is that it can be above it (m's
+and the gradient's largest values in different places or of opposite signs): the scale is then up
+to that factor lower than a fresh one, stored values sit lower in E4M3's range, and the flush
+threshold (E4M3's smallest subnormal, 2**-9 / scale) rises by the same factor. The relative
+rounding of the other values (2**-4 for E4M3, 2**-11 for fp16) does not change.
 The 2-byte mode's blocks and master weights keep two passes with fresh scales:
 :func:`_amax_pass` reads the gradient and states and returns the amaxes of the new values;
 :func:`_apply_pass` then recomputes the moments, updates the weights and requantizes. Each pass is
