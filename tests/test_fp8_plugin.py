@@ -49,6 +49,8 @@ def test_fp8_comm_needs_multi_process_ddp(make_trainer):
 def test_bad_fp8_options(make_trainer):
     with pytest.raises(PluginOptionError, match="fp8_second_moment"):
         attach(make_trainer("trainer"), plugins="fp8", fp8_second_moment="fp4")
+    with pytest.raises(PluginOptionError, match="fp8_kernel"):
+        attach(make_trainer("trainer"), plugins="fp8", fp8_kernel="triton")
 
 
 def test_deepspeed_configs_fp8adamw_cannot_serve_are_refused(make_trainer):
