@@ -68,7 +68,7 @@ def reward_adapter(tmp_path_factory, base_dir) -> Path:
 # Each case: trainer kind and build() keywords. "reward_full" is full fine-tuning (no LoRA); GRPO
 # reuses a generation round for 2 steps, and SAVE_STEPS falls on a round boundary (see the warning
 # test below); fp8 cases keep every optimizer state in FP8/FP16 (no size threshold, eager).
-FP8 = dict(plugins="lora,fp8,adapter_ckpt", options={"fp8_min_numel": 0, "fp8_compile": False})
+FP8 = dict(plugins="lora,fp8,adapter_ckpt", options={"fp8_min_numel": 0, "fp8_kernel": "cpp"})
 CASES = {
     "reward": dict(kind="reward"),
     "reward_full": dict(kind="reward", plugins="adapter_ckpt"),

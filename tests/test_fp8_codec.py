@@ -35,3 +35,13 @@ def test_quantize_e4m3_scales_saturates_and_sends_non_finite_values_as_nan():
     direct = (x * 4.0).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).float()
     assert got.float()[[0, 1, 2, 5]].tolist() == direct[[0, 1, 2, 5]].tolist()
     assert got.float()[3].isnan() and got.float()[4].isnan()
+
+
+def test_pow2_scale_is_exact_next_to_a_power_of_two():
+    """amax a few ulps around fmax / 2**k: a rounded log2(fmax / amax) can land on the wrong side
+    of an integer there; the scale must still be the largest power of two that fits."""
+    for fmax in (E4M3_MAX, FP16_MAX):
+        exact = fmax * 2.0 ** torch.arange(-20, 20).float()
+        amax = torch.cat([exact * (1 + k * 2.0**-23) for k in range(-4, 5)])
+        got = pow2_scale(amax, fmax, torch.ones_like(amax))
+        assert (amax * got <= fmax).all() and (amax * got * 2 > fmax).all()

@@ -30,10 +30,15 @@ def _reference_step(p, g, state, t, second_moment):
         v = state["exp_avg_sq"].float() / state["exp_avg_sq_scale"]
     else:
         v = ((state["exp_avg_sq"].float().view(-1, BLOCK) / state["exp_avg_sq_scale"][:, None]) ** 2).flatten()
-    p = p.flatten() * (1 - LR * WD)
-    m = B1 * m + (1 - B1) * g.flatten()
-    v = B2 * v + (1 - B2) * g.flatten() ** 2
-    p = p - LR * (m / (1 - B1**t)) / (torch.sqrt(v / (1 - B2**t)) + EPS)
+    # The optimizer's fp32 hyper-parameters and operation order; sqrt correctly rounded (in float64,
+    # which rounds to the same fp32 result): the C++ kernel matches this bit for bit.
+    lr, decay, b1, c1, b2, c2, bc1, bc2, eps = (
+        torch.tensor(x, dtype=torch.float32)
+        for x in (LR, 1 - LR * WD, B1, 1 - B1, B2, 1 - B2, 1 / (1 - B1**t), 1 / (1 - B2**t), EPS)
+    )
+    g = g.flatten()
+    m, v = b1 * m + c1 * g, b2 * v + c2 * (g * g)
+    p = p.flatten() * decay - lr * (m * bc1) / (torch.sqrt((v * bc2).double()).float() + eps)
     if second_moment == "fp16":
         big_g = g.abs().amax()
         bound_m = B1 * state["exp_avg_amax"] * (1 + 2.0**-4) + (1 - B1) * big_g
@@ -59,11 +64,11 @@ def _reference_step(p, g, state, t, second_moment):
     return p, out
 
 
-@pytest.mark.parametrize("second_moment", ["fp16", "fp8"])
-def test_step_matches_fp32_recomputation(second_moment):
+@pytest.mark.parametrize(("second_moment", "kernel"), [("fp16", "eager"), ("fp16", "cpp"), ("fp8", "eager")])
+def test_step_matches_fp32_recomputation(second_moment, kernel):
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(8, 512))
-    opt = FP8AdamW([p], lr=LR, weight_decay=WD, eps=EPS, second_moment=second_moment, min_numel=0, compile=False)
+    opt = FP8AdamW([p], lr=LR, weight_decay=WD, eps=EPS, second_moment=second_moment, min_numel=0, kernel=kernel)
     # Steps 4 and 5: a 1000x gradient spike, then a 1000x drop: delayed scales must follow both.
     for t, factor in zip(range(1, 7), [1, 1, 1, 1000, 1, 1e-3]):
         p.grad = torch.randn_like(p) * torch.logspace(-4, 0, 512) * factor  # several binades per block
@@ -73,7 +78,10 @@ def test_step_matches_fp32_recomputation(second_moment):
         expected_p, expected = _reference_step(p.detach().clone(), p.grad, before, t, second_moment)
         opt.step()
         assert state["step"] == t
-        torch.testing.assert_close(p.detach().flatten(), expected_p, rtol=1e-6, atol=1e-7)
+        if kernel == "cpp":  # IEEE fp32 operations in the reference's order
+            assert torch.equal(p.detach().flatten(), expected_p)
+        else:  # torch's vectorized CPU sqrt is within an ulp of the correctly rounded one
+            torch.testing.assert_close(p.detach().flatten(), expected_p, rtol=1e-6, atol=1e-7)
         for key in ("exp_avg_scale", "exp_avg_sq_scale", "exp_avg_amax", "exp_avg_sq_amax"):
             if key in expected:
                 assert torch.equal(state[key], expected[key]), key
@@ -109,7 +117,7 @@ def _train(make_optimizer, steps: int = 300, dtype=torch.float32) -> float:
 @pytest.mark.parametrize("second_moment", ["fp16", "fp8"])
 def test_trajectory_tracks_torch_adamw(second_moment):
     reference = _train(lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=WD))
-    kwargs = dict(lr=1e-3, weight_decay=WD, second_moment=second_moment, min_numel=0, compile=False)
+    kwargs = dict(lr=1e-3, weight_decay=WD, second_moment=second_moment, min_numel=0, kernel="eager")
     fp8 = _train(lambda ps: FP8AdamW(ps, **kwargs))
     assert reference < 0.05  # it learned (the target's variance is ~0.4, its noise 0.01)
     assert abs(fp8 - reference) / reference < 0.02
@@ -117,7 +125,7 @@ def test_trajectory_tracks_torch_adamw(second_moment):
 
 def test_master_weights_keep_small_bf16_updates():
     """At a small lr, bf16 rounding swallows most updates; fp16 master weights keep them."""
-    kwargs = dict(lr=3e-4, weight_decay=0.0, min_numel=0, compile=False)
+    kwargs = dict(lr=3e-4, weight_decay=0.0, min_numel=0, kernel="eager")
     reference = _train(lambda ps: torch.optim.AdamW(ps, lr=3e-4, weight_decay=0.0), steps=200)
     plain = _train(lambda ps: FP8AdamW(ps, **kwargs), steps=200, dtype=torch.bfloat16)
     master = _train(lambda ps: FP8AdamW(ps, master_weights=True, **kwargs), steps=200, dtype=torch.bfloat16)
@@ -145,7 +153,7 @@ def _step(opt, params):
 )
 def test_state_formats_and_bytes(second_moment, v_dtype, bytes_per_param):
     big, small = _model_params()
-    opt = FP8AdamW([big, small], second_moment=second_moment, compile=False)
+    opt = FP8AdamW([big, small], second_moment=second_moment, kernel="eager")
     planned = opt.summary()
     _step(opt, [big, small])
     s_big, s_small = opt.state[big], opt.state[small]
@@ -162,16 +170,16 @@ def test_state_formats_and_bytes(second_moment, v_dtype, bytes_per_param):
 
 def test_block_mode_falls_back_for_sizes_off_the_block_grid():
     p = torch.nn.Parameter(torch.randn(4099))
-    opt = FP8AdamW([p], second_moment="fp8", compile=False)
+    opt = FP8AdamW([p], second_moment="fp8", kernel="eager")
     _step(opt, [p])
     assert opt.state[p]["exp_avg_sq"].dtype == torch.float16
     assert "fp8/fp16" in opt.summary()["tensors_by_format"]
 
 
-@pytest.mark.parametrize("second_moment", ["fp16", "fp8"])
-def test_state_dict_round_trip_is_bit_exact(tmp_path, second_moment):
+@pytest.mark.parametrize(("second_moment", "kernel"), [("fp16", "eager"), ("fp16", "cpp"), ("fp8", "eager")])
+def test_state_dict_round_trip_is_bit_exact(tmp_path, second_moment, kernel):
     params = _model_params()
-    opt = FP8AdamW(params, second_moment=second_moment, min_numel=1000, compile=False)
+    opt = FP8AdamW(params, second_moment=second_moment, min_numel=1000, kernel=kernel)
     for _ in range(3):
         _step(opt, params)
     torch.save(opt.state_dict(), tmp_path / "opt.pt")
@@ -180,7 +188,7 @@ def test_state_dict_round_trip_is_bit_exact(tmp_path, second_moment):
     assert saved["state"][0]["exp_avg_sq"].dtype == (torch.float16 if second_moment == "fp16" else E4M3)
 
     clones = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    restored = FP8AdamW(clones, second_moment=second_moment, min_numel=1000, compile=False)
+    restored = FP8AdamW(clones, second_moment=second_moment, min_numel=1000, kernel=kernel)
     restored.load_state_dict(saved)
     for p, q in zip(params, clones):
         a, b = opt.state[p], restored.state[q]
@@ -202,7 +210,7 @@ def test_master_weights_formats_and_round_trip(tmp_path):
     big = torch.nn.Parameter(torch.randn(64, 64, dtype=torch.bfloat16))
     small = torch.nn.Parameter(torch.randn(8, dtype=torch.bfloat16))
     full = torch.nn.Parameter(torch.randn(64, 64))
-    opt = FP8AdamW([big, small, full], master_weights=True, min_numel=100, compile=False)
+    opt = FP8AdamW([big, small, full], master_weights=True, min_numel=100, kernel="eager")
     _step(opt, [big, small, full])
     assert opt.state[big]["master"].dtype == torch.float16  # scaled fp16 for compact tensors
     assert opt.state[small]["master"].dtype == torch.float32  # fp32 under min_numel
@@ -211,16 +219,17 @@ def test_master_weights_formats_and_round_trip(tmp_path):
     torch.testing.assert_close(big.detach().float(), master, rtol=2.0**-8, atol=0.0)  # p = bf16(new weights)
     torch.save(opt.state_dict(), tmp_path / "opt.pt")
     clones = [torch.nn.Parameter(p.detach().clone()) for p in (big, small, full)]
-    restored = FP8AdamW(clones, master_weights=True, min_numel=100, compile=False)
+    restored = FP8AdamW(clones, master_weights=True, min_numel=100, kernel="eager")
     restored.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
     for p, q in zip((big, small), clones):
         assert torch.equal(restored.state[q]["master"], opt.state[p]["master"])
 
 
+@pytest.mark.parametrize("kernel", ["eager", "cpp"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nonfinite_gradient_skips_that_tensor_only(bad):
+def test_nonfinite_gradient_skips_that_tensor_only(bad, kernel):
     a, b = (torch.nn.Parameter(torch.randn(64, 128)) for _ in range(2))
-    opt = FP8AdamW([a, b], min_numel=0, compile=False)
+    opt = FP8AdamW([a, b], min_numel=0, kernel=kernel)
     _step(opt, [a, b])
     a_before, b_before = a.detach().clone(), b.detach().clone()
     states_before = {k: v.clone() for k, v in opt.state[a].items() if torch.is_tensor(v)}
@@ -236,9 +245,10 @@ def test_nonfinite_gradient_skips_that_tensor_only(bad):
     assert torch.isfinite(b).all()
 
 
-def test_nonfinite_gradient_raises_when_asked():
+@pytest.mark.parametrize("kernel", ["eager", "cpp"])
+def test_nonfinite_gradient_raises_when_asked(kernel):
     a, b = torch.nn.Parameter(torch.randn(10)), torch.nn.Parameter(torch.randn(32, 32))
-    opt = FP8AdamW([a, b], nonfinite="raise", min_numel=0, compile=False)
+    opt = FP8AdamW([a, b], nonfinite="raise", min_numel=0, kernel=kernel)
     a.grad, b.grad = torch.randn(10), torch.full((32, 32), float("nan"))
     before = b.detach().clone()
     with pytest.raises(FloatingPointError, match=r"parameter 1 of shape \(32, 32\)"):
@@ -246,10 +256,10 @@ def test_nonfinite_gradient_raises_when_asked():
     assert torch.equal(b, before)
 
 
-@pytest.mark.parametrize("second_moment", ["fp16", "fp8"])
-def test_zero_gradient_keeps_the_previous_scale(second_moment):
+@pytest.mark.parametrize(("second_moment", "kernel"), [("fp16", "eager"), ("fp16", "cpp"), ("fp8", "eager")])
+def test_zero_gradient_keeps_the_previous_scale(second_moment, kernel):
     p = torch.nn.Parameter(torch.randn(4, BLOCK))
-    opt = FP8AdamW([p], weight_decay=0.0, second_moment=second_moment, min_numel=0, compile=False)
+    opt = FP8AdamW([p], weight_decay=0.0, second_moment=second_moment, min_numel=0, kernel=kernel)
     p.grad = torch.zeros_like(p)
     before = p.detach().clone()
     opt.step()
@@ -267,12 +277,12 @@ def test_zero_gradient_keeps_the_previous_scale(second_moment):
 
 def test_compiled_step_equals_eager():
     results = []
-    for compile in (False, True):
+    for kernel in ("eager", "compile"):
         torch.manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(16, BLOCK)), torch.nn.Parameter(torch.randn(16, BLOCK))]
         opts = [
-            FP8AdamW(params[:1], second_moment="fp16", min_numel=0, compile=compile),
-            FP8AdamW(params[1:], second_moment="fp8", min_numel=0, compile=compile),
+            FP8AdamW(params[:1], second_moment="fp16", min_numel=0, kernel=kernel),
+            FP8AdamW(params[1:], second_moment="fp8", min_numel=0, kernel=kernel),
         ]
         for step in range(3):
             for p in params:
@@ -303,7 +313,7 @@ def test_bad_arguments():
 def test_dequantized_state_is_the_stored_values_over_their_scales(second_moment, min_numel):
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(4, 512))
-    opt = FP8AdamW([p], second_moment=second_moment, min_numel=min_numel, compile=False)
+    opt = FP8AdamW([p], second_moment=second_moment, min_numel=min_numel, kernel="eager")
     for _ in range(2):
         p.grad = torch.randn_like(p) * torch.logspace(-4, 0, 512)
         opt.step()
@@ -327,12 +337,12 @@ def test_load_dequantized_state_requantizes_like_a_step(second_moment):
     and fresh values get power-of-two scales from their amax, as a step would store them."""
     torch.manual_seed(1)
     p = torch.nn.Parameter(torch.randn(2, 512))
-    opt = FP8AdamW([p], second_moment=second_moment, min_numel=0, compile=False)
+    opt = FP8AdamW([p], second_moment=second_moment, min_numel=0, kernel="eager")
     for _ in range(3):
         p.grad = torch.randn_like(p) * torch.logspace(-3, 0, 512)
         opt.step()
     q = torch.nn.Parameter(p.detach().clone())
-    other = FP8AdamW([q], second_moment=second_moment, min_numel=0, compile=False)
+    other = FP8AdamW([q], second_moment=second_moment, min_numel=0, kernel="eager")
     other.load_dequantized_state(q, opt.dequantized_state(p))
     assert other.state[q].keys() == opt.state[p].keys() and other.state[q]["step"] == 3
     assert all(other.state[q][k].dtype == v.dtype for k, v in opt.state[p].items() if torch.is_tensor(v))
@@ -367,12 +377,12 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def _flat_and_separate(second_moment: str, compile: bool, pieces: bool, steps: int = 3):
+def _flat_and_separate(second_moment: str, kernel: str, pieces: bool, steps: int = 3):
     torch.manual_seed(0)
     parts = [torch.randn(n) for n in SIZES]
     separate = [torch.nn.Parameter(p.clone()) for p in parts]
     flat = torch.nn.Parameter(torch.cat([*parts, torch.zeros(PAD)]))
-    kwargs = dict(lr=LR, weight_decay=WD, second_moment=second_moment, min_numel=0, compile=compile)
+    kwargs = dict(lr=LR, weight_decay=WD, second_moment=second_moment, min_numel=0, kernel=kernel)
     opt_separate, opt_flat = FP8AdamW(separate, **kwargs), FP8AdamW([flat], **kwargs)
     starts = [sum(SIZES[:i]) for i in range(len(SIZES))]
     if pieces:
@@ -392,18 +402,19 @@ def _flat_and_separate(second_moment: str, compile: bool, pieces: bool, steps: i
 
 
 @pytest.mark.parametrize(
-    "compile",
+    "kernel",
     [
-        False,
+        "eager",
+        "cpp",
         pytest.param(
-            True, marks=pytest.mark.skipif(not perl_plugins.compile_available(), reason="no inductor compiler")
+            "compile", marks=pytest.mark.skipif(not perl_plugins.compile_available(), reason="no inductor compiler")
         ),
     ],
 )
-def test_pieces_of_a_flat_partition_step_as_parameters_of_their_own(compile):
+def test_pieces_of_a_flat_partition_step_as_parameters_of_their_own(kernel):
     """fp16 mode: with set_segments, each piece of a flat ZeRO-like partition gets exactly the
     weights and states it gets as a separate parameter."""
-    opt_separate, separate, flat, full, pieces_of, _ = _flat_and_separate("fp16", compile, pieces=True)
+    opt_separate, separate, flat, full, pieces_of, _ = _flat_and_separate("fp16", kernel, pieces=True)
     for p, weights, m, v in zip(
         separate, pieces_of(flat.detach()), pieces_of(full["exp_avg"]), pieces_of(full["exp_avg_sq"])
     ):
@@ -417,12 +428,12 @@ def test_pieces_of_a_flat_partition_step_as_parameters_of_their_own(compile):
 def test_per_piece_scales_keep_small_tensors_moments_next_to_large_ones(second_moment):
     """One scale for the whole partition flushes the 1e-6-scaled piece's first moment to zero;
     per-piece (fp16 mode) or per-block (2-byte mode) scales keep every piece within fp8 rounding."""
-    *_, exact_history = _flat_and_separate(second_moment, False, pieces=True)
+    *_, exact_history = _flat_and_separate(second_moment, "eager", pieces=True)
     exact = _fp32_adamw_moments(exact_history)
     # fp8 rounding (3 mantissa bits): ~4% on m; on v ~4% in fp16 mode, ~7% in the 2-byte mode (v = r**2).
     bound_v = 0.05 if second_moment == "fp16" else 0.1
     for pieces, bound in ((True, 0.05), (False, None)):
-        *_, full, pieces_of, _ = _flat_and_separate(second_moment, False, pieces=pieces)
+        *_, full, pieces_of, _ = _flat_and_separate(second_moment, "eager", pieces=pieces)
         errors = [_relative(m, m_exact) for m, (m_exact, _) in zip(pieces_of(full["exp_avg"]), exact)]
         errors_v = [_relative(v, v_exact) for v, (_, v_exact) in zip(pieces_of(full["exp_avg_sq"]), exact)]
         if pieces:
@@ -434,9 +445,9 @@ def test_per_piece_scales_keep_small_tensors_moments_next_to_large_ones(second_m
 def test_set_segments_relays_out_an_existing_state():
     """DeepSpeed may build states before the plugin registers the pieces (and restores saved ones):
     the state is re-quantized into the per-piece layout, and a second identical call changes nothing."""
-    opt, separate, flat, full, pieces_of, _ = _flat_and_separate("fp16", False, pieces=False, steps=2)
+    opt, separate, flat, full, pieces_of, _ = _flat_and_separate("fp16", "eager", pieces=False, steps=2)
     starts = [sum(SIZES[:i]) for i in range(len(SIZES))]
-    opt_flat = FP8AdamW([flat], lr=LR, weight_decay=WD, min_numel=0, compile=False)
+    opt_flat = FP8AdamW([flat], lr=LR, weight_decay=WD, min_numel=0, kernel="eager")
     opt_flat.load_dequantized_state(flat, full)
     opt_flat.set_segments(flat, list(zip(starts, SIZES)))
     state = opt_flat.state[flat]
@@ -450,10 +461,11 @@ def test_set_segments_relays_out_an_existing_state():
         opt_flat.set_segments(flat, [(0, flat.numel() + 1)])
 
 
-def test_nonfinite_gradient_in_one_piece_skips_the_whole_partition():
+@pytest.mark.parametrize("kernel", ["eager", "cpp"])
+def test_nonfinite_gradient_in_one_piece_skips_the_whole_partition(kernel):
     """Pieces step in one pass each: a NaN in the last piece must stop the first ones too."""
-    opt, separate, flat, full, pieces_of, _ = _flat_and_separate("fp16", False, pieces=True, steps=1)
-    opt_flat = FP8AdamW([flat], lr=LR, weight_decay=WD, min_numel=0, compile=False)
+    opt, separate, flat, full, pieces_of, _ = _flat_and_separate("fp16", "eager", pieces=True, steps=1)
+    opt_flat = FP8AdamW([flat], lr=LR, weight_decay=WD, min_numel=0, kernel=kernel)
     opt_flat.set_segments(flat, [(sum(SIZES[:i]), n) for i, n in enumerate(SIZES)])
     flat.grad = torch.randn_like(flat)
     opt_flat.step()

@@ -17,7 +17,7 @@ def _inner(optimizer):
 @pytest.mark.parametrize("kind", TRAINER_KINDS)
 def test_every_trainer_trains_with_fp8adamw_over_adapters_only(kind, make_trainer):
     trainer = make_trainer(kind, lora=True, max_steps=2, weight_decay=0.05, adam_beta2=0.98)
-    attach(trainer, plugins="fp8", fp8_compile=False, fp8_min_numel=0)
+    attach(trainer, plugins="fp8", fp8_kernel="cpp", fp8_min_numel=0)
     logs = train_quietly(trainer)
     optimizer = _inner(trainer.optimizer)
     assert isinstance(optimizer, FP8AdamW)
@@ -49,6 +49,8 @@ def test_fp8_comm_needs_multi_process_ddp(make_trainer):
 def test_bad_fp8_options(make_trainer):
     with pytest.raises(PluginOptionError, match="fp8_second_moment"):
         attach(make_trainer("trainer"), plugins="fp8", fp8_second_moment="fp4")
+    with pytest.raises(PluginOptionError, match="fp8_kernel"):
+        attach(make_trainer("trainer"), plugins="fp8", fp8_kernel="triton")
 
 
 def test_deepspeed_configs_fp8adamw_cannot_serve_are_refused(make_trainer):
@@ -86,7 +88,7 @@ def test_fp8_comm_scales_round_trip_through_the_checkpointed_optimizer_state(tmp
             get_decay_parameter_names=lambda m: [n for n, _ in m.named_parameters()],
             perl_plugins=SimpleNamespace(state={}),
         )
-        options = {"fp8": FP8Options(fp8_comm=True, fp8_compile=False)}
+        options = {"fp8": FP8Options(fp8_comm=True, fp8_kernel="cpp")}
         return trainer, model, fp8_plugin.perl_create_optimizer(trainer=trainer, model=model, options=options)
 
     trainer, model, optimizer = trainer_and_model()

@@ -53,8 +53,12 @@ class FP8Options:
         default="skip",
         metadata={"help": "On a NaN/inf update: 'skip' that tensor's step (counted in the logs) or 'raise'."},
     )
-    fp8_compile: bool | None = field(
-        default=None, metadata={"help": "torch.compile the update (default: when a compiler is available)."}
+    fp8_kernel: str | None = field(
+        default=None,
+        metadata={
+            "help": "Optimizer step kernel: 'cpp' (C++ CPU kernel, the default on CPU), 'compile' "
+            "(torch.compile, the default elsewhere) or 'eager'."
+        },
     )
     fp8_comm: bool = field(
         default=False, metadata={"help": "All-reduce gradients in FP8 with a shared automatic scale (DDP only)."}
@@ -65,6 +69,8 @@ class FP8Options:
             raise ValueError(f"fp8_second_moment must be 'fp16' or 'fp8', got {self.fp8_second_moment!r}.")
         if self.fp8_nonfinite not in ("skip", "raise"):
             raise ValueError(f"fp8_nonfinite must be 'skip' or 'raise', got {self.fp8_nonfinite!r}.")
+        if self.fp8_kernel not in (None, "cpp", "compile", "eager"):
+            raise ValueError(f"fp8_kernel must be 'cpp', 'compile' or 'eager', got {self.fp8_kernel!r}.")
         if self.fp8_min_numel < 0:
             raise ValueError(f"fp8_min_numel must be >= 0, got {self.fp8_min_numel}.")
 
@@ -134,7 +140,7 @@ def perl_create_optimizer(trainer: Any, model: Any, options: dict[str, Any]) -> 
         min_numel=opts.fp8_min_numel,
         master_weights=opts.fp8_master_weights,
         nonfinite=opts.fp8_nonfinite,
-        compile=opts.fp8_compile,
+        kernel=opts.fp8_kernel,
     )
     if opts.fp8_comm:
         perl_plugins.state(trainer)["fp8"] = _comm_state_saved_with(optimizer)

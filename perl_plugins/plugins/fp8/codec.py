@@ -15,8 +15,12 @@ FP16_TINY = 2.0**-24
 
 
 def pow2_scale(amax: Tensor, fmax: float, old: Tensor) -> Tensor:
-    """Largest power of two s with amax * s <= fmax; ``old`` where amax is 0 or not finite."""
+    """Largest power of two s with amax * s <= fmax (exponent within [-126, 126]); ``old`` where
+    amax is 0 or not finite. Exact: a rounded log2 can be one off next to a power of two, and the
+    two checks (products with powers of two are exact) correct it, as the C++ kernel's frexp does."""
     exp = torch.floor(torch.log2(fmax / amax)).clamp(-126.0, 126.0)
+    exp = exp - ((amax * torch.exp2(exp) > fmax) & (exp > -126.0)).float()
+    exp = exp + ((amax * torch.exp2(exp + 1) <= fmax) & (exp < 126.0)).float()
     return torch.where((amax > 0) & torch.isfinite(amax), torch.exp2(exp), old)
 
 

@@ -32,11 +32,24 @@ saturates. The scale of step t comes from the amax the pass of step t-1 recorded
 gradient amax (the only value read before the loop that writes): ``|m_t| <= b1 * amax|m_{t-1}| +
 (1 - b1) * amax|g_t|``, and for ``v`` a running envelope ``b2 * env + (1 - b2) * amax(g_t)**2``.
 A non-finite bound (NaN/inf gradient, square overflowing fp32) writes every value back unchanged.
+The first step starts from zero amaxes, where the bound is exact (``m_1 = (1 - b1) g``). The bound
+is never below the new amax, so no value saturates; what it costs is that it can be above it (m's
+and the gradient's largest values in different places or of opposite signs): the scale is then up
+to that factor lower than a fresh one, stored values sit lower in E4M3's range, and the flush
+threshold (E4M3's smallest subnormal, 2**-9 / scale) rises by the same factor. The relative
+rounding of the other values (2**-4 for E4M3, 2**-11 for fp16) does not change.
 The 2-byte mode's blocks and master weights keep two passes with fresh scales:
 :func:`_amax_pass` reads the gradient and states and returns the amaxes of the new values;
 :func:`_apply_pass` then recomputes the moments, updates the weights and requantizes. Each pass is
 one function that runs eagerly or under ``torch.compile`` (the same fp32 arithmetic either way;
 compiled is much faster on CPU, where eager fp8 casts are not vectorized).
+
+On CPU (``kernel="cpp"``, the default there) the single pass is a C++ kernel (``adamw_cpu.cpp``,
+built on the first step, see :mod:`cpu_kernel`): one call per parameter group reads every gradient
+for its amax, then updates all tensors of the group in one vectorized, multi-threaded loop, with
+the same fp32 operations in the same order as the eager pass (bit-identical results). Inductor's
+loop for the same arithmetic runs 1.4-1.9x slower than ATen's fused AdamW; this one runs at
+memory speed. The 2-byte mode and master weights keep the compiled two passes.
 """
 
 from __future__ import annotations
@@ -50,6 +63,7 @@ import torch
 from torch import Tensor
 
 import perl_plugins
+from perl_plugins.plugins.fp8 import cpu_kernel
 from perl_plugins.plugins.fp8.codec import (
     E4M3,
     E4M3_MAX,
@@ -342,8 +356,11 @@ class FP8AdamW(torch.optim.Optimizer):
         nonfinite: "skip" leaves a parameter whose update is non-finite (NaN/inf gradient, or a
             square overflowing fp32) untouched, weights and states, without advancing its step,
             and counts it in ``nonfinite_skips``; "raise" raises FloatingPointError instead.
-        compile: run the update under ``torch.compile``; default: when inductor has a compiler
-            for the parameters' device. A compile failure raises and names ``compile=False``.
+        kernel: "cpp" (CPU parameters only: the C++ single pass, see the module docstring),
+            "compile" (the passes under ``torch.compile``) or "eager" (the same passes in plain
+            torch ops); default: "cpp" for CPU parameters, else "compile" where inductor has a
+            compiler for the devices, else "eager". A kernel that fails to build raises and
+            names the other choices: nothing falls back silently.
     """
 
     def __init__(
@@ -358,7 +375,7 @@ class FP8AdamW(torch.optim.Optimizer):
         min_numel: int = 4096,
         master_weights: bool = False,
         nonfinite: Literal["skip", "raise"] = "skip",
-        compile: bool | None = None,
+        kernel: Literal["cpp", "compile", "eager"] | None = None,
     ) -> None:
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"lr, eps, weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
@@ -374,10 +391,20 @@ class FP8AdamW(torch.optim.Optimizer):
         self.min_numel = min_numel
         self.master_weights = master_weights
         self.nonfinite = nonfinite
-        if compile is None:
-            devices = {p.device for p in self._params()}
-            compile = all(perl_plugins.compile_available(d) for d in devices)
-        self.compile = compile
+        devices = {p.device for p in self._params()}
+        if kernel is None:
+            if all(d.type == "cpu" for d in devices):
+                kernel = "cpp"
+            else:
+                kernel = "compile" if all(perl_plugins.compile_available(d) for d in devices) else "eager"
+        if kernel not in ("cpp", "compile", "eager"):
+            raise ValueError(f"kernel must be 'cpp', 'compile' or 'eager', got {kernel!r}")
+        if kernel == "cpp" and any(d.type != "cpu" for d in devices):
+            raise ValueError(
+                f"kernel='cpp' steps CPU parameters only, got parameters on {sorted(map(str, devices))}; "
+                "use kernel='compile' or 'eager'"
+            )
+        self.kernel = kernel
         self.nonfinite_skips = 0
         self._segments: dict[Tensor, list[int]] = {}  # flat parameter -> piece boundaries (see set_segments)
 
@@ -451,12 +478,13 @@ class FP8AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        passes = _compiled() if self.compile else (_amax_pass, _apply_pass, _one_pass)
+        passes = _compiled() if self.kernel != "eager" else (_amax_pass, _apply_pass, _one_pass)
         index = -1
         for group in self.param_groups:
             b1, b2 = group["betas"]
             lr = float(group["lr"])
-            hps: dict[int, Tensor] = {}  # per step count: one hyper-parameter tensor for all its tensors
+            hps: dict[int, tuple[float, ...]] = {}  # per step count: the hyper-parameters of all its tensors
+            batch: list[tuple[int, Tensor, dict[str, Any], tuple[float, ...]]] = []  # for the C++ kernel
             for p in group["params"]:
                 index += 1
                 if p.grad is None:
@@ -467,21 +495,59 @@ class FP8AdamW(torch.optim.Optimizer):
                 if not state:
                     state.update(self._init_state(p))
                 t = state["step"] + 1
-                decay = 1 - lr * group["weight_decay"]
-                if (t, p.device) not in hps:
-                    hp = (lr, decay, b1, 1 - b1, b2, 1 - b2, 1 / (1 - b1**t), 1 / (1 - b2**t), group["eps"])
-                    hps[t, p.device] = torch.tensor(hp, dtype=torch.float32, device=p.device)
-                ok = self._update(passes, p, state, hps[t, p.device])
-                if ok:
-                    state["step"] = t
-                elif self.nonfinite == "raise":
-                    raise FloatingPointError(
-                        f"FP8AdamW: non-finite update for parameter {index} of shape {tuple(p.shape)} "
-                        "(NaN/inf gradient); weights and states were left unchanged"
-                    )
-                else:
-                    self.nonfinite_skips += 1
+                if t not in hps:
+                    decay = 1 - lr * group["weight_decay"]
+                    hps[t] = (lr, decay, b1, 1 - b1, b2, 1 - b2, 1 / (1 - b1**t), 1 / (1 - b2**t), group["eps"])
+                if self.kernel == "cpp" and _single_pass_layout(state):
+                    batch.append((index, p, state, hps[t]))
+                    continue
+                hp = torch.tensor(hps[t], dtype=torch.float32, device=p.device)
+                self._record(self._update(passes, p, state, hp), index, p, state)
+            if batch:
+                for ok, (i, p, state, _) in zip(self._cpu_step(batch), batch, strict=True):
+                    self._record(ok, i, p, state)
         return loss
+
+    def _record(self, ok: bool, index: int, p: Tensor, state: dict[str, Any]) -> None:
+        """Advance p's step count, or count (or raise on) a skipped non-finite update."""
+        if ok:
+            state["step"] += 1
+        elif self.nonfinite == "raise":
+            raise FloatingPointError(
+                f"FP8AdamW: non-finite update for parameter {index} of shape {tuple(p.shape)} "
+                "(NaN/inf gradient); weights and states were left unchanged"
+            )
+        else:
+            self.nonfinite_skips += 1
+
+    def _cpu_step(self, batch: list[tuple[int, Tensor, dict[str, Any], tuple[float, ...]]]) -> list[bool]:
+        """One call of the C++ kernel for the batch's parameters (fp32 work copies of others)."""
+        try:
+            cpu_kernel.load()
+        except cpu_kernel.KernelBuildError as e:
+            raise RuntimeError(
+                f"FP8AdamW: the C++ CPU kernel could not be built ({e}); pass kernel='compile' "
+                "(torch.compile) or kernel='eager' to step without it"
+            ) from e
+
+        def fp32(t: Tensor) -> Tensor:  # the kernel reads flat contiguous fp32 values
+            return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
+
+        keys = ("exp_avg_scale", "exp_avg_amax", "exp_avg_sq_scale", "exp_avg_sq_amax")
+        works = [fp32(p) for _, p, _, _ in batch]
+        oks = cpu_kernel.step(
+            works,
+            [fp32(p.grad) for _, p, _, _ in batch],
+            [s["exp_avg"] for _, _, s, _ in batch],
+            [s["exp_avg_sq"] for _, _, s, _ in batch],
+            [tuple(s[k] for k in keys) if "exp_avg_scale" in s else None for _, _, s, _ in batch],
+            [s.get("segment_bounds") for _, _, s, _ in batch],
+            [hp for *_, hp in batch],
+        )
+        for ok, work, (_, p, _, _) in zip(oks, works, batch):
+            if ok and work is not p:
+                p.copy_(work)
+        return oks
 
     def _update(self, passes: _Passes, p: Tensor, state: dict[str, Any], hp: Tensor) -> bool:
         """Both passes on flat views ((blocks, BLOCK) views in the 2-byte mode), or the single pass
@@ -512,10 +578,10 @@ class FP8AdamW(torch.optim.Optimizer):
                 targets = [t for t in (v_piece, w_piece, p_piece) if t is not None and _deferred(t)]
                 deferred.extend(zip(targets, passes[1](*piece, *amaxes), strict=True))
         except Exception as e:
-            if not self.compile:
+            if self.kernel == "eager":
                 raise
             raise RuntimeError(  # compile errors surface at the first call with a new signature
-                "FP8AdamW: torch.compile of the optimizer step failed; pass compile=False to run "
+                "FP8AdamW: torch.compile of the optimizer step failed; pass kernel='eager' to run "
                 "the same arithmetic eagerly (slower on CPU)"
             ) from e
         for dst, value in deferred:
@@ -553,10 +619,10 @@ class FP8AdamW(torch.optim.Optimizer):
         try:
             results = [one_pass(*args) for args in calls]
         except Exception as e:
-            if not self.compile:
+            if self.kernel == "eager":
                 raise
             raise RuntimeError(
-                "FP8AdamW: torch.compile of the optimizer step failed; pass compile=False to run "
+                "FP8AdamW: torch.compile of the optimizer step failed; pass kernel='eager' to run "
                 "the same arithmetic eagerly (slower on CPU)"
             ) from e
         if not all(bool(ok) for ok, *_ in results):  # only pieces of a finite gradient: all or none
@@ -628,8 +694,14 @@ class FP8AdamW(torch.optim.Optimizer):
             "state_bytes": state_bytes,
             "bytes_per_param": state_bytes / max(params, 1),
             "fp32_adamw_state_bytes": 8 * params,
-            "compile": self.compile,
+            "kernel": self.kernel,
         }
+
+
+def _single_pass_layout(state: dict[str, Any]) -> bool:
+    """Whether ``state`` steps in one pass: fp32 states, or fp8 m and fp16 v with per-tensor or
+    per-piece scales, and no master weights."""
+    return "master" not in state and state["exp_avg_sq"].dtype != E4M3
 
 
 def _format_name(dtype: torch.dtype, scale: tuple[tuple[int, ...], torch.dtype] | None, blocks: bool) -> str:
@@ -648,5 +720,5 @@ def describe(summary: dict[str, Any]) -> str:
         f"{summary['optimizer']}: {summary['params'] / 1e6:.2f}M params, optimizer states "
         f"{summary['state_bytes'] / 2**20:.1f} MiB = {summary['bytes_per_param']:.2f} bytes/param "
         f"(fp32 AdamW: {summary['fp32_adamw_state_bytes'] / 2**20:.1f} MiB); {formats}; "
-        f"compiled step: {'on' if summary['compile'] else 'off'}"
+        f"step kernel: {summary['kernel']}"
     )
