@@ -35,6 +35,7 @@ Writes OUTPUT_DIR/summary.json and OUTPUT_DIR/curves.png.
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import json
@@ -283,14 +284,15 @@ def soft_labels(
 
 
 class LikelihoodJudge:
-    """``judge(items)`` -> ``(n, 2)``: for each ``(prefix, continuation)``, the summed log-prob of the
-    continuation's tokens after the prefix, and their count. Prefix and continuation are tokenized
-    apart, so a continuation is the same tokens after any prefix."""
+    """``judge(items, lead)`` -> ``(n, 2)``: for each ``(prefix, continuation)``, the summed log-prob of
+    the continuation's tokens after ``lead`` + prefix, and their count. Lead, prefix and continuation
+    are tokenized apart, so a continuation is the same tokens after any prefix; the lead (few-shot
+    examples, the same for many items) is run once and its keys and values reused by every batch."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, batch_size: int = 16) -> None:
         self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
 
-    def __call__(self, items: list[tuple[str, str]]) -> torch.Tensor:
+    def __call__(self, items: list[tuple[str, str]], lead: str = "") -> torch.Tensor:
         encoded = []
         for prefix, continuation in items:
             ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in (prefix, continuation)]
@@ -301,6 +303,8 @@ class LikelihoodJudge:
         device = next(self.model.parameters()).device
         out = torch.zeros(len(items), 2)
         with torch.no_grad():
+            lead_ids = self.tokenizer(lead, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+            lead_cache = self.model(input_ids=lead_ids, use_cache=True).past_key_values if lead else None
             for start in tqdm(range(0, len(order), self.batch_size), desc="AI labelling"):
                 rows = order[start : start + self.batch_size]
                 seqs = [encoded[i][0] + encoded[i][1] for i in rows]
@@ -308,7 +312,16 @@ class LikelihoodJudge:
                 mask = torch.zeros_like(ids)
                 for row, seq in enumerate(seqs):
                     ids[row, : len(seq)], mask[row, : len(seq)] = torch.tensor(seq), 1
-                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
+                cache = None
+                if lead_cache is not None:  # a copy per batch: the forward appends to the cache it is given
+                    cache = copy.deepcopy(lead_cache)
+                    cache.batch_repeat_interleave(len(rows))
+                    mask = torch.cat([torch.ones(len(rows), lead_ids.shape[1], dtype=mask.dtype), mask], 1)
+                logits = (
+                    self.model(input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=cache)
+                    .logits[:, :-1]
+                    .float()
+                )
                 picked = logits.gather(-1, ids[:, 1:, None].to(device)).squeeze(-1)
                 token_logps = (picked - logits.logsumexp(-1)).cpu()  # log-softmax of the next tokens only
                 for row, i in enumerate(rows):
@@ -350,7 +363,7 @@ def few_shot_lead(examples: list[tuple[str, str]], shots: int, context: str, rep
 
 
 def likelihood_labels(
-    judge: Callable[[list[tuple[str, str]]], torch.Tensor],
+    judge: Callable[[list[tuple[str, str]], str], torch.Tensor],
     pairs: list[tuple[str, str, str]],
     examples: list[tuple[str, str]] | None = None,
     shots: int = 0,
@@ -370,10 +383,12 @@ def likelihood_labels(
     """
     leads = [few_shot_lead(examples or [], shots, context, tuple(two)) for context, *two in pairs]
     replies = [(lead, context, " " + reply.strip()) for lead, (context, *two) in zip(leads, pairs) for reply in two]
-    given = [(f"{lead}{context}\n{AGENT_CUE}", reply) for lead, context, reply in replies]
-    alone = [(f"{lead}{AGENT_CUE}", reply) for lead, _, reply in replies]
-    unique = list(dict.fromkeys(given + alone))  # a reply can be in several pairs of one context
-    scores = dict(zip(unique, judge(unique).tolist()))
+    given = [(lead, f"{context}\n{AGENT_CUE}", reply) for lead, context, reply in replies]
+    alone = [(lead, AGENT_CUE, reply) for lead, _, reply in replies]
+    scores = {}
+    for lead in dict.fromkeys(leads):  # most pairs share one lead: the judge runs it once per call
+        unique = list(dict.fromkeys(item for item in given + alone if item[0] == lead))  # a reply is in several pairs
+        scores.update(zip(unique, judge([item[1:] for item in unique], lead).tolist()))
     norm = LENGTH_NORMS[length_norm]
     pmi = [(scores[g][0] - scores[a][0]) / norm(scores[a][1]) for g, a in zip(given, alone)]
     per_pair = torch.tensor(pmi).view(len(pairs), 2)

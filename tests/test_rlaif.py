@@ -136,16 +136,20 @@ def test_labeller_reads_the_last_token_despite_padding(tokenizer):
         assert torch.allclose(row, expected, atol=1e-5)
 
 
-def test_likelihood_judge_sums_the_reply_log_probs_despite_padding(tokenizer):
+@pytest.mark.parametrize("lead", ["", "User: one mocha\nAgent: A mocha.\n\n"])
+def test_likelihood_judge_sums_the_reply_log_probs_despite_padding(tokenizer, lead):
+    """Direct re-computation: one unpadded forward over lead + prefix + reply, each tokenized apart
+    (the judge pads items in batches and runs a lead once, reusing its keys and values)."""
     model = tiny_lm(tokenizer).eval()
     items = [
         ("User: a latte please\nAgent:", " Sure, one latte."),
         ("Agent:", " No."),
         ("User: tea?\nAgent:", " Coffee."),
     ]
-    got = LikelihoodJudge(model, tokenizer, batch_size=2)(items)  # sorted by length, padded in pairs
+    got = LikelihoodJudge(model, tokenizer, batch_size=2)(items, lead)  # sorted by length, padded in pairs
+    lead_ids = tokenizer(lead, add_special_tokens=False)["input_ids"]
     for (prefix, reply), (total, count) in zip(items, got):
-        prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        prefix_ids = lead_ids + tokenizer(prefix, add_special_tokens=False)["input_ids"]
         reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
         ids = torch.tensor([prefix_ids + reply_ids])
         with torch.no_grad():
@@ -170,7 +174,8 @@ def test_likelihood_label_is_the_per_token_pmi_difference():
     }
     seen = []
 
-    def judge(items):
+    def judge(items, lead):
+        assert lead == ""  # no few-shot examples
         seen.extend(items)
         return torch.tensor([table[item] for item in items])
 
@@ -232,8 +237,8 @@ def test_few_shot_likelihood_label_equals_a_direct_recomputation(tokenizer):
     judge = LikelihoodJudge(model, tokenizer, batch_size=3)
     labels = likelihood_labels(judge, PAIRS, EXAMPLES, shots=1)
 
-    def logp(prefix, reply):
-        prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    def logp(lead, prefix, reply):
+        prefix_ids = [t for text in (lead, prefix) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
         reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             logps = model(input_ids=torch.tensor([prefix_ids + reply_ids])).logits[0].log_softmax(-1)
@@ -246,7 +251,7 @@ def test_few_shot_likelihood_label_equals_a_direct_recomputation(tokenizer):
     for label, lead, (context, *replies) in zip(labels, leads, PAIRS):
         pmi = []
         for reply in replies:
-            (given, count), (alone, _) = logp(f"{lead}{context}\nAgent:", reply), logp(f"{lead}Agent:", reply)
+            (given, count), (alone, _) = logp(lead, f"{context}\nAgent:", reply), logp(lead, "Agent:", reply)
             pmi.append((given - alone) / count)
         assert label["p_1_preferred"] == pytest.approx(torch.sigmoid(torch.tensor(pmi[0] - pmi[1])).item(), abs=1e-5)
 
@@ -259,7 +264,7 @@ def test_likelihood_label_length_norms(norm, divide):
         ("User: a latte please\nAgent:", " No."): (-2.0, 2),
         ("Agent:", " No."): (-3.0, 2),
     }
-    (label,) = likelihood_labels(lambda items: torch.tensor([table[i] for i in items]), PAIRS[:1], length_norm=norm)
+    (label,) = likelihood_labels(lambda items, _: torch.tensor([table[i] for i in items]), PAIRS[:1], length_norm=norm)
     expected = 8.0 / divide(4) - 1.0 / divide(2)
     assert label["p_1_preferred"] == pytest.approx(1 / (1 + math.exp(-expected)))
 
