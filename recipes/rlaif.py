@@ -13,7 +13,10 @@
    information with the conversation, (log P(reply | conversation, "Agent:") - log P(reply |
    "Agent:")) / reply tokens, and the soft label is the sigmoid of reply 1's minus reply 2's; no
    order is shown, so there is no position bias (asked "A or B?", it answers "A" whatever the
-   order and agrees with the humans at chance: benchmarks/rlaif_labeller.py). Another instruct
+   order and agrees with the humans at chance: benchmarks/rlaif_labeller.py). ``labeller_shots: N``
+   reads each pair (both terms) after N thumbs-up train examples, never the judged pair's context or
+   replies; ``labeller_length_norm`` divides by the reply's tokens, their square root or nothing
+   (the defaults were chosen on train pairs: benchmarks/rlaif_labeller.py). Another instruct
    labeller is asked through its chat template (``chat``): one user turn with a preamble, the
    context, "Response A" and "Response B" and "Which response should the assistant give next?
    Answer with A or B.", then the generation prompt; its log-odds of "A" over "B" as the assistant's
