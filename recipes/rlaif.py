@@ -13,7 +13,10 @@
    information with the conversation, (log P(reply | conversation, "Agent:") - log P(reply |
    "Agent:")) / reply tokens, and the soft label is the sigmoid of reply 1's minus reply 2's; no
    order is shown, so there is no position bias (asked "A or B?", it answers "A" whatever the
-   order and agrees with the humans at chance: benchmarks/rlaif_labeller.py). Another instruct
+   order and agrees with the humans at chance: benchmarks/rlaif_labeller.py). ``labeller_shots: N``
+   reads each pair (both terms) after N thumbs-up train examples, never the judged pair's context or
+   replies; ``labeller_length_norm`` divides by the reply's tokens, their square root or nothing
+   (the defaults were chosen on train pairs: benchmarks/rlaif_labeller.py). Another instruct
    labeller is asked through its chat template (``chat``): one user turn with a preamble, the
    context, "Response A" and "Response B" and "Which response should the assistant give next?
    Answer with A or B.", then the generation prompt; its log-odds of "A" over "B" as the assistant's
@@ -35,6 +38,7 @@ Writes OUTPUT_DIR/summary.json and OUTPUT_DIR/curves.png.
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import json
@@ -87,6 +91,9 @@ CHAT_QUESTION = "Which response should the assistant give next? Answer with A or
 CHAT_OPTIONS = ("A", "B")
 # The likelihood judge reads each reply as the agent's next turn, with and without the conversation.
 AGENT_CUE = "Agent:"
+FEW_SHOT_HEADER = "Replies a good coffee shop agent gave:\n\n"
+# What the likelihood judge divides a reply's PMI by, as a function of its token count.
+LENGTH_NORMS: dict[str, Callable[[float], float]] = {"tokens": lambda n: n, "sqrt": math.sqrt, "none": lambda n: 1.0}
 LABELLER_FORMATS = ("auto", "likelihood", "chat", "cue")
 METHODS = ("reward_model", "dpo")
 
@@ -124,6 +131,19 @@ class RLAIFRecipeConfig:
         },
     )
     labeller_preamble: str = field(default=PREAMBLE, metadata={"help": "Instruction before the context."})
+    labeller_length_norm: str = field(
+        default="tokens",
+        metadata={
+            "help": f"likelihood: divide each reply's PMI by its tokens, their sqrt or 1 ({sorted(LENGTH_NORMS)})."
+        },
+    )
+    labeller_shots: int = field(
+        default=0,
+        metadata={
+            "help": "likelihood: read each pair after this many thumbs-up (conversation, reply) examples from "
+            "the train rows, never the judged pair's."
+        },
+    )
     label_pairs: int = field(default=256, metadata={"help": "Candidate pairs to label."})
     pairs_per_context: int = field(default=3, metadata={"help": "At most this many pairs from one context."})
     label_batch_size: int = field(default=16, metadata={"help": "Labeller batch size."})
@@ -155,6 +175,12 @@ class RLAIFRecipeConfig:
             raise ValueError(f"labeller_format must be one of {LABELLER_FORMATS}, got {self.labeller_format!r}.")
         if self.preference_learning not in METHODS:
             raise ValueError(f"preference_learning must be one of {METHODS}, got {self.preference_learning!r}.")
+        if self.labeller_length_norm not in LENGTH_NORMS:
+            raise ValueError(
+                f"labeller_length_norm must be one of {sorted(LENGTH_NORMS)}, got {self.labeller_length_norm!r}."
+            )
+        if self.labeller_shots < 0:
+            raise ValueError(f"labeller_shots must be >= 0, got {self.labeller_shots}.")
 
 
 # ---------------------------------------------------------------- 1. AI labelling
@@ -261,14 +287,15 @@ def soft_labels(
 
 
 class LikelihoodJudge:
-    """``judge(items)`` -> ``(n, 2)``: for each ``(prefix, continuation)``, the summed log-prob of the
-    continuation's tokens after the prefix, and their count. Prefix and continuation are tokenized
-    apart, so a continuation is the same tokens after any prefix."""
+    """``judge(items, lead)`` -> ``(n, 2)``: for each ``(prefix, continuation)``, the summed log-prob of
+    the continuation's tokens after ``lead`` + prefix, and their count. Lead, prefix and continuation
+    are tokenized apart, so a continuation is the same tokens after any prefix; the lead (few-shot
+    examples, the same for many items) is run once and its keys and values reused by every batch."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, batch_size: int = 16) -> None:
         self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
 
-    def __call__(self, items: list[tuple[str, str]]) -> torch.Tensor:
+    def __call__(self, items: list[tuple[str, str]], lead: str = "") -> torch.Tensor:
         encoded = []
         for prefix, continuation in items:
             ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in (prefix, continuation)]
@@ -279,6 +306,8 @@ class LikelihoodJudge:
         device = next(self.model.parameters()).device
         out = torch.zeros(len(items), 2)
         with torch.no_grad():
+            lead_ids = self.tokenizer(lead, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+            lead_cache = self.model(input_ids=lead_ids, use_cache=True).past_key_values if lead else None
             for start in tqdm(range(0, len(order), self.batch_size), desc="AI labelling"):
                 rows = order[start : start + self.batch_size]
                 seqs = [encoded[i][0] + encoded[i][1] for i in rows]
@@ -286,7 +315,16 @@ class LikelihoodJudge:
                 mask = torch.zeros_like(ids)
                 for row, seq in enumerate(seqs):
                     ids[row, : len(seq)], mask[row, : len(seq)] = torch.tensor(seq), 1
-                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
+                cache = None
+                if lead_cache is not None:  # a copy per batch: the forward appends to the cache it is given
+                    cache = copy.deepcopy(lead_cache)
+                    cache.batch_repeat_interleave(len(rows))
+                    mask = torch.cat([torch.ones(len(rows), lead_ids.shape[1], dtype=mask.dtype), mask], 1)
+                logits = (
+                    self.model(input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=cache)
+                    .logits[:, :-1]
+                    .float()
+                )
                 picked = logits.gather(-1, ids[:, 1:, None].to(device)).squeeze(-1)
                 token_logps = (picked - logits.logsumexp(-1)).cpu()  # log-softmax of the next tokens only
                 for row, i in enumerate(rows):
@@ -295,24 +333,67 @@ class LikelihoodJudge:
         return out
 
 
+def few_shot_pool(rows: datasets.Dataset, tokenizer: Any, max_prompt_tokens: int, seed: int) -> list[tuple[str, str]]:
+    """Few-shot examples for the likelihood judge: the distinct (conversation, reply) of the
+    thumbs-up rows of ``rows`` (human labels; pass the train split), conversations trimmed as the
+    judged ones are, in a seeded shuffle."""
+    good = dict.fromkeys((p, c.strip()) for p, c, y in zip(rows["prompt"], rows["completion"], rows["label"]) if y)
+    pool = [(judged_context(trim_prompt(tokenizer, p, max_prompt_tokens)), c) for p, c in good]
+    random.Random(seed).shuffle(pool)
+    return pool
+
+
+def judged_context(prompt: str) -> str:
+    """The conversation a labeller reads: the prompt without the trailing "Agent:" the policy continues."""
+    return prompt.removesuffix(AGENT_CUE).rstrip()
+
+
+def few_shot_lead(examples: list[tuple[str, str]], shots: int, context: str, replies: tuple[str, ...]) -> str:
+    """What the likelihood judge reads before a judged pair: a header and the first ``shots``
+    examples of ``examples`` (conversation, good reply) with distinct conversations, none of them
+    the judged ``context`` nor with one of the judged ``replies`` (a pair is never its own example);
+    "" for zero shots."""
+    if shots <= 0:
+        return ""
+    taken: dict[str, str] = {}
+    judged = {reply.strip() for reply in replies}
+    for example_context, reply in examples:
+        if example_context != context and reply.strip() not in judged and example_context not in taken:
+            taken[example_context] = reply.strip()
+            if len(taken) == shots:
+                return FEW_SHOT_HEADER + "".join(f"{c}\n{AGENT_CUE} {r}\n\n" for c, r in taken.items())
+    raise ValueError(f"labeller_shots={shots}, but only {len(taken)} few-shot examples differ from the judged pair.")
+
+
 def likelihood_labels(
-    judge: Callable[[list[tuple[str, str]]], torch.Tensor], pairs: list[tuple[str, str, str]]
+    judge: Callable[[list[tuple[str, str]], str], torch.Tensor],
+    pairs: list[tuple[str, str, str]],
+    examples: list[tuple[str, str]] | None = None,
+    shots: int = 0,
+    length_norm: str = "tokens",
 ) -> list[dict[str, float]]:
     """For each (context, response_1, response_2): P(response 1 preferred) = sigmoid of the difference
     of the replies' per-token pointwise mutual information with the context,
-    (log P(reply | context, "Agent:") - log P(reply | "Agent:")) / reply tokens.
+    (log P(reply | lead, context, "Agent:") - log P(reply | lead, "Agent:")) / reply tokens,
+    where the lead is "" or ``shots`` examples of good replies (:func:`few_shot_lead`), the same
+    for both replies of a pair and both terms.
 
     Subtracting the reply's log-prob without the conversation takes out what the LM favours whatever
     the conversation (on coffee pairs that prior alone agrees with the humans below chance); dividing
-    by the reply's tokens puts long and short replies on one scale. Nothing is shown in an order, so
-    there is no position bias: both order keys hold the label.
+    by the reply's tokens (``length_norm``: ``tokens``; ``sqrt``: their square root; ``none``) puts
+    long and short replies on one scale. Nothing is shown in an order, so there is no position bias:
+    both order keys hold the label.
     """
-    replies = [(context, " " + reply.strip()) for context, *two in pairs for reply in two]
-    given = [(f"{context}\n{AGENT_CUE}", reply) for context, reply in replies]
-    alone = [(AGENT_CUE, reply) for _, reply in replies]
-    unique = list(dict.fromkeys(given + alone))  # a reply can be in several pairs of one context
-    scores = dict(zip(unique, judge(unique).tolist()))
-    pmi = [(scores[g][0] - scores[a][0]) / scores[a][1] for g, a in zip(given, alone)]
+    leads = [few_shot_lead(examples or [], shots, context, tuple(two)) for context, *two in pairs]
+    replies = [(lead, context, " " + reply.strip()) for lead, (context, *two) in zip(leads, pairs) for reply in two]
+    given = [(lead, f"{context}\n{AGENT_CUE}", reply) for lead, context, reply in replies]
+    alone = [(lead, AGENT_CUE, reply) for lead, _, reply in replies]
+    scores = {}
+    for lead in dict.fromkeys(leads):  # most pairs share one lead: the judge runs it once per call
+        unique = list(dict.fromkeys(item for item in given + alone if item[0] == lead))  # a reply is in several pairs
+        scores.update(zip(unique, judge([item[1:] for item in unique], lead).tolist()))
+    norm = LENGTH_NORMS[length_norm]
+    pmi = [(scores[g][0] - scores[a][0]) / norm(scores[a][1]) for g, a in zip(given, alone)]
     per_pair = torch.tensor(pmi).view(len(pairs), 2)
     probs = torch.sigmoid(per_pair[:, 0] - per_pair[:, 1]).tolist()
     return [{"p_1_preferred": p, "p_1_preferred_order_12": p, "p_1_preferred_order_21": p} for p in probs]
@@ -382,7 +463,8 @@ def label_with_ai(
     for pair in pairs:
         pair["prompt"] = trim_prompt(tokenizer, pair["prompt"], cfg.max_prompt_tokens)
     # The labeller reads the conversation without the trailing "Agent:" cue the policy continues from.
-    contexts = [(p["prompt"].removesuffix("Agent:").rstrip(), p["response_1"], p["response_2"]) for p in pairs]
+    contexts = [(judged_context(p["prompt"]), p["response_1"], p["response_2"]) for p in pairs]
+    examples = few_shot_pool(rows, tokenizer, cfg.max_prompt_tokens, cfg.seed) if cfg.labeller_shots > 0 else None
     labels = make_labels(
         labeller_format(cfg, labeller_tokenizer, labeller_path),
         model,
@@ -390,6 +472,9 @@ def label_with_ai(
         contexts,
         cfg.labeller_preamble,
         cfg.label_batch_size,
+        examples,
+        cfg.labeller_shots,
+        cfg.labeller_length_norm,
     )
     labelled = [{**pair, **label} for pair, label in zip(pairs, labels)]
     with open(os.path.join(cfg.output_dir, "rlaif_labels.jsonl"), "w") as f:
@@ -405,10 +490,18 @@ def make_labels(
     contexts: list[tuple[str, str, str]],
     preamble: str,
     batch_size: int,
+    examples: list[tuple[str, str]] | None = None,
+    shots: int = 0,
+    length_norm: str = "tokens",
 ) -> list[dict[str, float]]:
-    """Soft labels of (context, response_1, response_2) triples from a causal LM asked in ``fmt``."""
+    """Soft labels of (context, response_1, response_2) triples from a causal LM asked in ``fmt``
+    (``likelihood``: after ``shots`` of ``examples``, PMI divided as ``length_norm`` says; see
+    :func:`likelihood_labels`)."""
     if fmt == "likelihood":
-        return likelihood_labels(LikelihoodJudge(model, tokenizer, batch_size), contexts)
+        judge = LikelihoodJudge(model, tokenizer, batch_size)
+        return likelihood_labels(judge, contexts, examples, shots, length_norm)
+    if shots:
+        raise ValueError(f"labeller_shots={shots} needs labeller_format likelihood, not {fmt!r}.")
     if fmt == "chat":
         cue, options = generation_prompt(tokenizer), CHAT_OPTIONS
         render: Callable[[str, str, str, str], str] = functools.partial(chat_labelling_prompt, tokenizer)

@@ -13,16 +13,20 @@ import torch.nn.functional as F
 from conftest import tiny_lm, tiny_reward_model, train_quietly
 from perl_plugins.recipes.rlaif import (
     CUE,
+    FEW_SHOT_HEADER,
     CausalLMLabeller,
     LikelihoodJudge,
     RLAIFRecipeConfig,
     SoftLabelLoss,
     candidate_pairs,
+    few_shot_lead,
+    few_shot_pool,
     label_with_ai,
     labeller_format,
     labeller_metrics,
     labelling_prompt,
     likelihood_labels,
+    make_labels,
     option_token_ids,
     soft_label_pairs,
     soft_labels,
@@ -132,16 +136,20 @@ def test_labeller_reads_the_last_token_despite_padding(tokenizer):
         assert torch.allclose(row, expected, atol=1e-5)
 
 
-def test_likelihood_judge_sums_the_reply_log_probs_despite_padding(tokenizer):
+@pytest.mark.parametrize("lead", ["", "User: one mocha\nAgent: A mocha.\n\n"])
+def test_likelihood_judge_sums_the_reply_log_probs_despite_padding(tokenizer, lead):
+    """Direct re-computation: one unpadded forward over lead + prefix + reply, each tokenized apart
+    (the judge pads items in batches and runs a lead once, reusing its keys and values)."""
     model = tiny_lm(tokenizer).eval()
     items = [
         ("User: a latte please\nAgent:", " Sure, one latte."),
         ("Agent:", " No."),
         ("User: tea?\nAgent:", " Coffee."),
     ]
-    got = LikelihoodJudge(model, tokenizer, batch_size=2)(items)  # sorted by length, padded in pairs
+    got = LikelihoodJudge(model, tokenizer, batch_size=2)(items, lead)  # sorted by length, padded in pairs
+    lead_ids = tokenizer(lead, add_special_tokens=False)["input_ids"]
     for (prefix, reply), (total, count) in zip(items, got):
-        prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        prefix_ids = lead_ids + tokenizer(prefix, add_special_tokens=False)["input_ids"]
         reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
         ids = torch.tensor([prefix_ids + reply_ids])
         with torch.no_grad():
@@ -166,7 +174,8 @@ def test_likelihood_label_is_the_per_token_pmi_difference():
     }
     seen = []
 
-    def judge(items):
+    def judge(items, lead):
+        assert lead == ""  # no few-shot examples
         seen.extend(items)
         return torch.tensor([table[item] for item in items])
 
@@ -177,6 +186,96 @@ def test_likelihood_label_is_the_per_token_pmi_difference():
         label["p_1_preferred_order_12"] == label["p_1_preferred_order_21"] == label["p_1_preferred"] for label in labels
     )  # no order shown, no position bias
     assert sorted(seen) == sorted(table)  # each text scored once, the repeated pair included
+
+
+EXAMPLES = [
+    ("User: a latte please", "Sure, one latte."),  # the first judged pair's context: never its example
+    ("User: one mocha", "We have green tea."),  # one of the second pair's replies: not its example
+    ("User: one mocha", "A mocha, coming up."),  # a second reply to a context already taken
+    ("User: iced, please", "Iced it is."),
+    ("User: a cortado", "One cortado."),
+]
+
+
+def test_few_shot_lead_never_shows_the_judged_pair():
+    lead = few_shot_lead(EXAMPLES, 2, *PAIRS[0][:1], PAIRS[0][1:])
+    assert (
+        lead
+        == FEW_SHOT_HEADER + "User: one mocha\nAgent: We have green tea.\n\nUser: iced, please\nAgent: Iced it is.\n\n"
+    )
+    lead = few_shot_lead(EXAMPLES, 2, PAIRS[1][0], PAIRS[1][1:])  # " We have green tea." is judged here
+    assert (
+        lead
+        == FEW_SHOT_HEADER
+        + "User: a latte please\nAgent: Sure, one latte.\n\nUser: one mocha\nAgent: A mocha, coming up.\n\n"
+    )
+    for context, *replies in PAIRS:
+        lead = few_shot_lead(EXAMPLES, 3, context, tuple(replies))
+        assert f"{context}\n" not in lead and not any(reply.strip() in lead for reply in replies)
+    assert few_shot_lead(EXAMPLES, 0, *PAIRS[0][:1], PAIRS[0][1:]) == ""
+    with pytest.raises(ValueError, match="labeller_shots=5, but only 3"):
+        few_shot_lead(EXAMPLES, 5, *PAIRS[0][:1], PAIRS[0][1:])
+
+
+def test_few_shot_pool_holds_distinct_thumbs_up_rows_with_trimmed_contexts(tokenizer):
+    rows = datasets.Dataset.from_dict(
+        {
+            "prompt": ["User: hi\nAgent: Hello.\nUser: a latte please\nAgent:"] * 3 + ["User: tea?\nAgent:"],
+            "completion": [" Sure.", " Sure. ", " No.", " Green tea."],
+            "label": [1, 1, 0, 1],
+        }
+    )
+    last_turn = len(tokenizer("User: a latte please\nAgent:", add_special_tokens=False)["input_ids"])
+    pool = few_shot_pool(rows, tokenizer, last_turn, seed=0)
+    assert sorted(pool) == [("User: a latte please", "Sure."), ("User: tea?", "Green tea.")]
+    assert pool == few_shot_pool(rows, tokenizer, last_turn, seed=0)
+
+
+def test_few_shot_likelihood_label_equals_a_direct_recomputation(tokenizer):
+    """The PMI label after a one-example lead, recomputed on a tiny random Llama from its forward pass."""
+    model = tiny_lm(tokenizer).eval()
+    judge = LikelihoodJudge(model, tokenizer, batch_size=3)
+    labels = likelihood_labels(judge, PAIRS, EXAMPLES, shots=1)
+
+    def logp(lead, prefix, reply):
+        prefix_ids = [t for text in (lead, prefix) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+        reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logps = model(input_ids=torch.tensor([prefix_ids + reply_ids])).logits[0].log_softmax(-1)
+        return sum(logps[len(prefix_ids) + k - 1, t].item() for k, t in enumerate(reply_ids)), len(reply_ids)
+
+    leads = [
+        FEW_SHOT_HEADER + "User: one mocha\nAgent: We have green tea.\n\n",
+        FEW_SHOT_HEADER + "User: a latte please\nAgent: Sure, one latte.\n\n",
+    ]
+    for label, lead, (context, *replies) in zip(labels, leads, PAIRS):
+        pmi = []
+        for reply in replies:
+            (given, count), (alone, _) = logp(lead, f"{context}\nAgent:", reply), logp(lead, "Agent:", reply)
+            pmi.append((given - alone) / count)
+        assert label["p_1_preferred"] == pytest.approx(torch.sigmoid(torch.tensor(pmi[0] - pmi[1])).item(), abs=1e-5)
+
+
+@pytest.mark.parametrize(("norm", "divide"), [("sqrt", math.sqrt), ("none", lambda n: 1.0)])
+def test_likelihood_label_length_norms(norm, divide):
+    table = {
+        ("User: a latte please\nAgent:", " Sure, one latte."): (-6.0, 4),
+        ("Agent:", " Sure, one latte."): (-14.0, 4),
+        ("User: a latte please\nAgent:", " No."): (-2.0, 2),
+        ("Agent:", " No."): (-3.0, 2),
+    }
+    (label,) = likelihood_labels(lambda items, _: torch.tensor([table[i] for i in items]), PAIRS[:1], length_norm=norm)
+    expected = 8.0 / divide(4) - 1.0 / divide(2)
+    assert label["p_1_preferred"] == pytest.approx(1 / (1 + math.exp(-expected)))
+
+
+def test_shots_need_the_likelihood_format_and_are_not_negative(tokenizer):
+    with pytest.raises(ValueError, match="labeller_shots=2 needs labeller_format likelihood, not 'cue'"):
+        make_labels("cue", tiny_lm(tokenizer), tokenizer, PAIRS, PREAMBLE, 2, EXAMPLES, 2)
+    with pytest.raises(ValueError, match="labeller_shots must be >= 0"):
+        RLAIFRecipeConfig(labeller_shots=-1)
+    with pytest.raises(ValueError, match="labeller_length_norm must be one of"):
+        RLAIFRecipeConfig(labeller_length_norm="chars")
 
 
 def test_auto_labeller_format():
