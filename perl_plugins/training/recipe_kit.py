@@ -59,7 +59,7 @@ def reward_trainer(cfg: Any, model_path: str, tokenizer, train, test, plugins: s
     ``plugins`` defaults to ``cfg.rm_plugins``; ``""`` fine-tunes the whole model (the comparison
     PERL draws: LoRA reward models on par with full fine-tuning at the same budget)."""
     plugins = cfg.rm_plugins if plugins is None else plugins
-    check_head_init(cfg)
+    head_init = check_head_init(cfg)  # refused before the model loads
     if _setting(cfg, "rm_balance_classes"):
         train = balance_labels(train, cfg.seed)
     args = reward_stage_args(
@@ -75,7 +75,7 @@ def reward_trainer(cfg: Any, model_path: str, tokenizer, train, test, plugins: s
     if "lora" in names:
         options.update(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
     trainer = quiet_progress(attach(trainer, plugins=names, **options))
-    if check_head_init(cfg) == "probe":  # after attach: the head the plugins leave (GRM's MLP, LoRA's trainable copy)
+    if head_init == "probe":  # after attach: the head the plugins leave (GRM's MLP, LoRA's trainable copy)
         report = probe_reward_head(trainer, train["dialog"] if "dialog" in train.column_names else None)
         logger.info("reward head probed: C %.3g, cross-validated AUC %.3f", report["probe_C"], report["probe_cv_auc"])
     return trainer
