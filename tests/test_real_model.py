@@ -236,6 +236,8 @@ def test_rloo_with_the_reward_adapter_on_the_shared_base(pointwise, tmp_path):
             "8",
             "--beta",
             "0.0",
+            "--eval_strategy",
+            "no",  # RLOO's evaluation generates for every eval prompt: ~50 s on 2 cores, tested elsewhere
             "--save_strategy",
             "no",
             "--output_dir",

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_multiprocess
 from safetensors.torch import load_file
 
 from perl_plugins.plugins.fp8.optim import FP8AdamW
@@ -76,7 +76,6 @@ COMMON = [
     "1e-3",
 ]
 ADAPTER = Path("adapters") / "default" / "adapter_model.safetensors"
-_NATIVE_ABORT = "terminate called without an active exception"
 
 
 @dataclass
@@ -167,13 +166,10 @@ class Launcher:
             "PERL_PLUGINS_CACHE": str(self.root / "cache"),
         }
         start = time.perf_counter()
-        proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0 and _NATIVE_ABORT in proc.stderr and not expect_failure:
-            # A rare native abort of one process (seen about once in 150 launches, never reproduced on
-            # demand): run the launch once more from scratch, and say so.
-            print(f"[scaling-out] {name}: a process aborted ({_NATIVE_ABORT!r}); launching again")
-            shutil.rmtree(out, ignore_errors=True)
+        if expect_failure:
             proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        else:
+            proc = run_multiprocess(argv, out, cwd=ROOT, env=env, timeout=600)
         wall = time.perf_counter() - start
         if expect_failure:
             assert proc.returncode != 0, f"{name} should have failed"

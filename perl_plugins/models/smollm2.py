@@ -15,7 +15,10 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -79,8 +82,44 @@ def cache_key(path: Path) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
+@contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """Within the block, gguf's ``GGUFReader(path)`` and ``get_tensor_name_map(arch, n)`` return one
+    object per argument. transformers builds a reader for the config, another for the weights and a
+    third for the tokenizer (each parses the file's ~100k metadata values in Python), and a tensor
+    name map for every module of the model (~400): most of the conversion time. Readers map the
+    file read-only and name maps are lookup tables, so sharing them changes no result."""
+    import gguf
+
+    originals = {name: getattr(gguf, name) for name in ("GGUFReader", "get_tensor_name_map")}
+
+    def memoized(make: Callable[..., Any]) -> Callable[..., Any]:
+        made: dict[tuple, Any] = {}
+
+        def once(*args: Any) -> Any:
+            key = tuple(str(Path(a).resolve()) if isinstance(a, (str, Path)) else a for a in args)
+            if key not in made:
+                made[key] = make(*args)
+            return made[key]
+
+        return once
+
+    for name, make in originals.items():
+        setattr(gguf, name, memoized(make))
+    try:
+        yield
+    finally:
+        for name, make in originals.items():
+            setattr(gguf, name, make)
+
+
 def write_model(directory: Path, path: Path) -> None:
     """De-quantize the GGUF file at ``path`` and write a plain HF model + tokenizer + card."""
+    with _gguf_parsed_once():
+        _write_model(directory, path)
+
+
+def _write_model(directory: Path, path: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
@@ -101,7 +140,7 @@ def write_model(directory: Path, path: Path) -> None:
 
 
 def materialize(cache_dir: str | Path | None = None) -> Path:
-    """The model as a plain HF directory in the cache, written on first use (~30-40 s on 2 cores).
+    """The model as a plain HF directory in the cache, written on first use (~10-15 s on 2 cores).
 
     Raises :class:`ModelUnavailableError`, with the install line, when the package is missing.
     """

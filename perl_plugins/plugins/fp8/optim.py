@@ -478,7 +478,7 @@ class FP8AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        passes = _compiled() if self.kernel != "eager" else (_amax_pass, _apply_pass, _one_pass)
+        passes: _Passes | None = None  # built on first need: the C++ kernel's steps never import dynamo
         index = -1
         for group in self.param_groups:
             b1, b2 = group["betas"]
@@ -502,6 +502,8 @@ class FP8AdamW(torch.optim.Optimizer):
                     batch.append((index, p, state, hps[t]))
                     continue
                 hp = torch.tensor(hps[t], dtype=torch.float32, device=p.device)
+                if passes is None:
+                    passes = _compiled() if self.kernel != "eager" else (_amax_pass, _apply_pass, _one_pass)
                 self._record(self._update(passes, p, state, hp), index, p, state)
             if batch:
                 for ok, (i, p, state, _) in zip(self._cpu_step(batch), batch, strict=True):
