@@ -15,7 +15,14 @@ from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 from perl_plugins import PluginIncompatibleError, PluginOptionError, attach
 from perl_plugins.cli import main as cli_main
 from perl_plugins.models.embedded import save_default
-from perl_plugins.models.reward import RewardAdapterError, load_reward_adapter, save_reward_adapter, score, score_texts
+from perl_plugins.models.reward import (
+    RewardAdapterError,
+    load_reward_adapter,
+    reward_encoding,
+    save_reward_adapter,
+    score,
+    score_texts,
+)
 from perl_plugins.models.roles import UnknownRoleError
 from perl_plugins.plugins.lora import AdapterReward, roles
 from perl_plugins.training.pointwise import pointwise_trainer, reward_classifier
@@ -93,6 +100,28 @@ def test_reward_head_is_saved_with_the_adapter_and_scores_identically(reward_ada
     # reloaded onto a fresh causal LM (the policy's kind of model): the same scores, bit for bit
     reloaded = load_reward_adapter(AutoModelForCausalLM.from_pretrained(base_dir), path).eval()
     assert torch.equal(before, score_texts(reloaded, tokenizer, texts))
+
+
+def test_pointwise_reward_is_read_at_the_completions_last_token(reward_adapter, base_dir, tokenizer):
+    path, texts, before, trainer = reward_adapter
+    assert json.loads(open(f"{path}/perl_reward_head.json").read())["encoding"]["append_eos"] is False
+    # the training ids are the text's own tokens, no EOS appended (pad and EOS differ in this tokenizer)
+    ids = trainer.train_dataset[0]["input_ids"]
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id and ids[-1] != tokenizer.eos_token_id
+    assert ids == tokenizer(texts[0])["input_ids"][-len(ids) :]
+    # a score read there, by hand: the head on the last hidden state of the unpadded text
+    model = trainer.model
+    with torch.no_grad():
+        hidden = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1]
+        by_hand = model.get_base_model().score(hidden[0, -1])
+    assert torch.allclose(before[0], by_hand.squeeze(), atol=1e-5)
+
+
+def test_pointwise_reward_with_append_eos_records_it(base_dir, tokenizer, tmp_path):
+    args = TrainingArguments(str(tmp_path / "run"), max_steps=1, use_cpu=True, report_to="none", save_strategy="no")
+    trainer = pointwise_trainer(reward_classifier(base_dir), tokenizer, args, ROWS, append_eos=True)
+    assert trainer.train_dataset[0]["input_ids"][-1] == tokenizer.eos_token_id
+    assert reward_encoding(trainer.model).append_eos is True
 
 
 @pytest.mark.parametrize("kind", ["rloo", "grpo"])

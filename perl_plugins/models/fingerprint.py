@@ -61,6 +61,7 @@ VOLATILE_CONFIG_KEYS = frozenset(
         "attn_implementation",
         "use_cache",  # Trainer sets it from args / gradient checkpointing
         "pad_token_id",  # trl's RewardTrainer sets it from the tokenizer
+        "perl_reward_append_eos",  # pointwise reward training records how it encoded texts
         # Task-head labels: the head's shape is in the layout; labels are naming, and a
         # backbone-only fingerprint (exclude=...) must match across head types.
         "id2label",

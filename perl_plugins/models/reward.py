@@ -12,6 +12,12 @@ that is not the *training* pad id (transformers' rule). trl sets that pad id on 
 config, which a policy's base does not share (Llama-3 and Mistral have none), so a reward adapter
 records it, with the text rule, in ``perl_reward_head.json`` (:class:`RewardEncoding`); without a
 record the last attended token is read, never the last position of a padded row.
+
+Pointwise (thumbs up/down) reward models append no EOS: their reward is read at the completion's
+last token, as it is for every base whose pad is its EOS (SmolLM2, Qwen). Where pad and EOS differ
+(the embedded base) an appended EOS would move the read to a token that is the same in every row,
+and on coffee validation rows that costs AUC (see ``benchmarks/quality.py``). The model's config
+records the choice (:data:`APPEND_EOS_KEY`), so a full fine-tuned model is scored as it trained.
 """
 
 from __future__ import annotations
@@ -98,6 +104,8 @@ class RewardEncoding:
 
 # Set by load_reward_adapter on the peft model: adapter name -> the encoding it was trained with.
 _ENCODINGS_ATTR = "perl_reward_encodings"
+# Set on a reward model's config by the trainer that tokenizes its texts (absent: EOS appended).
+APPEND_EOS_KEY = "perl_reward_append_eos"
 
 
 def reward_encoding(model: nn.Module) -> RewardEncoding:
@@ -106,7 +114,10 @@ def reward_encoding(model: nn.Module) -> RewardEncoding:
     recorded = getattr(model, _ENCODINGS_ATTR, {}).get(getattr(model, "active_adapter", None))
     if recorded is not None:
         return recorded
-    return RewardEncoding(pad_token_id=unwrap(model).config.get_text_config().pad_token_id)
+    config = unwrap(model).config
+    return RewardEncoding(
+        pad_token_id=config.get_text_config().pad_token_id, append_eos=getattr(config, APPEND_EOS_KEY, True)
+    )
 
 
 def reward_ids(
@@ -117,8 +128,8 @@ def reward_ids(
 ) -> list[int]:
     """The ids a reward model trains and is scored on, made as trl's RewardTrainer makes them: a
     conversation (list of messages) through the chat template, nothing appended; plain text with
-    EOS appended (unless it ends with one) and the tokenizer's special tokens. Past ``max_length``
-    the oldest tokens are cut: the reward reads the last ones."""
+    EOS appended (unless it ends with one or ``encoding`` says not to) and the tokenizer's special
+    tokens. Past ``max_length`` the oldest tokens are cut: the reward reads the last ones."""
     encoding = encoding or RewardEncoding(pad_token_id=None)
     if isinstance(example, str):
         eos = tokenizer.eos_token or ""

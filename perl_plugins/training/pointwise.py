@@ -21,7 +21,7 @@ from transformers import (
 )
 from trl.data_utils import common_prefix_length
 
-from perl_plugins.models.reward import reward_ids
+from perl_plugins.models.reward import APPEND_EOS_KEY, RewardEncoding, reward_ids
 from perl_plugins.training.reward_metrics import reward_metrics
 
 
@@ -46,14 +46,17 @@ def balance_labels(dataset: datasets.Dataset, seed: int = 0) -> datasets.Dataset
     return datasets.concatenate_datasets([dataset, dataset.select(extra.tolist())]).shuffle(seed=seed)
 
 
-def tokenize_pointwise(dataset: datasets.Dataset, tokenizer: Any, max_length: int | None = None) -> datasets.Dataset:
+def tokenize_pointwise(
+    dataset: datasets.Dataset, tokenizer: Any, max_length: int | None = None, append_eos: bool = False
+) -> datasets.Dataset:
     """``prompt``/``completion``/``label`` rows -> ``input_ids``, float ``labels`` and ``prompt_len``
-    (prompt tokens, for regularizers that score the completion only). Ids are made as trl's
-    RewardTrainer makes them (:func:`~perl_plugins.models.reward.reward_ids`: special tokens, EOS
-    appended), so pointwise and pairwise reward models, and scoring, read the same final token."""
+    (prompt tokens, for regularizers that score the completion only). Ids are made by
+    :func:`~perl_plugins.models.reward.reward_ids` (the tokenizer's special tokens; EOS appended only
+    with ``append_eos``: by default the reward is read at the completion's last token)."""
+    encoding = RewardEncoding(pad_token_id=tokenizer.pad_token_id, append_eos=append_eos)
 
     def encode(row: dict[str, Any]) -> dict[str, Any]:
-        ids = reward_ids(tokenizer, row["prompt"] + row["completion"])
+        ids = reward_ids(tokenizer, row["prompt"] + row["completion"], encoding=encoding)
         prompt_len = common_prefix_length(tokenizer(text=row["prompt"])["input_ids"], ids)
         if max_length is not None and len(ids) > max_length:
             # Cut the oldest context: the reward reads the last token, the completion must stay whole.
@@ -91,16 +94,24 @@ def pointwise_trainer(
     train_dataset: datasets.Dataset,
     eval_dataset: datasets.Dataset | None = None,
     max_length: int | None = None,
+    append_eos: bool = False,
     **trainer_kwargs: Any,
 ) -> Trainer:
-    """A stock ``Trainer`` for thumbs up/down rows (``prompt``, ``completion``, ``label``)."""
+    """A stock ``Trainer`` for thumbs up/down rows (``prompt``, ``completion``, ``label``).
+    ``append_eos``: see :func:`tokenize_pointwise`; recorded on the model's config, so scoring
+    (and a saved reward adapter's ``perl_reward_head.json``) encodes texts the same way."""
     # As trl's RewardTrainer: the classifier pools at the last token that is not the collator's pad.
     model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+    setattr(model.config, APPEND_EOS_KEY, append_eos)
+    train_dataset, eval_dataset = (
+        tokenize_pointwise(d, tokenizer, max_length, append_eos) if d is not None else None
+        for d in (train_dataset, eval_dataset)
+    )
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=tokenize_pointwise(train_dataset, tokenizer, max_length),
-        eval_dataset=tokenize_pointwise(eval_dataset, tokenizer, max_length) if eval_dataset is not None else None,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         data_collator=PointwiseCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
         compute_metrics=reward_metrics,
