@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     table = build_table(per_seed, rl_runs)
     table["goals"] = goals(table)
     table["setup"] = {
-        "model": model_path,
+        "model": args.model or f"embedded ({args.model_size})",
         "seeds": seeds,
         "evaluated_on": split_name,
         "train_rows": len(train),
