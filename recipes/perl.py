@@ -94,7 +94,7 @@ class PerlConfig:
         metadata={"help": "End each sampled completion at its first newline (one agent turn, as rated)."},
     )
     rl_learning_rate: float = field(default=5e-4, metadata={"help": "Policy learning rate."})
-    rl_beta: float = field(default=0.05, metadata={"help": "KL penalty to the reference (adapters off)."})
+    rl_beta: float = field(default=0.1, metadata={"help": "KL penalty to the reference (adapters off)."})
     rl_kl_limit: float = field(default=0.5, metadata={"help": "Documented bound the final KL must stay below."})
     rl_compare_full: bool = field(
         default=False, metadata={"help": "Also run RL with a fully fine-tuned policy (rl_full_*)."}
