@@ -245,7 +245,7 @@ def rl_both(
         reset_peak_rss()
         start = time.perf_counter()
         metrics, _, _ = recipe_kit.rl_stage(cfg, model_path, tokenizer, reward_dir, data, policy=kind)
-        metrics.update(wall_s=time.perf_counter() - start, peak_rss_mb=peak_rss_mb())
+        metrics.update(wall_s=time.perf_counter() - start, peak_rss_mb=peak_rss_mb(), rl_kl_limit=cfg.rl_kl_limit)
         out[kind] = metrics
     return out
 
@@ -419,6 +419,10 @@ def goals(table: dict[str, Any]) -> dict[str, bool]:
     rl = table.get("rl", {})
     if "rl_gain_in_std" in rl:
         out["rl_gain_ge_0.5_std_each_seed"] = all(g >= 0.5 for g in rl["rl_gain_in_std"])
+        if all("rl_kl_limit" in r["lora"] for r in rl["runs"]):
+            out["rl_final_kl_below_limit_each_seed"] = all(
+                r["lora"]["rl_final_kl"] < r["lora"]["rl_kl_limit"] for r in rl["runs"]
+            )
     if "rl_gain_in_std" in rl and "rl_full_gain_in_std" in rl:
         full = float(np.mean(rl["rl_full_gain_in_std"]))
         out["rl_lora_over_full_gain_ge_0.8"] = full > 0 and float(np.mean(rl["rl_gain_in_std"])) / full >= 0.8

@@ -46,3 +46,24 @@ def test_reward_model_scores_follow_the_evaluation_rows(quality, tmp_path):
     ]
     assert np.std(one_by_one) > 0
     np.testing.assert_allclose(scores, one_by_one, rtol=1e-4, atol=1e-5)
+
+
+def test_goals_read_each_seeds_rl_gain_and_kl_against_the_yamls_limit(quality):
+    def run(gain: float, kl: float, full_gain: float) -> dict:
+        lora = {"rl_gain_in_std": gain, "rl_final_kl": kl, "rl_kl_limit": 0.5}
+        return {"lora": lora, "full": {"rl_full_gain_in_std": full_gain, "rl_full_final_kl": 0.1}}
+
+    runs = [run(1.0, 0.2, 1.1), run(0.6, 0.49, 0.9)]
+    table = quality.build_table({}, runs)
+    assert table["rl"]["rl_gain_in_std"] == [1.0, 0.6]
+    assert quality.goals(table) == {
+        "rl_gain_ge_0.5_std_each_seed": True,
+        "rl_final_kl_below_limit_each_seed": True,
+        "rl_lora_over_full_gain_ge_0.8": True,  # 0.8 / 1.0
+    }
+    worse = quality.goals(quality.build_table({}, [run(1.0, 0.2, 1.1), run(0.4, 0.51, 2.0)]))
+    assert worse == {
+        "rl_gain_ge_0.5_std_each_seed": False,
+        "rl_final_kl_below_limit_each_seed": False,
+        "rl_lora_over_full_gain_ge_0.8": False,  # 0.7 / 1.55
+    }
