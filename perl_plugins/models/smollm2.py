@@ -96,10 +96,10 @@ def _gguf_parsed_once() -> Iterator[None]:
     def memoized(make: Callable[..., Any]) -> Callable[..., Any]:
         made: dict[tuple, Any] = {}
 
-        def once(*args: Any) -> Any:
-            key = tuple(str(Path(a).resolve()) if isinstance(a, (str, Path)) else a for a in args)
+        def once(*args: Any, **kwargs: Any) -> Any:
+            key = (tuple(str(Path(a).resolve()) if isinstance(a, (str, Path)) else a for a in args), repr(kwargs))
             if key not in made:
-                made[key] = make(*args)
+                made[key] = make(*args, **kwargs)
             return made[key]
 
         return once
