@@ -379,6 +379,9 @@ def run_multiprocess(argv: Sequence[str], output: Path, **kwargs: Any) -> subpro
     proc = subprocess.run(argv, capture_output=True, text=True, **kwargs)
     if proc.returncode != 0 and NATIVE_ABORT in proc.stderr:
         print(f"[multiprocess] {output.name}: a process aborted ({NATIVE_ABORT!r}); running again")
-        shutil.rmtree(output, ignore_errors=True) if output.is_dir() else output.unlink(missing_ok=True)
+        if output.is_dir():
+            shutil.rmtree(output)
+        else:
+            output.unlink(missing_ok=True)
         proc = subprocess.run(argv, capture_output=True, text=True, **kwargs)
     return proc
