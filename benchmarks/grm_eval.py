@@ -7,10 +7,12 @@ split (``taskmaster.load_splits``, seed 0) and the embedded base:
   split), of a fully fine-tuned reward model (the PERL recipe's stage 1 without LoRA, BCE on all
   thumbs up/down rows) and TF-IDF + logistic regression; refit on all train rows. Its held-out
   ROC AUC on the test rows is ``gold_auc``.
-- **Proxy reward models**: LoRA (r 16) + GRM's MLP head, stock ``trl.RewardTrainer`` on a scarce
-  subset (``--scarce_fraction`` of the train preference pairs, drawn per seed): ``baseline``
-  (``grm_alpha=0``: same head and init, no regularizer), ``sft`` / ``dpo`` / ``dpo_noref`` at the
-  paper's alpha 0.01, beta 0.1, and ``sft_a0.001`` / ``sft_a0.1`` (one alpha point each side).
+- **Proxy reward models**: LoRA (r 16) + GRM's MLP head on a scarce subset (``--scarce_fraction``
+  of train, drawn per seed). On thumbs up/down rows, the PERL recipe's stage 1 (its BCE, schedule
+  and head init): ``baseline`` (``grm_alpha=0``: same head and init, no regularizer), ``sft`` at
+  the paper's alpha 0.01, and ``sft_a0.001`` / ``sft_a0.1`` (one alpha point each side). GRM's
+  dpo regularizers need chosen/rejected pairs: on the train preference pairs (stock
+  ``trl.RewardTrainer``), ``pairs_baseline``, ``dpo`` and ``dpo_noref`` (alpha 0.01, beta 0.1).
   ``auc``: ROC AUC on the held-out thumbs up/down rows; ``pair_accuracy`` on held-out pairs.
 - **Best-of-n**: ``--prompts`` held-out prompts, 32 completions each from the base policy, drawn
   once and reused for every n in {1, 2, 4, 8, 16, 32} by averaging over all n-subsets (unbiased,
@@ -73,19 +75,23 @@ NS = (1, 2, 4, 8, 16, 32)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def variants(alpha: float) -> dict[str, tuple[str, float]]:
-    """Proxy name -> (grm_reg, grm_alpha); the sweep points sit a factor 10 each side of ``alpha``."""
+def variants(alpha: float) -> dict[str, tuple[str, str, float]]:
+    """Proxy name -> (data, grm_reg, grm_alpha). ``rows`` proxies are the PERL recipe's stage 1
+    (BCE on thumbs up/down rows), where GRM's regularizer is sft on the thumbs-up completions; the
+    sweep points sit a factor 10 each side of ``alpha``. GRM's dpo regularizers need chosen/rejected
+    pairs: ``pairs`` proxies train on the preference pairs with their own baseline."""
     return {
-        "baseline": ("sft", 0.0),
-        "sft": ("sft", alpha),
-        f"sft_a{alpha / 10:g}": ("sft", alpha / 10),
-        f"sft_a{alpha * 10:g}": ("sft", alpha * 10),
-        "dpo": ("dpo", alpha),
-        "dpo_noref": ("dpo_noref", alpha),
+        "baseline": ("rows", "sft", 0.0),
+        "sft": ("rows", "sft", alpha),
+        f"sft_a{alpha / 10:g}": ("rows", "sft", alpha / 10),
+        f"sft_a{alpha * 10:g}": ("rows", "sft", alpha * 10),
+        "pairs_baseline": ("pairs", "sft", 0.0),
+        "dpo": ("pairs", "dpo", alpha),
+        "dpo_noref": ("pairs", "dpo_noref", alpha),
     }
 
 
-def chosen_variants(args: argparse.Namespace) -> dict[str, tuple[str, float]]:
+def chosen_variants(args: argparse.Namespace) -> dict[str, tuple[str, str, float]]:
     everything = variants(args.grm_alpha)
     if args.proxies == "all":
         return everything
@@ -93,6 +99,8 @@ def chosen_variants(args: argparse.Namespace) -> dict[str, tuple[str, float]]:
     unknown = names - set(everything)
     if unknown:
         raise SystemExit(f"Unknown proxies {sorted(unknown)}; choose from {', '.join(everything)}.")
+    if names & {"dpo", "dpo_noref"}:
+        names.add("pairs_baseline")
     return {k: v for k, v in everything.items() if k in names}
 
 
@@ -102,14 +110,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default=None, help="PERL recipe YAML for the RL stage; default: recipes/perl.yaml.")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--jobs", type=int, default=2, help="Worker processes (the gold model and each seed are jobs).")
-    p.add_argument("--scarce_fraction", type=float, default=0.25, help="Share of the train pairs the proxies see.")
+    p.add_argument(
+        "--scarce_fraction", type=float, default=0.25, help="Share of the train rows (and pairs) the proxies see."
+    )
     p.add_argument("--grm_alpha", type=float, default=0.01, help="GRM's alpha (paper default); sweep at /10 and x10.")
     p.add_argument("--grm_beta", type=float, default=0.1)
     p.add_argument("--proxy_epochs", type=float, default=2.0)
-    p.add_argument("--proxy_learning_rate", type=float, default=1e-3)
-    p.add_argument("--proxy_batch_size", type=int, default=8, help="Pairs per step.")
+    p.add_argument("--proxy_learning_rate", type=float, default=None, help="Default: the recipe's rm_learning_rate.")
+    p.add_argument("--proxy_batch_size", type=int, default=16, help="Texts per step (a pair is two).")
     p.add_argument(
-        "--proxies", default="all", help="Proxies to train (comma-separated names, or all); baseline always."
+        "--proxies",
+        default=None,
+        help="Proxies to train (comma-separated names, or all; default all, sft with --quick); baseline always.",
     )
     p.add_argument("--gold_candidates", default="tfidf,rm_full", help="Gold kinds compared on the validation split.")
     p.add_argument("--gold_epochs", type=float, default=1.0, help="Epochs of the fully fine-tuned gold candidate.")
@@ -120,7 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="baseline,sft",
         help="Proxies to run RL against (comma-separated, or all); each costs ~1/3 of a seed's time.",
     )
-    p.add_argument("--rl_max_steps", type=int, default=16, help="RLOO steps (the recipe's other settings stay).")
+    p.add_argument("--rl_max_steps", type=int, default=None, help="RLOO steps; default: the recipe's rl_max_steps.")
     p.add_argument("--probe_every", type=int, default=4, help="RL steps between held-out gold probes.")
     p.add_argument("--probe_samples", type=int, default=1, help="Policy samples per held-out prompt at each probe.")
     p.add_argument("--quick", action="store_true", help="1 seed, 16 prompts, short training and RL (<= 10 min).")
@@ -135,6 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.seeds, args.prompts, args.proxy_epochs, args.gold_rows = "0", 16, 1.0, args.gold_rows or 400
         args.rl_max_steps, args.probe_every, args.rl_variants = 4, 2, "baseline,sft"
+    args.proxies = args.proxies or ("sft" if args.quick else "all")
     return args
 
 
@@ -152,8 +165,6 @@ def recipe_config(args: argparse.Namespace, seed: int, output_dir: str) -> Any:
         output_dir,
         "--seed",
         str(seed),
-        "--rl_max_steps",
-        str(args.rl_max_steps),
         "--rl_eval_prompts",
         "4",
         "--rl_eval_samples",
@@ -161,6 +172,8 @@ def recipe_config(args: argparse.Namespace, seed: int, output_dir: str) -> Any:
     ]
     if args.model:
         cli += ["--model_name_or_path", args.model]
+    if args.rl_max_steps is not None:
+        cli += ["--rl_max_steps", str(args.rl_max_steps)]
     (cfg,) = TrlParser([perl.PerlConfig]).parse_args_and_config(cli)
     return cfg
 
@@ -272,54 +285,58 @@ def gold_worker(args: argparse.Namespace, model_path: str, work: Path) -> dict[s
 
 
 def train_proxy(
-    name: str,
-    reg: str,
-    alpha: float,
-    seed: int,
-    args: argparse.Namespace,
-    cfg: Any,
-    model_path: str,
-    tokenizer: Any,
-    data: dict,
-    save_to: str,
+    name: str, variant: tuple[str, str, float], args: argparse.Namespace, cfg: Any, model_path: str, data: dict
+) -> tuple[Any, float]:
+    """One LoRA proxy with GRM's MLP head on the scarce ``rows`` or ``pairs``: its trainer, trained, and loss.
+    Every proxy of a seed starts from identical weights: the trainer's seed is set before ``attach``
+    builds the head and LoRA."""
+    kind, reg, alpha = variant
+    grm = {"grm_head": "mlp", "grm_reg": reg, "grm_alpha": alpha, "grm_beta": args.grm_beta}
+    lr = args.proxy_learning_rate or cfg.rm_learning_rate
+    out = os.path.join(cfg.output_dir, f"proxy-{name}")
+    tokenizer = tokenizer_for(model_path)
+    if kind == "rows":  # the PERL recipe's stage 1 (its schedule and head init), on the scarce rows
+        stage = dataclasses.replace(
+            cfg,
+            output_dir=out,
+            rm_epochs=args.proxy_epochs,
+            rm_learning_rate=lr,
+            rm_batch_size=args.proxy_batch_size,
+            plugin_options=json.dumps(grm),
+        )
+        trainer = recipe_kit.reward_trainer(stage, model_path, tokenizer, data["rows"], None, plugins="lora,grm")
+    else:
+        from trl import RewardConfig, RewardTrainer
+
+        from perl_plugins.training.pointwise import reward_classifier
+
+        config = RewardConfig(
+            output_dir=out,
+            num_train_epochs=args.proxy_epochs,
+            per_device_train_batch_size=max(1, args.proxy_batch_size // 2),
+            learning_rate=lr,
+            max_length=cfg.max_length,
+            gradient_checkpointing=False,
+            seed=cfg.seed,
+            use_cpu=True,
+            bf16=False,
+            report_to="none",
+            save_strategy="no",
+            logging_strategy="no",
+            disable_tqdm=True,
+        )
+        trainer = RewardTrainer(
+            model=reward_classifier(model_path), args=config, train_dataset=data["pairs"], processing_class=tokenizer
+        )
+        attach(trainer, plugins="lora,grm", lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, **grm)
+    return trainer, trainer.train().training_loss
+
+
+def proxy_metrics(
+    trainer: Any, loss: float, tokenizer: Any, data: dict, save_to: str, started: float
 ) -> dict[str, Any]:
-    """One LoRA proxy on the scarce pairs: its held-out metrics; the adapter saved to ``save_to``."""
-    from trl import RewardConfig, RewardTrainer
-
-    from perl_plugins.training.pointwise import reward_classifier
-
-    # RewardConfig(seed=seed) reseeds before attach() builds the MLP head and LoRA: every proxy of
-    # a seed starts from identical weights.
-    config = RewardConfig(
-        output_dir=os.path.join(cfg.output_dir, f"proxy-{name}"),
-        num_train_epochs=args.proxy_epochs,
-        per_device_train_batch_size=args.proxy_batch_size,
-        learning_rate=args.proxy_learning_rate,
-        max_length=cfg.max_length,
-        gradient_checkpointing=False,
-        seed=seed,
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        save_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
-    )
-    trainer = RewardTrainer(
-        model=reward_classifier(model_path), args=config, train_dataset=data["pairs"], processing_class=tokenizer
-    )
-    attach(
-        trainer,
-        plugins="lora,grm",
-        lora_r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        grm_head="mlp",
-        grm_reg=reg,
-        grm_alpha=alpha,
-        grm_beta=args.grm_beta,
-    )
-    started = time.perf_counter()
-    loss = trainer.train().training_loss
+    """A trained proxy's held-out metrics (ROC AUC on the thumbs rows, accuracy on the pairs); the
+    adapter saved to ``save_to`` as the RL stage loads it."""
     model = trainer.model.eval()
     pairs = evaluate_pairs(model, tokenizer, data["test_pairs"])
     rows = data["test_rows"]
@@ -331,7 +348,7 @@ def train_proxy(
         "pair_auc": pairs["eval_auc"],
         "train_loss": loss,
         "train_s": time.perf_counter() - started,
-        "train_pairs": len(trainer.train_dataset),
+        "train_examples": len(trainer.train_dataset),
     }
 
 
@@ -450,25 +467,36 @@ def adapter_scores(model_path: str, tokenizer: Any, adapter_dir: str, texts: lis
     return score_texts(scorer, tokenizer, texts, batch_size=64).double().numpy().tolist()
 
 
+def scarce(dataset: Any, fraction: float, seed: int) -> Any:
+    """``fraction`` of ``dataset``'s rows, drawn per seed."""
+    take = max(1, round(fraction * len(dataset)))
+    return dataset.select(sorted(np.random.default_rng(seed).choice(len(dataset), take, replace=False)))
+
+
 def seed_worker(args: argparse.Namespace, seed: int, model_path: str, work: Path) -> dict[str, Any]:
     cfg = recipe_config(args, seed, str(work / f"seed{seed}"))
     tokenizer = tokenizer_for(model_path)
     pairs = default_dataset("reward", feedback="pairs", context_turns=cfg.context_turns)
     rows = default_dataset("reward", context_turns=cfg.context_turns)
-    take = max(1, round(args.scarce_fraction * len(pairs["train"])))
-    scarce = pairs["train"].select(sorted(np.random.default_rng(seed).choice(len(pairs["train"]), take, replace=False)))
-    data = {"pairs": scarce, "test_pairs": pairs["test"], "test_rows": rows["test"]}
+    data = {
+        "rows": scarce(rows["train"], args.scarce_fraction, seed).shuffle(seed=seed),
+        "pairs": scarce(pairs["train"], args.scarce_fraction, seed),
+        "test_pairs": pairs["test"],
+        "test_rows": rows["test"],
+    }
     out: dict[str, Any] = {"seed": seed, "proxies": {}, "rl": {}}
     chosen = chosen_variants(args)
     adapters = {name: str(work / f"seed{seed}" / f"adapter-{name}") for name in chosen}
-    for name, (reg, alpha) in chosen.items():
-        out["proxies"][name] = train_proxy(
-            name, reg, alpha, seed, args, cfg, model_path, tokenizer, data, adapters[name]
-        )
+    for name, variant in chosen.items():
+        started = time.perf_counter()
+        trainer, loss = train_proxy(name, variant, args, cfg, model_path, data)
+        out["proxies"][name] = proxy_metrics(trainer, loss, tokenizer, data, adapters[name], started)
+        out["proxies"][name]["data"] = variant[0]
         log(
             f"seed {seed} proxy {name}: auc {out['proxies'][name]['auc']:.3f}, "
             f"pair acc {out['proxies'][name]['pair_accuracy']:.3f}, {out['proxies'][name]['train_s']:.0f}s"
         )
+        del trainer
     samples = json.loads(wait_for(work / "samples.json").read_text())
     texts = [p + c for p, cs in zip(samples["prompts"], samples["completions"]) for c in cs]
     for name, adapter in adapters.items():
@@ -720,16 +748,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     }
     settings.update(
+        rl_max_steps=cfg.rl_max_steps,
+        proxy_learning_rate=args.proxy_learning_rate or cfg.rm_learning_rate,
         model=model_path,
         seeds=seeds,
-        variants={k: {"grm_reg": r, "grm_alpha": a} for k, (r, a) in chosen_variants(args).items()},
-        proxy=f"LoRA r {cfg.lora_r} + GRM's MLP head, trl RewardTrainer on pairs",
+        variants={k: {"data": d, "grm_reg": r, "grm_alpha": a} for k, (d, r, a) in chosen_variants(args).items()},
+        proxy=(
+            f"LoRA r {cfg.lora_r} + GRM's MLP head; rows: the PERL recipe's stage 1 (BCE on thumbs rows), "
+            "pairs: trl RewardTrainer"
+        ),
         bon_samples_per_prompt=max(NS),
         rl=(
             f"recipes/perl.yaml RLOO stage (lr {cfg.rl_learning_rate:g}, beta {cfg.rl_beta:g}, "
             f"batch {cfg.rl_batch_size}, k {cfg.rl_num_generations}, {cfg.rl_max_completion_length} tokens)"
         ),
-        scarce_pairs=runs[0]["proxies"]["baseline"]["train_pairs"],
+        scarce_rows=runs[0]["proxies"]["baseline"]["train_examples"],
+        scarce_pairs=next((p["train_examples"] for p in runs[0]["proxies"].values() if p["data"] == "pairs"), 0),
         command="python benchmarks/grm_eval.py " + shlex.join(argv),
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     )
