@@ -6,8 +6,11 @@ Also checks hook coverage: every hook call with at least one implementation is r
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
+import sys
+import types
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -385,3 +388,17 @@ def run_multiprocess(argv: Sequence[str], output: Path, **kwargs: Any) -> subpro
             output.unlink(missing_ok=True)
         proc = subprocess.run(argv, capture_output=True, text=True, **kwargs)
     return proc
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(filename: str) -> types.ModuleType:
+    """A benchmark script loaded as a module (benchmarks/ is not a package; its helpers import by
+    plain name, so the folder goes on ``sys.path``)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"{Path(filename).stem}_bench", BENCHMARKS / filename)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -4,29 +4,21 @@ score as trained, and the aggregation and goals are the formulas the issue state
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_benchmark
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from perl_plugins.data.defaults import default_dataset
 from perl_plugins.models.embedded import resolve_model
 from perl_plugins.models.reward import load_reward_adapter, score_texts
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
 def grm_eval():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("grm_eval_bench", BENCH / "grm_eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("grm_eval.py")
 
 
 def test_dpo_proxies_bring_their_pairs_baseline_and_unknown_names_are_refused(grm_eval):

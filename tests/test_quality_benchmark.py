@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_benchmark
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from perl_plugins.data import taskmaster
@@ -16,16 +14,10 @@ from perl_plugins.data.defaults import trim_context
 from perl_plugins.models.embedded import resolve_model
 from perl_plugins.models.reward import load_reward_adapter, score_texts
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
 def quality():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("quality_bench", BENCH / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("quality.py")
 
 
 def test_reward_model_scores_follow_the_evaluation_rows(quality, tmp_path):
