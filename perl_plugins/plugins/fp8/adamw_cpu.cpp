@@ -8,7 +8,7 @@
 // differ by an ulp where torch's vectorized CPU sqrt is not correctly rounded. Each value is
 // computed on its own and amaxes are maxima, so the result does not depend on the thread count.
 //
-// The inner loop is AVX-512 (16 values) or AVX2 + F16C (8 values) intrinsics, with the hardware's
+// The inner loop is AVX-512 F/BW/VL/DQ (16 values) or AVX2 + F16C (8 values) intrinsics, with the hardware's
 // fp16 conversions, where the compiler targets them (-march=native); elsewhere, and for the last
 // values, the scalar code below (exact integer conversions; the compiler does not vectorize it).
 #include <bit>
@@ -130,17 +130,19 @@ inline uint32_t update_fp8(float& p, float g, uint8_t& m, uint16_t& v, const flo
     return bits(ms) & 0x7fffffffu;
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
 // The same update, 16 values at a time: the hardware fp16 conversions (exact, round to nearest
 // even, subnormals included) are what the compiler does not vectorize from the scalar code.
-inline __m512i update_fp8_x16(float* p, const float* g, uint8_t* m, uint16_t* v, const float* hp, __m512 inv_ms,
+// `inv_ms256` is 256 / m_scale (exact: powers of two; the caller checks it is finite). vrangeps
+// clamps |x| to a bound keeping (or clearing) the sign in one instruction; vpternlogd merges bits.
+inline __m512i update_fp8_x16(float* p, const float* g, uint8_t* m, uint16_t* v, const float* hp, __m512 inv_ms256,
                               __m512 inv_vs, __m512 new_ms, __m512 new_vs) {
     const __m512 gi = _mm512_loadu_ps(g);
-    // E4M3 -> fp16 bits (the value times 2**-8) -> fp32.
-    __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m)));
-    __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(c, _mm256_set1_epi16(0x7f)), 7),
-                                _mm256_slli_epi16(_mm256_and_si256(c, _mm256_set1_epi16(0x80)), 8));
-    __m512 m_old = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.0f)), inv_ms);
+    // E4M3 -> fp16 bits (the value times 2**-8): sign-extended to 16 bits and shifted by 7, the sign
+    // lands in bits 14-15 and exponent and mantissa in bits 7-13; bit 14 is cleared.
+    __m256i c = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m)));
+    __m256i h = _mm256_and_si256(_mm256_slli_epi16(c, 7), _mm256_set1_epi16(static_cast<int16_t>(0xbfff)));
+    __m512 m_old = _mm512_mul_ps(_mm512_cvtph_ps(h), inv_ms256);
     __m512 v_old = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v))), inv_vs);
     __m512 mn = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(hp[B1]), m_old), _mm512_mul_ps(_mm512_set1_ps(hp[C1]), gi));
     __m512 vn = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(hp[B2]), v_old),
@@ -149,23 +151,22 @@ inline __m512i update_fp8_x16(float* p, const float* g, uint8_t* m, uint16_t* v,
         _mm512_mul_ps(_mm512_set1_ps(hp[LR]), _mm512_mul_ps(mn, _mm512_set1_ps(hp[INV_BC1]))),
         _mm512_add_ps(_mm512_sqrt_ps(_mm512_mul_ps(vn, _mm512_set1_ps(hp[INV_BC2]))), _mm512_set1_ps(hp[EPS])));
     _mm512_storeu_ps(p, _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(p), _mm512_set1_ps(hp[DECAY])), step));
-    __m512 ms = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(mn, new_ms), _mm512_set1_ps(-E4M3_MAX)),
-                              _mm512_set1_ps(E4M3_MAX));
-    __m512 vs = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(vn, new_vs), _mm512_set1_ps(-FP16_MAX)),
-                              _mm512_set1_ps(FP16_MAX));
+    // imm 0x0a: the smaller magnitude, sign cleared (|ms|); 0x02: the same, with the sign of the first.
+    __m512i a = _mm512_castps_si512(_mm512_range_ps(_mm512_mul_ps(mn, new_ms), _mm512_set1_ps(E4M3_MAX), 0x0a));
+    __m512 vs = _mm512_range_ps(_mm512_mul_ps(vn, new_vs), _mm512_set1_ps(FP16_MAX), 0x02);
     __mmask16 positive = _mm512_cmp_ps_mask(vn, _mm512_setzero_ps(), _CMP_GT_OQ);
     vs = _mm512_mask_max_ps(vs, positive, vs, _mm512_set1_ps(FP16_TINY));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(v), _mm512_cvtps_ph(vs, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    // fp32 -> E4M3 as encode_e4m3.
-    __m512i b = _mm512_castps_si512(ms), a = _mm512_and_si512(b, _mm512_set1_epi32(0x7fffffff));
-    __m512i sign = _mm512_and_si512(_mm512_srli_epi32(b, 24), _mm512_set1_epi32(0x80));
+    // |ms| -> E4M3 magnitude as encode_e4m3, then the sign of mn (that of ms: new_ms > 0).
     __m512i sub = _mm512_sub_epi32(_mm512_castps_si512(_mm512_add_ps(_mm512_castsi512_ps(a), _mm512_set1_ps(16384.0f))),
                                    _mm512_set1_epi32(0x46800000));
     __m512i odd = _mm512_and_si512(_mm512_srli_epi32(a, 20), _mm512_set1_epi32(1));
     __m512i normal = _mm512_srli_epi32(
         _mm512_add_epi32(_mm512_add_epi32(a, odd), _mm512_set1_epi32(0x7ffff - (120 << 23))), 20);
     __mmask16 small = _mm512_cmplt_epu32_mask(a, _mm512_set1_epi32(0x3c800000));
-    __m512i code = _mm512_or_si512(_mm512_mask_blend_epi32(small, normal, sub), sign);
+    __m512i code = _mm512_ternarylogic_epi32(_mm512_mask_blend_epi32(small, normal, sub),
+                                             _mm512_srli_epi32(_mm512_castps_si512(mn), 24), _mm512_set1_epi32(0x80),
+                                             0xf8);  // A | (B & C)
     _mm_storeu_si128(reinterpret_cast<__m128i*>(m), _mm512_cvtepi32_epi8(code));
     return a;
 }
@@ -216,13 +217,15 @@ uint32_t step_fp8(float* __restrict p, const float* __restrict g, uint8_t* __res
     const float inv_ms = 1.0f / m_scale, inv_vs = 1.0f / v_scale;
     uint32_t amax = 0;
     int64_t i = 0;
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-    __m512i amax16 = _mm512_setzero_si512();
-    const __m512 ims = _mm512_set1_ps(inv_ms), ivs = _mm512_set1_ps(inv_vs);
-    const __m512 nms = _mm512_set1_ps(new_m_scale), nvs = _mm512_set1_ps(new_v_scale);
-    for (; i + 16 <= n; i += 16)
-        amax16 = _mm512_max_epu32(amax16, update_fp8_x16(p + i, g + i, m + i, v + i, hp, ims, ivs, nms, nvs));
-    amax = _mm512_reduce_max_epu32(amax16);
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+    if (std::isfinite(inv_ms * 256.0f)) {  // else (a scale near fp32's limit) the scalar code below
+        __m512i amax16 = _mm512_setzero_si512();
+        const __m512 ims = _mm512_set1_ps(inv_ms * 256.0f), ivs = _mm512_set1_ps(inv_vs);
+        const __m512 nms = _mm512_set1_ps(new_m_scale), nvs = _mm512_set1_ps(new_v_scale);
+        for (; i + 16 <= n; i += 16)
+            amax16 = _mm512_max_epu32(amax16, update_fp8_x16(p + i, g + i, m + i, v + i, hp, ims, ivs, nms, nvs));
+        amax = _mm512_reduce_max_epu32(amax16);
+    }
 #elif defined(__AVX2__) && defined(__F16C__)
     __m256i amax8 = _mm256_setzero_si256();
     const __m256 ims = _mm256_set1_ps(inv_ms), ivs = _mm256_set1_ps(inv_vs);
