@@ -29,12 +29,13 @@ demo: setup
 	$(BIN)/perl-plugins demo
 
 # Lint first (seconds): style, then the import contracts of pyproject.toml (which way layers import).
-# Two workers (one per core here); a file's tests stay on one worker so its fixtures are built once.
+# Two workers (one per core here); a file's tests stay on one worker so its fixtures are built once,
+# the slowest files first (tests/conftest.py: SLOW_FILES).
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 bench: setup
 	$(BIN)/python -m pip install -q -e ".[bench]"

@@ -74,6 +74,17 @@ def ran_whole_suite(config: pytest.Config, collected_files: set[Path], deselecte
     return {p.resolve() for p in tests_dir.rglob("test_*.py")} <= collected_files
 
 
+# Files that launch processes or train real models, longest first: `make test` hands them out first
+# (pytest-xdist, --no-loadscope-reorder), so the longest file starts at once and the other worker
+# fills in around it instead of idling at the end.
+SLOW_FILES = ("test_scaling_out.py", "test_real_model.py", "test_recipes.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    order = {name: rank for rank, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: order.get(item.path.name, len(SLOW_FILES)))  # stable: the rest keep their order
+
+
 _deselected = 0
 
 

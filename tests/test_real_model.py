@@ -264,6 +264,8 @@ def test_dpo_with_lora(tmp_path):
             "2",
             "--save_strategy",
             "no",
+            "--eval_strategy",
+            "no",  # training is what this test checks; the CLI's end-of-run evaluation is tested elsewhere
             "--output_dir",
             str(tmp_path),
         ],
