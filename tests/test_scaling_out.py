@@ -333,7 +333,7 @@ def test_zero3_bf16_with_the_shipped_config_keeps_fp32_masters(launch: Launcher)
     """bf16 under ZeRO-3: the base is partitioned in bf16 at load; the lora plugin casts the new
     adapters and heads to bf16 too (ZeRO-3 needs one dtype), and checkpoints keep fp32 masters.
     Its exact resume is in the opt-in matrix (ZeRO-3's resume runs in CI in fp32, above)."""
-    full = launch("zero3_bf16_reward", "zero3_yaml", "reward", bf16=True)
+    full = launch("zero3_yaml_reward", "zero3_yaml", "reward", bf16=True)  # the matrix reuses it by name
     losses = [e["loss"] for e in full.log()]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     assert {t.dtype for t in load_file(full.out / "checkpoint-2" / ADAPTER).values()} == {torch.float32}

@@ -8,9 +8,9 @@
 // differ by an ulp where torch's vectorized CPU sqrt is not correctly rounded. Each value is
 // computed on its own and amaxes are maxima, so the result does not depend on the thread count.
 //
-// The inner loop is AVX-512 F/BW/VL/DQ (16 values) or AVX2 + F16C (8 values) intrinsics, with the hardware's
-// fp16 conversions, where the compiler targets them (-march=native); elsewhere, and for the last
-// values, the scalar code below (exact integer conversions; the compiler does not vectorize it).
+// The inner loop is AVX-512 F/BW/VL/DQ (16 values) or AVX2 + F16C (8 values) intrinsics, with the
+// hardware's fp16 conversions, where the compiler targets them (-march=native); elsewhere, and for
+// the last values, the scalar code below (exact integer conversions; the compiler does not vectorize it).
 #include <bit>
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
