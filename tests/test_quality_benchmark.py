@@ -59,3 +59,20 @@ def test_goals_read_each_seeds_rl_gain_and_kl_against_the_yamls_limit(quality):
         "rl_final_kl_below_limit_each_seed": False,
         "rl_lora_over_full_gain_ge_0.8": False,  # 0.7 / 1.55
     }
+
+
+def test_a_validation_run_writes_its_own_table_and_does_not_claim_the_goals(quality):
+    """Figures that chose settings never overwrite the test split's, and their goals read as such."""
+    assert quality.results_path(None).name == "quality.md"
+    assert quality.results_path(None, validate=True).name == "quality-validation.md"
+    assert quality.results_path("org/Some Model", validate=True).name == "quality-Some-Model-validation.md"
+    row = {"auc_mean": 0.7, "auc_std": 0.0, "balanced_accuracy_mean": 0.6, "balanced_accuracy_std": 0.0}
+    setup = {"date": "d", "command": "c", "model": "m", "seeds": [0], "train_rows": 1, "eval_rows": 1}
+    for split, heading, se in (
+        ("test", "Goals: ", "test-sample SE"),
+        ("validation", "judged on the test", "validation-sample SE"),
+    ):
+        table = {"rm_lora": row, "goals": {"rm_lora_auc_ge_0.72": False}}
+        table["setup"] = {**setup, "evaluated_on": split, "eval_negatives": 1, "leaks": {}}
+        text = quality.markdown(table)
+        assert heading in text and se in text and "rm_lora_auc_ge_0.72: NOT met" in text
