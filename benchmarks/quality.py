@@ -24,9 +24,9 @@ policy samples on held-out prompts before and after RLOO, for a LoRA policy and 
 one, as gains in standard deviations of the before-distribution.
 
 Settings are chosen with ``--validate`` (evaluates on a validation split carved from train, leak-free
-too), never on the test split. Writes ``benchmarks/results/quality.md`` (``quality-<model>.md`` with ``--model``, ``-validation`` added with
-``--validate``; not with ``--no_write``)
-and prints one JSON object as its last line.
+too), never on the test split. Writes ``benchmarks/results/quality.md`` (``quality-<model>.md`` with
+``--model``; ``-validation`` added with ``--validate``; nothing with ``--no_write``) and prints one
+JSON object as its last line.
 
     python benchmarks/quality.py --rl                          # 3 seeds, embedded base
     python benchmarks/quality.py --jobs 3                      # the 3 seeds in 3 processes at once
@@ -80,12 +80,10 @@ def results_path(model: str | None, validate: bool = False) -> Path:
     """quality.md for the embedded default; quality-<model>.md for any other base, so figures on
     different bases sit side by side; ``-validation`` before the suffix for a ``--validate`` run, so
     figures that chose settings never overwrite the test split's."""
-    slug = (
-        ""
-        if model is None
-        else "-" + "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(model).name or model)
-    )
-    return RESULTS / f"quality{slug}{'-validation' if validate else ''}.md"
+    name = "quality"
+    if model is not None:
+        name += "-" + "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(model).name or model)
+    return RESULTS / f"{name}{'-validation' if validate else ''}.md"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
