@@ -489,8 +489,8 @@ def markdown(table: dict[str, Any]) -> str:
     ]
     # A validation run chooses settings; only the test split's figures answer the goals.
     heading = "Goals" if split == "test" else f"Goals as read on {split} rows (they are judged on the test split)"
-    lines += ["", heading + ": " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in table["goals"].items())]
-    lines.append("")
+    goals_line = ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in table["goals"].items())
+    lines += ["", f"{heading}: {goals_line}", ""]
     return "\n".join(lines)
 
 
