@@ -65,8 +65,8 @@ from perl_plugins.recipes import perl
 from transformers import set_seed
 
 from perl_plugins.data import taskmaster
-from perl_plugins.data.defaults import trim_context
-from perl_plugins.models.embedded import resolve_model
+from perl_plugins.data.defaults import heldout_rows, trim_context
+from perl_plugins.models.embedded import read_validation_texts, resolve_model
 from perl_plugins.models.reward import save_reward_adapter, score_texts
 from perl_plugins.training import recipe_kit
 from perl_plugins.training.reward_metrics import grouped_bootstrap_se, roc_auc
@@ -143,11 +143,9 @@ def recipe_config(args: argparse.Namespace, seed: int, output_dir: str) -> perl.
 
 def load_rows(args: argparse.Namespace) -> tuple[list[taskmaster.FeedbackRow], list[taskmaster.FeedbackRow], str]:
     """(train rows, evaluation rows, name of the evaluation split), contexts trimmed as the recipe does."""
-    splits = taskmaster.load_splits(args.taskmaster_file)
-    train, evaluation, name = splits["train"], splits["test"], "test"
-    if args.validate:
-        inner = taskmaster.split_rows(train, test_fraction=0.15, seed=1)
-        train, evaluation, name = inner["train"], inner["test"], "validation"
+    name = "validation" if args.validate else "test"
+    splits = heldout_rows(args.taskmaster_file, name)
+    train, evaluation = splits["train"], splits["test"]
     if args.max_train_rows and args.max_train_rows < len(train):
         pick = np.random.default_rng(0).choice(len(train), args.max_train_rows, replace=False)
         train = [train[i] for i in sorted(pick)]
@@ -264,6 +262,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     methods = args.methods.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     train, evaluation, split_name = load_rows(args)
+    recipe_kit.check_tuning_base(model_path, split_name)
     leaks = taskmaster.count_leaks(train, evaluation)
     prior = sum(r.label for r in train) / len(train)
     turns = recipe_config(args, seeds[0], "unused").context_turns
@@ -297,6 +296,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": args.model or f"embedded ({args.model_size})",
         "seeds": seeds,
         "evaluated_on": split_name,
+        "base_read_eval_texts": split_name == "validation" and read_validation_texts(model_path),
         "train_rows": len(train),
         "eval_rows": len(evaluation),
         "eval_negatives": int((1 - labels).sum()),
@@ -451,6 +451,11 @@ def markdown(table: dict[str, Any]) -> str:
             f"{setup['date']}; `{setup['command']}`; model `{setup['model']}`; seeds {setup['seeds']}; "
             f"{setup['train_rows']} train rows, evaluated on {setup['eval_rows']} {setup['evaluated_on']} rows "
             f"({setup['eval_negatives']} thumbs down); leaks {setup['leaks']}."
+            + (
+                " The base was pre-trained on these rows' texts (not their labels)."
+                if setup["base_read_eval_texts"]
+                else ""
+            )
         ),
         "",
         f"| method | held-out AUC (mean ± std over seeds) | {split}-sample SE | AUC − floor (± SE) | balanced accuracy "

@@ -10,6 +10,9 @@ thumbs up/down feedback as prompt + completion texts, deduplicated (a text that 
 another is dropped: contexts of one dialog nest). Nothing of the held-out split the recipes evaluate
 on is used: train texts that contain a held-out context (the same dialog, rated at a later turn
 under another conversation id) are dropped too. A few dialogs are held out for the eval loss.
+``heldout: validation`` also leaves out the validation split carved from train (``heldout_rows``):
+the shipped base has read those texts (not their labels), so settings chosen on validation rows
+with it are chosen on rows its features have memorised; tune on a base built this way instead.
 
 Training: stock ``transformers.Trainer``, causal-LM loss on packed blocks (documents joined with
 EOS, cut into ``block_size`` tokens), AdamW, cosine schedule, fixed seed, deterministic algorithms,
@@ -53,6 +56,7 @@ from transformers import (
 )
 from trl import TrlParser
 
+from perl_plugins.data.defaults import HELDOUT, heldout_rows
 from perl_plugins.data.taskmaster import (
     DEFAULT_DIALOGS_FILE,
     DEFAULT_REWARD_FILE,
@@ -64,6 +68,7 @@ from perl_plugins.models.atomic import atomic_dir
 from perl_plugins.models.embedded import MAX_POSITIONS, build_tokenizer
 from perl_plugins.training.reporting import plot_curves
 
+VALIDATION_NOTE = " minus the validation split carved from it (`heldout: validation`, for tuning)"
 SAMPLE_PROMPTS = (
     "User: hi, can i get a",
     "User: i'd like a large iced latte please\nAgent:",
@@ -84,6 +89,17 @@ class PretrainConfig:
     output_dir: str = field(default="outputs/pretrain_base", metadata={"help": "Where the model, card and curves go."})
     dialogs_file: str | None = field(default=None, metadata={"help": "Coffee dialogs; default: the shipped file."})
     feedback_file: str | None = field(default=None, metadata={"help": "Thumbs up/down file; default: coffee."})
+    feedback_texts: bool = field(
+        default=True,
+        metadata={"help": "Add the feedback rows' texts to the dialogs (false: dialogs only, no rated row read)."},
+    )
+    heldout: str = field(
+        default="test",
+        metadata={
+            "help": "Feedback left out of the corpus: test (the shipped base), or validation (the validation split "
+            "too: a base that has not read the rows settings are chosen on)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of everything (document order, init, batches)."})
     num_threads: int = field(default=1, metadata={"help": "Torch intra-op threads (part of what fixes the result)."})
     fresh_tokenizer: bool = field(default=True, metadata={"help": "Train the BPE afresh (else reuse the cached copy)."})
@@ -151,18 +167,23 @@ def feedback_documents(train: list[FeedbackRow], test: list[FeedbackRow]) -> tup
 
 
 @functools.lru_cache(maxsize=2)
-def _load(dialogs_file: str, feedback_file: str) -> tuple[list[str], list[str], dict[str, int]]:
-    splits = load_splits(feedback_file)
-    return load_dialog_texts(dialogs_file), *feedback_documents(splits["train"], splits["test"])
+def _load(dialogs_file: str, feedback_file: str, heldout: str) -> tuple[list[str], list[str], dict[str, int]]:
+    splits = heldout_rows(feedback_file, heldout)
+    held = splits["test"] + (load_splits(feedback_file)["test"] if heldout == "validation" else [])
+    return load_dialog_texts(dialogs_file), *feedback_documents(splits["train"], held)
 
 
 def build_corpus(cfg: PretrainConfig) -> tuple[list[str], list[str], dict]:
     """(train documents, eval documents, stats). Eval: a seeded share of the dialogs."""
+    if cfg.heldout not in HELDOUT:
+        raise ValueError(f"heldout must be one of {HELDOUT}, got {cfg.heldout!r}.")
     dialogs, feedback, stats = _load(
-        str(cfg.dialogs_file or DEFAULT_DIALOGS_FILE), str(cfg.feedback_file or DEFAULT_REWARD_FILE)
+        str(cfg.dialogs_file or DEFAULT_DIALOGS_FILE), str(cfg.feedback_file or DEFAULT_REWARD_FILE), cfg.heldout
     )
     rng = random.Random(cfg.seed)
     dialogs, feedback, stats = list(dialogs), list(feedback), dict(stats)
+    if not cfg.feedback_texts:
+        feedback, stats["documents"] = [], 0
     order = list(range(len(dialogs)))
     rng.shuffle(order)
     n_eval = round(len(dialogs) * cfg.eval_fraction)
@@ -171,7 +192,7 @@ def build_corpus(cfg: PretrainConfig) -> tuple[list[str], list[str], dict]:
     rng.shuffle(train_docs)
     if cfg.max_documents:
         train_docs, eval_docs = train_docs[: cfg.max_documents], eval_docs[: max(1, cfg.max_documents // 10)]
-    stats = {"dialogs": len(dialogs), "eval_dialogs": n_eval, "feedback": stats}
+    stats = {"dialogs": len(dialogs), "eval_dialogs": n_eval, "heldout": cfg.heldout, "feedback": stats}
     return train_docs, eval_docs, stats
 
 
@@ -235,7 +256,10 @@ def write_card(out: Path, card: dict) -> None:
         "## Data",
         "",
         f"- All {card['data']['dialogs']} coffee dialogs except {card['data']['eval_dialogs']} held out for the eval loss.",
-        "- The train split (`load_splits`, seed 0: leak-free, i.e. no held-out conversation id or prompt in train and "
+        "- No feedback text (`feedback_texts: false`): no rated row of either split was read."
+        if not card["data"]["feedback"]["documents"]
+        else f"- The train split{VALIDATION_NOTE if card['data']['heldout'] == 'validation' else ''} "
+        "(`load_splits`, seed 0: leak-free, i.e. no held-out conversation id or prompt in train and "
         "no held-out context equal to the first four or more turns of a train context) of the coffee thumbs up/down "
         f"feedback, as prompt + completion "
         f"texts: {card['data']['feedback']['documents']} documents from {card['data']['feedback']['train_rows']} rows "

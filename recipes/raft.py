@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("RAFT trains both adapters through LoRA: keep 'lora' in rm_plugins and sft_plugins.")
     set_seed(cfg.seed)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    model_path, tokenizer = load_base(cfg.model_name_or_path, cfg.model_size)
+    model_path, tokenizer = load_base(cfg.model_name_or_path, cfg.model_size, cfg.heldout_split)
 
     split = {"seed": cfg.split_seed, "heldout": cfg.heldout_split}
     rm_data = default_dataset("reward", cfg.taskmaster_file, cfg.context_turns, **split)

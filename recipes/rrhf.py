@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("The RRHF loss is the 'rrhf' plugin: keep it in plugins.")
     set_seed(cfg.seed)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    model_path, tokenizer = load_base(cfg.model_name_or_path, cfg.model_size)
+    model_path, tokenizer = load_base(cfg.model_name_or_path, cfg.model_size, cfg.heldout_split)
     data = default_dataset(
         "reward", cfg.taskmaster_file, cfg.context_turns, seed=cfg.split_seed, heldout=cfg.heldout_split
     )

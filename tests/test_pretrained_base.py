@@ -18,6 +18,7 @@ from perl_plugins.recipes import pretrain_base as P
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from perl_plugins.data.defaults import heldout_rows
 from perl_plugins.data.taskmaster import (
     DEFAULT_DIALOGS_FILE,
     DEFAULT_REWARD_FILE,
@@ -162,6 +163,23 @@ def test_corpus_holds_nothing_of_the_held_out_split(card):
     assert eval_docs and not set(eval_docs) <= docs  # the eval loss is on dialogs mostly unseen
 
 
+def test_a_validation_base_has_read_neither_the_validation_nor_the_test_rows(card):
+    """``heldout: validation`` is the base to tune on: the shipped one has read the validation rows'
+    texts (their contexts are in its corpus), this one has read no held-out row of either split."""
+    validation = heldout_rows(heldout="validation")["test"]
+    held = [*validation, *load_splits()["test"]]
+    contexts = lambda rows: {r.prompt.removesuffix("Agent:") for r in rows}  # noqa: E731
+    shipped, _, _ = P.build_corpus(P.PretrainConfig(**card["config"]))
+    assert [c for c in contexts(validation) if c in "\0".join(shipped)]
+    cfg = P.PretrainConfig(**{**card["config"], "heldout": "validation"})
+    docs, _, stats = P.build_corpus(cfg)
+    blob = "\0".join(docs)
+    assert stats["heldout"] == "validation" and len(docs) < len(shipped)
+    assert not [c for c in contexts(held) if c in blob]
+    with pytest.raises(ValueError, match="heldout must be one of"):
+        P.build_corpus(P.PretrainConfig(**{**card["config"], "heldout": "dev"}))
+
+
 TINY_RUN = [
     "--hidden_size",
     "32",
@@ -218,3 +236,24 @@ def test_recipe_is_deterministic(tmp_path):
     (tmp_path / "other" / "keep.txt").write_text("x")
     with pytest.raises(SystemExit, match="not replacing"):
         P.main(["--output_dir", str(tmp_path / "other"), *TINY_RUN])
+
+
+def test_tuning_on_validation_rows_the_base_has_read_is_flagged(tmp_path, caplog):
+    from perl_plugins.training.recipe_kit import check_tuning_base
+
+    shipped = E.resolve_model(None, "demo")
+    assert E.read_validation_texts(shipped)  # the shipped base read the whole train side
+
+    def card(name: str, data: dict) -> Path:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "card.json").write_text(json.dumps({"data": data}))
+        return tmp_path / name
+
+    assert not E.read_validation_texts(card("tune", {"heldout": "validation", "feedback": {"documents": 5}}))
+    assert not E.read_validation_texts(card("dialogs", {"heldout": "test", "feedback": {"documents": 0}}))
+    assert not E.read_validation_texts(tmp_path)  # no card: not a base of ours
+    with caplog.at_level("WARNING"):
+        check_tuning_base(shipped, "test")
+        assert not caplog.records
+        check_tuning_base(shipped, "validation")
+    assert "--heldout validation" in caplog.text and shipped in caplog.text

@@ -10,7 +10,7 @@ from conftest import load_benchmark
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from perl_plugins.data import taskmaster
-from perl_plugins.data.defaults import trim_context
+from perl_plugins.data.defaults import heldout_rows, trim_context
 from perl_plugins.models.embedded import resolve_model
 from perl_plugins.models.reward import load_reward_adapter, score_texts
 
@@ -73,6 +73,24 @@ def test_a_validation_run_writes_its_own_table_and_does_not_claim_the_goals(qual
         ("validation", "judged on the test", "validation-sample SE"),
     ):
         table = {"rm_lora": row, "goals": {"rm_lora_auc_ge_0.72": False}}
-        table["setup"] = {**setup, "evaluated_on": split, "eval_negatives": 1, "leaks": {}}
+        read = split == "validation"
+        table["setup"] = {
+            **setup,
+            "evaluated_on": split,
+            "eval_negatives": 1,
+            "leaks": {},
+            "base_read_eval_texts": read,
+        }
         text = quality.markdown(table)
         assert heading in text and se in text and "rm_lora_auc_ge_0.72: NOT met" in text
+        assert ("pre-trained on these rows' texts" in text) == read
+
+
+def test_validate_evaluates_on_the_one_validation_split_every_tuning_tool_carves(quality):
+    """The recipes' ``heldout_split: validation`` and a base pre-trained with ``heldout: validation``
+    leave out these same rows, so a setting chosen here is chosen on rows none of them trained on."""
+    train, evaluation, name = quality.load_rows(quality.parse_args(["--validate"]))
+    carved = heldout_rows(heldout="validation")
+    assert name == "validation"
+    assert (train, evaluation) == (carved["train"], carved["test"])
+    assert set(evaluation).isdisjoint(taskmaster.load_splits()["test"])

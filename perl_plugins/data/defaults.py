@@ -39,6 +39,24 @@ def _rows(split: list[taskmaster.FeedbackRow], turns: int | None) -> list[taskma
     ]
 
 
+def heldout_rows(
+    path: str | Path | None = None, heldout: str = "test", seed: int = 0
+) -> dict[str, list[taskmaster.FeedbackRow]]:
+    """{"train": rows, "test": rows} of the leak-free split (``load_splits``), contexts untrimmed.
+
+    ``heldout="validation"``: ``test`` is a validation split carved out of train the same leak-free
+    way (``VALIDATION_FRACTION`` of its groups) and ``train`` the rest; the test split is in neither.
+    Every tool that tunes on validation (recipes, ``benchmarks/quality.py``, a base pre-trained
+    with ``heldout: validation``) carves this same one."""
+    if heldout not in HELDOUT:
+        raise ValueError(f"heldout must be one of {HELDOUT}, got {heldout!r}.")
+    splits = taskmaster.load_splits(path, seed=seed)
+    if heldout == "validation":
+        # split seed + 1: under the same seed no train group would hash to the held-out side
+        splits = taskmaster.split_rows(splits["train"], VALIDATION_FRACTION, seed=seed + 1)
+    return splits
+
+
 def default_dataset(
     command: str,
     path: str | Path | None = None,
@@ -54,12 +72,7 @@ def default_dataset(
     settings without looking at the test split."""
     if command not in FORMATS:
         raise ValueError(f"No default dataset for {command!r}; commands: {sorted(FORMATS)}.")
-    if heldout not in HELDOUT:
-        raise ValueError(f"heldout must be one of {HELDOUT}, got {heldout!r}.")
-    splits = taskmaster.load_splits(path, seed=seed)
-    if heldout == "validation":
-        # split seed + 1: under the same seed no train group would hash to the held-out side
-        splits = taskmaster.split_rows(splits["train"], VALIDATION_FRACTION, seed=seed + 1)
+    splits = heldout_rows(path, heldout, seed)
     out = {}
     for name, split in splits.items():
         rows = _rows(split, context_turns)

@@ -191,6 +191,25 @@ def default_model_source(size: str = "demo") -> Path | None:
     return None
 
 
+TUNE_BASE_COMMAND = (
+    "python recipes/pretrain_base.py --config recipes/pretrain_base.yaml "
+    "--heldout validation --output_dir outputs/tune-base"
+)
+
+
+def read_validation_texts(model_path: str | Path) -> bool:
+    """Whether a base from ``recipes/pretrain_base.py`` (its ``card.json`` says) was pre-trained on
+    the texts of the validation rows: the shipped one was (they are train rows of the test split's
+    train side). Scores on those rows then come from features of text the base has memorised, and
+    run high (measured in the README), so settings are better tuned on a base built with
+    ``TUNE_BASE_COMMAND``. False for any other model."""
+    card = Path(model_path) / "card.json"
+    if not card.is_file():
+        return False
+    data = json.loads(card.read_text()).get("data", {})
+    return bool(data.get("feedback", {}).get("documents")) and data.get("heldout", "test") != "validation"
+
+
 def load_default(
     size: str = "demo", seed: int = 0, torch_dtype: torch.dtype = torch.float32
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:

@@ -21,7 +21,7 @@ from perl_plugins.data.defaults import default_dataset
 from perl_plugins.host.arguments import options_for
 from perl_plugins.models.adapters import AdapterReward, LoraOptions, lora_config
 from perl_plugins.models.card import training_data, write_model_card
-from perl_plugins.models.embedded import resolve_model
+from perl_plugins.models.embedded import TUNE_BASE_COMMAND, read_validation_texts, resolve_model
 from perl_plugins.models.reward import save_reward_adapter
 from perl_plugins.models.roles import roles
 from perl_plugins.training.device import cpu_settings
@@ -300,11 +300,26 @@ def save_policy(trainer: Any, output_dir: str, metrics: dict[str, Any], taskmast
     return output_dir
 
 
-def load_base(name_or_path: str | None, size: str = "demo") -> tuple[str, Any]:
+def load_base(name_or_path: str | None, size: str = "demo", heldout: str = "test") -> tuple[str, Any]:
     """The base model's path (:func:`~perl_plugins.models.embedded.resolve_model`: a path, hub id
-    or alias; ``None``: the embedded default of ``size``) and its :func:`padded_tokenizer`."""
+    or alias; ``None``: the embedded default of ``size``) and its :func:`padded_tokenizer`. Warns
+    when a run scored on ``heldout="validation"`` uses a base pre-trained on those rows' texts."""
     model_path = resolve_model(name_or_path, size)
+    check_tuning_base(model_path, heldout)
     return model_path, padded_tokenizer(model_path)
+
+
+def check_tuning_base(model_path: str, heldout: str) -> None:
+    """Warn (see :func:`~perl_plugins.models.embedded.read_validation_texts`) when validation
+    scores would come from a base that has read the validation rows."""
+    if heldout == "validation" and read_validation_texts(model_path):
+        logger.warning(
+            "scoring the validation split with %s, pre-trained on these rows' texts: its scores run high "
+            "(README: 'Does it learn?'). To choose settings, build a base that has not read them (%s) "
+            "and pass that directory as the model.",
+            model_path,
+            TUNE_BASE_COMMAND,
+        )
 
 
 def padded_tokenizer(model_path: str) -> Any:
