@@ -125,6 +125,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--gold_candidates", default="tfidf,rm_full", help="Gold kinds compared on the validation split.")
     p.add_argument("--gold_epochs", type=float, default=1.0, help="Epochs of the fully fine-tuned gold candidate.")
+    p.add_argument(
+        "--gold_learning_rate", type=float, default=1e-4, help="Learning rate of the fully fine-tuned gold candidate."
+    )
     p.add_argument("--gold_rows", type=int, default=0, help="Train rows for the gold model (0: all).")
     p.add_argument("--prompts", type=int, default=64, help="Held-out prompts for best-of-n and the RL probes.")
     p.add_argument(
@@ -252,7 +255,8 @@ class Gold:
 
 def gold_worker(args: argparse.Namespace, model_path: str, work: Path) -> dict[str, Any]:
     """Pick the gold kind on a validation split of train, refit it on all train rows, report test AUC."""
-    cfg = dataclasses.replace(recipe_config(args, 0, str(work / "gold_run")), rm_epochs=args.gold_epochs)
+    cfg = recipe_config(args, 0, str(work / "gold_run"))
+    cfg = dataclasses.replace(cfg, rm_epochs=args.gold_epochs, rm_full_learning_rate=args.gold_learning_rate)
     splits = taskmaster.load_splits()
     trim = lambda rows: [dataclasses.replace(r, prompt=trim_context(r.prompt, cfg.context_turns)) for r in rows]
     train, test = trim(splits["train"]), trim(splits["test"])
@@ -278,6 +282,7 @@ def gold_worker(args: argparse.Namespace, model_path: str, work: Path) -> dict[s
         "validation_rows": len(inner["test"]),
         "test_rows": len(test),
         "epochs_if_rm_full": args.gold_epochs,
+        "learning_rate_if_rm_full": args.gold_learning_rate,
     }
 
 

@@ -55,7 +55,7 @@ class PerlConfig:
     )
     rm_train_samples: int = field(default=0, metadata={"help": "Train rows for the reward model (0: all)."})
     rm_eval_samples: int = field(default=0, metadata={"help": "Held-out rows to evaluate on (0: all)."})
-    rm_epochs: float = field(default=1.0, metadata={"help": "Reward-model epochs."})
+    rm_epochs: float = field(default=2.0, metadata={"help": "Reward-model epochs."})
     rm_max_steps: int = field(default=-1, metadata={"help": "Reward-model steps (overrides epochs if > 0)."})
     rm_batch_size: int = field(default=16, metadata={"help": "Reward-model batch size."})
     rm_learning_rate: float = field(default=1e-3, metadata={"help": "Reward-model learning rate."})
@@ -77,7 +77,7 @@ class PerlConfig:
         },
     )
     rm_full_learning_rate: float = field(
-        default=1e-4, metadata={"help": "Learning rate when the reward model is fully fine-tuned (benchmarks)."}
+        default=3e-4, metadata={"help": "Learning rate when the reward model is fully fine-tuned (benchmarks)."}
     )
     # stage 2: RL
     rl_prompts: int = field(default=64, metadata={"help": "Training prompts for RLOO."})

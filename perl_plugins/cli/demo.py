@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-# Demo size: fewer reward-model rows and RL prompts than recipes/perl.yaml, its RL steps (held-out
+# Demo size: fewer reward-model rows, epochs and RL prompts than recipes/perl.yaml, its RL steps (held-out
 # evaluation as in the YAML: every held-out row, 64 prompts x 4 samples); flags after `demo` override.
 DEMO_ARGS = [
     "--output_dir",
     "outputs/demo",
     "--rm_train_samples",
     "1600",
+    "--rm_epochs",
+    "1",
     "--rl_prompts",
     "48",
 ]
