@@ -56,13 +56,13 @@ from transformers import (
 )
 from trl import TrlParser
 
-from perl_plugins.data.defaults import HELDOUT, heldout_rows
+from perl_plugins.data.defaults import heldout_rows
 from perl_plugins.data.taskmaster import (
     DEFAULT_DIALOGS_FILE,
     DEFAULT_REWARD_FILE,
     FeedbackRow,
     load_dialog_texts,
-    load_splits,
+    load_feedback,
 )
 from perl_plugins.models.atomic import atomic_dir
 from perl_plugins.models.embedded import MAX_POSITIONS, build_tokenizer
@@ -168,15 +168,14 @@ def feedback_documents(train: list[FeedbackRow], test: list[FeedbackRow]) -> tup
 
 @functools.lru_cache(maxsize=2)
 def _load(dialogs_file: str, feedback_file: str, heldout: str) -> tuple[list[str], list[str], dict[str, int]]:
-    splits = heldout_rows(feedback_file, heldout)
-    held = splits["test"] + (load_splits(feedback_file)["test"] if heldout == "validation" else [])
-    return load_dialog_texts(dialogs_file), *feedback_documents(splits["train"], held)
+    train = heldout_rows(feedback_file, heldout)["train"]
+    kept = set(train)
+    held = [r for r in load_feedback(feedback_file) if r not in kept]  # test, and validation if held out
+    return load_dialog_texts(dialogs_file), *feedback_documents(train, held)
 
 
 def build_corpus(cfg: PretrainConfig) -> tuple[list[str], list[str], dict]:
     """(train documents, eval documents, stats). Eval: a seeded share of the dialogs."""
-    if cfg.heldout not in HELDOUT:
-        raise ValueError(f"heldout must be one of {HELDOUT}, got {cfg.heldout!r}.")
     dialogs, feedback, stats = _load(
         str(cfg.dialogs_file or DEFAULT_DIALOGS_FILE), str(cfg.feedback_file or DEFAULT_REWARD_FILE), cfg.heldout
     )
