@@ -24,7 +24,15 @@ policy samples on held-out prompts before and after RLOO, for a LoRA policy and 
 one, as gains in standard deviations of the before-distribution.
 
 Settings are chosen with ``--validate`` (evaluates on a validation split carved from train, leak-free
-too), never on the test split. Writes ``benchmarks/results/quality.md`` (``quality-<model>.md`` with
+too), never on the test split.
+
+``--folds K`` cross-validates instead: K leak-free folds of the whole file (``heldout: fold:I/K``), each
+scored by models trained on the other folds, so every row (453 thumbs down, not the test split's 30)
+is evaluated once. The embedded base has read the texts of every train row, so each fold gets a base
+pre-trained without that fold (``recipes/pretrain_base.py --heldout fold:I/K``, built into
+``--fold_bases`` when missing: ~15 min a fold on one core). One training seed (the first of
+``--seeds``) per fold; means over folds with their standard errors, and each goal's difference
+per fold, paired. Written to ``quality-cv.md``. Writes ``benchmarks/results/quality.md`` (``quality-<model>.md`` with
 ``--model``; ``-validation`` added with ``--validate``; nothing with ``--no_write``) and prints one
 JSON object as its last line.
 
@@ -33,6 +41,7 @@ JSON object as its last line.
     python benchmarks/quality.py --quick                       # smoke run: 1 seed, fewer rows and steps
     python benchmarks/quality.py --validate --methods rm_lora,rm_full --rm_full_learning_rate 3e-4
     python benchmarks/quality.py --model smollm2-135m-instruct --max_train_rows 1000
+    python benchmarks/quality.py --folds 5 --jobs 2 --methods tfidf_logreg,rm_lora,rm_full   # ~70 min on 2 cores
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ import json
 import math
 import os
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -61,6 +71,7 @@ import datasets
 import numpy as np
 import torch
 from _common import StepTimer, median, peak_rss_mb, reset_peak_rss
+from _folds import fold_base
 from perl_plugins.recipes import perl
 from transformers import set_seed
 
@@ -76,14 +87,14 @@ RM_PLUGINS = {"rm_lora": "lora", "rm_full": "", "rm_lora_grm": "lora,grm"}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def results_path(model: str | None, validate: bool = False) -> Path:
+def results_path(model: str | None, validate: bool = False, cv: bool = False) -> Path:
     """quality.md for the embedded default; quality-<model>.md for any other base, so figures on
     different bases sit side by side; ``-validation`` before the suffix for a ``--validate`` run, so
-    figures that chose settings never overwrite the test split's."""
+    figures that chose settings never overwrite the test split's; ``-cv`` for ``--folds``."""
     name = "quality"
     if model is not None:
         name += "-" + "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(model).name or model)
-    return RESULTS / f"{name}{'-validation' if validate else ''}.md"
+    return RESULTS / f"{name}{'-validation' if validate else ''}{'-cv' if cv else ''}.md"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -108,10 +119,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="rm_full's learning rate (YAML: rm_full_learning_rate).",
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override any recipe YAML key.")
+    p.add_argument(
+        "--folds", type=int, default=0, help="K-fold cross-validation of the whole file instead of the test split."
+    )
+    p.add_argument(
+        "--fold_bases",
+        default="outputs/fold-bases",
+        help="With --folds and the embedded base: each fold's base (fold-I-of-K/), pre-trained when missing.",
+    )
+    p.add_argument("--fold", type=int, default=None, help=argparse.SUPPRESS)  # worker of --folds: this fold only
     p.add_argument("--rl", action="store_true", help="Also measure the RL stage (LoRA and full policies).")
     p.add_argument("--rl_policies", default="lora,full", help="RL policies to measure: lora, full or both.")
     p.add_argument("--jobs", type=int, default=1, help="Run the seeds in this many processes at once.")
-    p.add_argument("--seed_result", default=None, help=argparse.SUPPRESS)  # worker of --jobs: write this seed's results
+    p.add_argument("--worker_result", default=None, help=argparse.SUPPRESS)  # worker of --jobs: write its results
     p.add_argument("--quick", action="store_true", help="Smoke run: seed 0, 600 train rows, short RL.")
     p.add_argument("--no_write", action="store_true", help="Do not write benchmarks/results/quality.md.")
     args = p.parse_args(argv)
@@ -121,6 +141,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.methods.split(",")) - set(METHODS)
     if unknown:
         p.error(f"unknown method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    if args.folds and (args.folds < 2 or args.validate or args.rl):
+        p.error(
+            f"--folds {args.folds}: need at least 2 folds, and neither --validate nor --rl (they use the test split)"
+        )
     return args
 
 
@@ -141,9 +165,12 @@ def recipe_config(args: argparse.Namespace, seed: int, output_dir: str) -> perl.
     return cfg
 
 
-def load_rows(args: argparse.Namespace) -> tuple[list[taskmaster.FeedbackRow], list[taskmaster.FeedbackRow], str]:
-    """(train rows, evaluation rows, name of the evaluation split), contexts trimmed as the recipe does."""
-    name = "validation" if args.validate else "test"
+def load_rows(
+    args: argparse.Namespace, name: str | None = None
+) -> tuple[list[taskmaster.FeedbackRow], list[taskmaster.FeedbackRow], str]:
+    """(train rows, evaluation rows, name of the evaluation split: ``name``, default test or
+    validation as ``args`` say), contexts untrimmed."""
+    name = name or ("validation" if args.validate else "test")
     splits = heldout_rows(args.taskmaster_file, name)
     train, evaluation = splits["train"], splits["test"]
     if args.max_train_rows and args.max_train_rows < len(train):
@@ -255,21 +282,29 @@ def summarize(values: list[float]) -> dict[str, float]:
     return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
 
 
+def prepare(args: argparse.Namespace, train, evaluation, seed: int):
+    """(trimmed train rows, trimmed evaluation rows, evaluation labels, conversation id -> dialog
+    group, train prior of thumbs up): what :func:`run_seed` takes."""
+    turns = recipe_config(args, seed, "unused").context_turns
+    trim = lambda rows: [dataclasses.replace(r, prompt=trim_context(r.prompt, turns)) for r in rows]
+    labels = np.asarray([r.label for r in evaluation])
+    group_of = taskmaster.split_groups([*train, *evaluation])  # untrimmed: trimmed contexts hide their dialog
+    return trim(train), trim(evaluation), labels, group_of, sum(r.label for r in train) / len(train)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    argv = argv if argv is not None else sys.argv[1:]
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if args.folds:
+        return cross_validate(args, argv)
     model_path = resolve_model(args.model, args.model_size)
     methods = args.methods.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     train, evaluation, split_name = load_rows(args)
     recipe_kit.check_tuning_base(model_path, split_name)
     leaks = taskmaster.count_leaks(train, evaluation)
-    prior = sum(r.label for r in train) / len(train)
-    turns = recipe_config(args, seeds[0], "unused").context_turns
-    trim = lambda rows: [dataclasses.replace(r, prompt=trim_context(r.prompt, turns)) for r in rows]
-    train_t, eval_t = trim(train), trim(evaluation)
-    labels = np.asarray([r.label for r in evaluation])
-    group_of = taskmaster.split_groups([*train, *evaluation])  # untrimmed: trimmed contexts hide their dialog
+    train_t, eval_t, labels, group_of, prior = prepare(args, train, evaluation, seeds[0])
     print(
         f"[quality] {model_path}: {len(train)} train rows, {len(evaluation)} {split_name} rows "
         f"({int(labels.sum())} up / {int((1 - labels).sum())} down), leaks {leaks}",
@@ -278,17 +313,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     per_seed: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
     rl_runs: list[dict[str, dict[str, float]]] = []
     if args.jobs > 1 and len(seeds) > 1:
-        outcomes = seeds_in_workers(argv if argv is not None else sys.argv[1:], seeds, args.jobs)
+        outcomes = in_workers(argv, [["--seeds", str(seed)] for seed in seeds], args.jobs)
     else:
         outcomes = [run_seed(args, seed, model_path, train_t, eval_t, labels, group_of, prior) for seed in seeds]
+    if args.worker_result:  # a worker of --jobs: hand this seed's results back, nothing else
+        Path(args.worker_result).write_text(json.dumps(outcomes[0]))
+        return {}
     for results, rl_run in outcomes:
         for method in methods:
             per_seed[method].append(results[method])
         if rl_run is not None:
             rl_runs.append(rl_run)
-    if args.seed_result:  # a worker of --jobs: hand this seed's results back, nothing else
-        Path(args.seed_result).write_text(json.dumps(outcomes[0]))
-        return {}
 
     table = build_table(per_seed, rl_runs)
     table["goals"] = goals(table)
@@ -302,16 +337,72 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "eval_negatives": int((1 - labels).sum()),
         "leaks": leaks,
         "threshold_prior": prior,
-        "command": "python benchmarks/quality.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        **provenance(argv),
+    }
+    return finish(args, table, markdown(table))
+
+
+def provenance(argv: list[str]) -> dict[str, str]:
+    return {
+        "command": "python benchmarks/quality.py " + shlex.join(argv),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def finish(args: argparse.Namespace, table: dict[str, Any], text: str) -> dict[str, Any]:
+    """Write the results file (unless ``--no_write``) and print the JSON as the last line."""
     if not args.no_write:
-        out = results_path(args.model, args.validate)
+        out = results_path(args.model, args.validate, cv=bool(args.folds))
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(markdown(table))
+        out.write_text(text)
         print(f"[quality] wrote {out}", flush=True)
     print(json.dumps(table))
     return table
+
+
+def cross_validate(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    """``--folds K``: every fold scored by models trained on the others (module docstring)."""
+    folds = list(range(args.folds)) if args.fold is None else [args.fold]
+    if args.jobs > 1 and len(folds) > 1:
+        outcomes = in_workers(argv, [["--fold", str(i)] for i in folds], args.jobs)
+    else:
+        outcomes = [run_fold(args, i) for i in folds]
+    if args.worker_result:
+        Path(args.worker_result).write_text(json.dumps(outcomes[0]))
+        return {}
+    table = cv_table(outcomes, args.methods.split(","))
+    table["goals"] = goals(table)
+    table["setup"] = {
+        "model": args.model or f"embedded ({args.model_size}), one base per fold",
+        "folds": args.folds,
+        "seed": int(args.seeds.split(",")[0]),
+        "eval_rows": sum(o["eval_rows"] for o in outcomes),
+        "eval_negatives": sum(o["eval_negatives"] for o in outcomes),
+        "leaks": [o["leaks"] for o in outcomes],
+        **provenance(argv),
+    }
+    return finish(args, table, cv_markdown(table))
+
+
+def run_fold(args: argparse.Namespace, fold: int) -> dict[str, Any]:
+    """One fold of ``--folds``: its base (built when missing), rows, and every method's metrics."""
+    heldout = f"fold:{fold}/{args.folds}"
+    model_path = (
+        fold_base(args.fold_bases, heldout) if args.model is None else resolve_model(args.model, args.model_size)
+    )
+    train, evaluation, _ = load_rows(args, heldout)
+    seed = int(args.seeds.split(",")[0])
+    train_t, eval_t, labels, group_of, prior = prepare(args, train, evaluation, seed)
+    leaks = taskmaster.count_leaks(train, evaluation)
+    print(f"[quality] fold {heldout} on {model_path}: {len(train)} train, {len(evaluation)} held out, leaks {leaks}")
+    results, _ = run_seed(args, seed, model_path, train_t, eval_t, labels, group_of, prior)
+    return {
+        "fold": fold,
+        "eval_rows": len(evaluation),
+        "eval_negatives": int((1 - labels).sum()),
+        "leaks": leaks,
+        "results": results,
+    }
 
 
 def run_seed(args, seed: int, model_path: str, train_t, eval_t, labels: np.ndarray, group_of: dict, prior: float):
@@ -354,22 +445,23 @@ def sampling_errors(scores: np.ndarray, floor: np.ndarray | None, labels: np.nda
     return out
 
 
-def seeds_in_workers(argv: list[str], seeds: list[int], jobs: int) -> list:
-    """Each seed in its own process, ``jobs`` at a time (one thread each: cores, not threads, scale
-    these small models); the per-seed outcomes of :func:`run_seed`, in seed order."""
-    import subprocess
+def in_workers(argv: list[str], units: list[list[str]], jobs: int) -> list:
+    """Each unit of work (the arguments that pick one seed, or one fold) in its own process,
+    ``jobs`` at a time (one thread each: cores, not threads, scale these small models); their
+    outcomes (:func:`run_seed`'s, or :func:`run_fold`'s), in order."""
     from concurrent.futures import ThreadPoolExecutor
 
-    with tempfile.TemporaryDirectory(prefix="perl-quality-seeds-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="perl-quality-workers-") as tmp:
 
-        def one(seed: int):
-            out = os.path.join(tmp, f"seed{seed}.json")
-            cmd = [sys.executable, __file__, *argv, "--seeds", str(seed), "--jobs", "1", "--no_write"]
-            subprocess.run([*cmd, "--seed_result", out], check=True)
-            return tuple(json.loads(Path(out).read_text()))
+        def one(i: int):
+            out = os.path.join(tmp, f"unit{i}.json")
+            cmd = [sys.executable, __file__, *argv, *units[i], "--jobs", "1", "--no_write"]
+            subprocess.run([*cmd, "--worker_result", out], check=True)
+            outcome = json.loads(Path(out).read_text())
+            return tuple(outcome) if isinstance(outcome, list) else outcome
 
         with ThreadPoolExecutor(jobs) as pool:
-            return list(pool.map(one, seeds))
+            return list(pool.map(one, range(len(units))))
 
 
 def build_table(
@@ -406,6 +498,67 @@ def build_table(
                 table["rl"][prefix + "_gain_in_std"] = [r[kind][prefix + "_gain_in_std"] for r in rl_runs]
                 table["rl"][prefix + "_final_kl"] = [r[kind][prefix + "_final_kl"] for r in rl_runs]
     return table
+
+
+def cv_table(outcomes: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
+    """``--folds``: per method the mean over folds and its standard error (fold-to-fold spread, which
+    holds the evaluation sample's noise and training noise); per goal's pair of methods the
+    difference fold by fold, paired, with its mean and standard error."""
+
+    def mean_se(values: list[float]) -> dict[str, Any]:
+        arr = np.asarray(values, dtype=np.float64)
+        return {"mean": float(arr.mean()), "se": float(arr.std(ddof=1) / math.sqrt(len(arr))), "per_fold": values}
+
+    table: dict[str, Any] = {}
+    for method in methods:
+        auc = mean_se([o["results"][method]["auc"] for o in outcomes])
+        bal = mean_se([o["results"][method]["balanced_accuracy"] for o in outcomes])
+        table[method] = {
+            "auc_mean": auc["mean"],
+            "auc_se": auc["se"],
+            "per_fold_auc": auc["per_fold"],
+            "balanced_accuracy_mean": bal["mean"],
+            "balanced_accuracy_se": bal["se"],
+        }
+    table["differences"] = {
+        f"{a}_minus_{b}": mean_se([o["results"][a]["auc"] - o["results"][b]["auc"] for o in outcomes])
+        for a, b in (("rm_lora", "tfidf_logreg"), ("rm_lora", "rm_full"), ("rm_lora_grm", "rm_lora"))
+        if a in methods and b in methods
+    }
+    return table
+
+
+def cv_markdown(table: dict[str, Any]) -> str:
+    setup = table["setup"]
+    folds = setup["folds"]
+    lines = [
+        f"# PERL comparison on Taskmaster coffee, {folds}-fold cross-validation (leak-free folds)",
+        "",
+        (
+            f"{setup['date']}; `{setup['command']}`; model `{setup['model']}`; training seed {setup['seed']}; every "
+            f"row held out once: {setup['eval_rows']} rows ({setup['eval_negatives']} thumbs down); leaks per fold "
+            f"{setup['leaks']}. Settings were chosen on the validation split (README), part of these folds."
+        ),
+        "",
+        "| method | held-out AUC (mean ± SE over folds) | per fold | balanced accuracy (mean ± SE) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for method in METHODS:
+        if method in table:
+            r = table[method]
+            lines.append(
+                f"| {method} | {r['auc_mean']:.3f} ± {r['auc_se']:.3f} | "
+                f"{', '.join(format(a, '.3f') for a in r['per_fold_auc'])} | "
+                f"{r['balanced_accuracy_mean']:.3f} ± {r['balanced_accuracy_se']:.3f} |"
+            )
+    if table["differences"]:
+        lines += ["", "| AUC difference, paired by fold | mean ± SE | per fold |", "| --- | --- | --- |"]
+        for name, d in table["differences"].items():
+            per_fold = ", ".join(format(x, "+.3f") for x in d["per_fold"])
+            lines.append(f"| {name.replace('_minus_', ' − ')} | {d['mean']:+.3f} ± {d['se']:.3f} | {per_fold} |")
+    goals_line = ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in table["goals"].items())
+    lines += ["", f"Goals read on the folds' means: {goals_line}", ""]
+    return "\n".join(lines)
 
 
 def goals(table: dict[str, Any]) -> dict[str, bool]:

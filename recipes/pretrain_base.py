@@ -68,7 +68,16 @@ from perl_plugins.models.atomic import atomic_dir
 from perl_plugins.models.embedded import MAX_POSITIONS, build_tokenizer
 from perl_plugins.training.reporting import plot_curves
 
-VALIDATION_NOTE = " minus the validation split carved from it (`heldout: validation`, for tuning)"
+
+def heldout_note(heldout: str) -> str:
+    """What the card says of the feedback rows read, for ``heldout``'s split."""
+    if heldout == "validation":
+        return "The train split minus the validation split carved from it (`heldout: validation`, for tuning)"
+    if heldout.startswith("fold:"):
+        return f"The rows outside cross-validation fold {heldout.removeprefix('fold:')} (`heldout: {heldout}`)"
+    return "The train split"
+
+
 SAMPLE_PROMPTS = (
     "User: hi, can i get a",
     "User: i'd like a large iced latte please\nAgent:",
@@ -96,8 +105,9 @@ class PretrainConfig:
     heldout: str = field(
         default="test",
         metadata={
-            "help": "Feedback left out of the corpus: test (the shipped base), or validation (the validation split "
-            "too: a base that has not read the rows settings are chosen on)."
+            "help": "Feedback left out of the corpus: test (the shipped base), validation (the validation split "
+            "too: a base that has not read the rows settings are chosen on), or fold:I/K (fold I of the K-fold "
+            "cross-validation of benchmarks/quality.py --folds K)."
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of everything (document order, init, batches)."})
@@ -257,8 +267,8 @@ def write_card(out: Path, card: dict) -> None:
         f"- All {card['data']['dialogs']} coffee dialogs except {card['data']['eval_dialogs']} held out for the eval loss.",
         "- No feedback text (`feedback_texts: false`): no rated row of either split was read."
         if not card["data"]["feedback"]["documents"]
-        else f"- The train split{VALIDATION_NOTE if card['data']['heldout'] == 'validation' else ''} "
-        "(`load_splits`, seed 0: leak-free, i.e. no held-out conversation id or prompt in train and "
+        else f"- {heldout_note(card['data']['heldout'])} "
+        "(`heldout_rows`, seed 0: leak-free, i.e. no held-out conversation id or prompt in train and "
         "no held-out context equal to the first four or more turns of a train context) of the coffee thumbs up/down "
         f"feedback, as prompt + completion "
         f"texts: {card['data']['feedback']['documents']} documents from {card['data']['feedback']['train_rows']} rows "

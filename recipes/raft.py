@@ -61,7 +61,9 @@ class RAFTRecipeConfig:
     )
     heldout_split: str = field(
         default="test",
-        metadata={"help": "Prompts the summary scores: test, or validation (carved from train: tuning)."},
+        metadata={
+            "help": "Prompts the summary scores: test, validation (carved from train: tuning) or fold:I/K (cross-validation)."
+        },
     )
     context_turns: int = field(default=4, metadata={"help": "Keep the last N dialog turns of each context."})
     max_prompt_tokens: int = field(default=128, metadata={"help": "Keep the latest prompt tokens up to this."})

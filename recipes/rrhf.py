@@ -69,7 +69,10 @@ class RRHFRecipeConfig:
         default=0, metadata={"help": "Seed of the leak-free train/test split (the embedded base saw split 0's train)."}
     )
     heldout_split: str = field(
-        default="test", metadata={"help": "Groups the summary scores: test, or validation (carved from train: tuning)."}
+        default="test",
+        metadata={
+            "help": "Groups the summary scores: test, validation (carved from train: tuning) or fold:I/K (cross-validation)."
+        },
     )
     context_turns: int = field(default=4, metadata={"help": "Keep the last N dialog turns of each context."})
     max_prompt_tokens: int = field(default=128, metadata={"help": "Keep the latest prompt tokens up to this."})

@@ -180,6 +180,18 @@ def test_a_validation_base_has_read_neither_the_validation_nor_the_test_rows(car
         P.build_corpus(P.PretrainConfig(**{**card["config"], "heldout": "dev"}))
 
 
+def test_a_fold_base_has_read_no_row_of_its_fold(card):
+    """``heldout: fold:I/K`` (``benchmarks/quality.py --folds``): the fold's contexts are nowhere in
+    the corpus, the other folds' are, and the card names the fold."""
+    fold = heldout_rows(heldout="fold:2/5")
+    contexts = lambda rows: {r.prompt.removesuffix("Agent:") for r in rows}  # noqa: E731
+    docs, _, stats = P.build_corpus(P.PretrainConfig(**{**card["config"], "heldout": "fold:2/5"}))
+    blob = "\0".join(docs)
+    assert stats["heldout"] == "fold:2/5" and not [c for c in contexts(fold["test"]) if c in blob]
+    assert [c for c in contexts(fold["train"]) if c in blob]
+    assert "fold 2/5" in P.heldout_note("fold:2/5") and P.heldout_note("test") == "The train split"
+
+
 TINY_RUN = [
     "--hidden_size",
     "32",

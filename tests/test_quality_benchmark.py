@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -94,3 +95,56 @@ def test_validate_evaluates_on_the_one_validation_split_every_tuning_tool_carves
     assert name == "validation"
     assert (train, evaluation) == (carved["train"], carved["test"])
     assert set(evaluation).isdisjoint(taskmaster.load_splits()["test"])
+
+
+def test_cross_validation_table_pairs_each_goals_difference_by_fold(quality):
+    """``--folds``: means over folds with the standard error of the fold-to-fold spread, and every
+    goal's difference taken fold by fold (the same rows) before averaging."""
+    aucs = {"tfidf_logreg": [0.70, 0.74, 0.72], "rm_lora": [0.75, 0.76, 0.80], "rm_full": [0.74, 0.77, 0.78]}
+    outcomes = [
+        {"results": {m: {"auc": a[i], "balanced_accuracy": a[i] - 0.1} for m, a in aucs.items()}} for i in range(3)
+    ]
+    table = quality.cv_table(outcomes, list(aucs))
+    lora = np.asarray(aucs["rm_lora"])
+    assert table["rm_lora"]["auc_mean"] == pytest.approx(lora.mean())
+    assert table["rm_lora"]["auc_se"] == pytest.approx(lora.std(ddof=1) / np.sqrt(3))
+    diff = lora - np.asarray(aucs["tfidf_logreg"])
+    got = table["differences"]["rm_lora_minus_tfidf_logreg"]
+    assert got["mean"] == pytest.approx(diff.mean()) and got["se"] == pytest.approx(diff.std(ddof=1) / np.sqrt(3))
+    assert quality.goals(table) == {
+        "rm_lora_auc_ge_0.72": True,
+        "rm_lora_beats_tfidf_by_0.03": True,  # 0.770 vs 0.720
+        "rm_lora_within_0.02_of_full": True,  # 0.770 vs 0.763
+    }
+    table["goals"] = quality.goals(table)
+    table["setup"] = {"folds": 3, "date": "d", "command": "c", "model": "m", "seed": 0}
+    table["setup"].update(eval_rows=9, eval_negatives=3, leaks=[{}] * 3)
+    text = quality.cv_markdown(table)
+    assert "3-fold cross-validation" in text and "| rm_lora − tfidf_logreg | +0.050 ± 0.017 |" in text
+    assert quality.results_path(None, cv=True).name == "quality-cv.md"
+
+
+def test_cross_validation_runs_every_fold_end_to_end(quality, tmp_path, capsys):
+    """A tiny run: each fold trains on the others and scores its own rows; the JSON is the last line."""
+    tiny = resolve_model(None, "tiny")
+    argv = ["--folds", "2", "--model", tiny, "--methods", "tfidf_logreg,rm_lora", "--no_write"]
+    argv += ["--max_train_rows", "48", "--max_eval_rows", "120", "--set", "rm_max_steps=2", "--set", "max_length=64"]
+    table = quality.main(argv)
+    assert table["setup"]["eval_rows"] == 240 and [len(table[m]["per_fold_auc"]) for m in ("rm_lora",)] == [2]
+    assert table["setup"]["leaks"] == [{"prefix_rows": 0, "shared_ids": 0, "shared_prompts": 0}] * 2
+    assert set(table["differences"]) == {"rm_lora_minus_tfidf_logreg"}
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["setup"]["folds"] == 2
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--folds", "5", "--rl"])
+
+
+def test_a_fold_base_built_for_another_fold_is_refused(tmp_path):
+    """A fold's base must not have read that fold: a directory holding another fold's base is an error."""
+    folds = load_benchmark("_folds.py")
+    base = tmp_path / "fold-1-of-5"
+    base.mkdir()
+    (base / "card.json").write_text(json.dumps({"data": {"heldout": "fold:2/5"}}))
+    with pytest.raises(SystemExit, match=r"heldout 'fold:2/5', not 'fold:1/5'"):
+        folds.fold_base(tmp_path, "fold:1/5")
+    (base / "card.json").write_text(json.dumps({"data": {"heldout": "fold:1/5"}}))
+    assert folds.fold_base(tmp_path, "fold:1/5") == str(base)

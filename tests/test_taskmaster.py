@@ -6,6 +6,7 @@ import json
 import pytest
 
 from perl_plugins.data import taskmaster as tm
+from perl_plugins.data.defaults import heldout_rows
 from perl_plugins.data.taskmaster import DatasetFormatError
 
 
@@ -235,3 +236,27 @@ def test_load_dialog_texts(tmp_path):
     bad.write_text(json.dumps({"utterances": [{"speaker": "narrator", "text": "x"}]}) + "\n")
     with pytest.raises(DatasetFormatError, match=r"dialogs\.jsonl: row 1: utterance 1"):
         tm.load_dialog_texts(bad)
+
+
+def test_folds_partition_the_rows_leak_free(tmp_path):
+    """K-fold cross-validation: each row is held out exactly once, each fold leak-free against the
+    rest, the same folds whatever the row order; ``heldout_rows`` names a fold as fold:I/K."""
+    path = _leaky_file(tmp_path / "leaky.jsonl")
+    rows = tm.load_feedback(path)
+    folds = [tm.fold_rows(rows, i, 4, seed=2) for i in range(4)]
+    held = [r.conversation_id for f in folds for r in f["test"]]
+    assert sorted(held) == sorted(r.conversation_id for r in rows)
+    for f in folds:
+        assert f["test"] and len(f["train"]) + len(f["test"]) == len(rows)
+        assert tm.count_leaks(f["train"], f["test"]) == {"prefix_rows": 0, "shared_ids": 0, "shared_prompts": 0}
+    assert tm.fold_rows(list(reversed(rows)), 1, 4, seed=2)["test"] == list(reversed(folds[1]["test"]))
+    assert tm.fold_rows(rows, 1, 4, seed=3)["test"] != folds[1]["test"]
+    assert heldout_rows(path, "fold:1/4", seed=2) == folds[1]
+    for fold, k in ((4, 4), (-1, 4), (0, 1)):
+        with pytest.raises(ValueError, match="fold"):
+            tm.fold_rows(rows, fold, k)
+    for bad in ("fold:4/4", "fold:1", "fold:a/3", "fold:0/1"):
+        with pytest.raises(ValueError, match=r"expected fold:I/K"):
+            heldout_rows(path, bad)
+    with pytest.raises(ValueError, match="heldout must be one of"):
+        heldout_rows(path, "folds")

@@ -20,7 +20,7 @@ FORMATS = {
     "rloo": "prompt",
 }
 
-HELDOUT = ("test", "validation")
+HELDOUT = ("test", "validation", "fold:I/K")
 VALIDATION_FRACTION = 0.2  # of train's groups: enough held-out pairs to compare settings on
 
 
@@ -39,6 +39,16 @@ def _rows(split: list[taskmaster.FeedbackRow], turns: int | None) -> list[taskma
     ]
 
 
+def parse_fold(heldout: str) -> tuple[int, int] | None:
+    """(I, K) of a ``"fold:I/K"`` held-out name, None for any other name."""
+    if not heldout.startswith("fold:"):
+        return None
+    fold, _, folds = heldout.removeprefix("fold:").partition("/")
+    if not (fold.isdigit() and folds.isdigit() and int(fold) < int(folds) and int(folds) >= 2):
+        raise ValueError(f"heldout {heldout!r}: expected fold:I/K with 0 <= I < K and K >= 2, e.g. fold:0/5.")
+    return int(fold), int(folds)
+
+
 def heldout_rows(
     path: str | Path | None = None, heldout: str = "test", seed: int = 0
 ) -> dict[str, list[taskmaster.FeedbackRow]]:
@@ -47,7 +57,13 @@ def heldout_rows(
     ``heldout="validation"``: ``test`` is a validation split carved out of train the same leak-free
     way (``VALIDATION_FRACTION`` of its groups) and ``train`` the rest; the test split is in neither.
     Every tool that tunes on validation (recipes, ``benchmarks/quality.py``, a base pre-trained
-    with ``heldout: validation``) carves this same one."""
+    with ``heldout: validation``) carves this same one.
+
+    ``heldout="fold:I/K"`` (0 <= I < K): ``test`` is fold I of a K-fold cross-validation of the whole
+    file (``taskmaster.fold_rows``), ``train`` the other folds."""
+    fold = parse_fold(heldout)
+    if fold is not None:
+        return taskmaster.fold_rows(taskmaster.load_feedback(path), *fold, seed=seed)
     if heldout not in HELDOUT:
         raise ValueError(f"heldout must be one of {HELDOUT}, got {heldout!r}.")
     splits = taskmaster.load_splits(path, seed=seed)

@@ -188,9 +188,13 @@ def split_ids(ids: Iterable[str], test_fraction: float = 0.1, seed: int = 0) -> 
     train: list[str] = []
     test: list[str] = []
     for i in dict.fromkeys(ids):
-        digest = hashlib.sha256(f"{seed}:{i}".encode()).digest()
-        (test if int.from_bytes(digest[:8], "big") / 2**64 < test_fraction else train).append(i)
+        (test if _unit_hash(i, seed) < test_fraction else train).append(i)
     return train, test
+
+
+def _unit_hash(i: str, seed: int) -> float:
+    """sha256(f"{seed}:{i}") read as a fraction of 2**64: a stable, order-free place in [0, 1)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{i}".encode()).digest()[:8], "big") / 2**64
 
 
 LEAK_TURNS = 4
@@ -275,6 +279,22 @@ def split_rows(rows: Iterable[FeedbackRow], test_fraction: float = 0.1, seed: in
     return {
         "train": [r for r in rows if group[r.conversation_id] not in test_groups],
         "test": [r for r in rows if group[r.conversation_id] in test_groups],
+    }
+
+
+def fold_rows(rows: Iterable[FeedbackRow], fold: int, folds: int, seed: int = 0) -> dict[str, list[FeedbackRow]]:
+    """Fold ``fold`` of ``folds`` for cross-validation: {"train": the other folds' rows, "test": this
+    fold's}, leak-free like :func:`split_rows` (whole dialog groups; a group's fold is its place in
+    [0, 1) under the hash of :func:`split_ids`, times ``folds``). The folds of one seed partition
+    the rows."""
+    if folds < 2 or not 0 <= fold < folds:
+        raise ValueError(f"fold must be within [0, folds) and folds at least 2, got fold {fold} of {folds}")
+    rows = list(rows)
+    group = split_groups(rows)
+    held = {g for g in set(group.values()) if int(_unit_hash(g, seed) * folds) == fold}
+    return {
+        "train": [r for r in rows if group[r.conversation_id] not in held],
+        "test": [r for r in rows if group[r.conversation_id] in held],
     }
 
 
