@@ -14,6 +14,7 @@ Goals, read on the pooled figures: DPO accuracy after >= 0.65 (``recipes/dpo.py`
 
     python benchmarks/recipes_cv.py --jobs 2                       # DPO and RRHF, 5 folds
     python benchmarks/recipes_cv.py --recipes dpo --set beta=0.1   # any recipe key, every fold
+    python benchmarks/recipes_cv.py --work_dir outputs/recipes-cv   # keep runs; a rerun reuses finished ones
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="Training seed of every run.")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override a recipe YAML key.")
     p.add_argument("--jobs", type=int, default=1, help="Runs at once, one thread each.")
+    p.add_argument(
+        "--work_dir",
+        default=None,
+        help="Keep each run's output here and reuse runs of the same command (default: temp).",
+    )
     p.add_argument("--no_write", action="store_true", help="Do not write benchmarks/results/recipes-cv.md.")
     args = p.parse_args(argv)
     unknown = set(args.recipes.split(",")) - set(OBJECTIVES)
@@ -69,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_recipe(args: argparse.Namespace, recipe: str, fold: int, out: Path) -> dict[str, Any]:
-    """One recipe on one fold, in its own process; its summary.json's metrics."""
+    """One recipe on one fold, in its own process; its summary.json's metrics (those of an earlier
+    run of the very same command in ``out``, if there is one)."""
     heldout = f"fold:{fold}/{args.folds}"
     model = args.model or fold_base(args.fold_bases, heldout)
     script = Path(recipes.__file__).with_name(f"{recipe}.py")
@@ -78,8 +85,11 @@ def run_recipe(args: argparse.Namespace, recipe: str, fold: int, out: Path) -> d
     for item in args.set:
         key, _, value = item.partition("=")
         cmd += [f"--{key}", value]
-    print(f"[recipes_cv] {recipe} {heldout}: {shlex.join(cmd)}", flush=True)
-    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = out / "command.json"
+    if not (done.is_file() and json.loads(done.read_text()) == cmd[1:]):
+        print(f"[recipes_cv] {recipe} {heldout}: {shlex.join(cmd)}", flush=True)
+        subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        done.write_text(json.dumps(cmd[1:]))
     return json.loads((out / "summary.json").read_text())["metrics"]
 
 
@@ -130,11 +140,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     argv = argv if argv is not None else sys.argv[1:]
     runs = [(recipe, fold) for recipe in args.recipes.split(",") for fold in range(args.folds)]
-    with tempfile.TemporaryDirectory(prefix="perl-recipes-cv-") as tmp:
-        with ThreadPoolExecutor(args.jobs) as pool:
-            if args.model is None:  # missing bases first, one per fold, so that no two runs build one
-                list(pool.map(lambda fold: fold_base(args.fold_bases, f"fold:{fold}/{args.folds}"), range(args.folds)))
-            metrics = list(pool.map(lambda rf: run_recipe(args, *rf, Path(tmp) / f"{rf[0]}-{rf[1]}"), runs))
+    with tempfile.TemporaryDirectory(prefix="perl-recipes-cv-") as tmp, ThreadPoolExecutor(args.jobs) as pool:
+        work = Path(args.work_dir or tmp)
+        if args.model is None:  # missing bases first, one per fold, so that no two runs build one
+            list(pool.map(lambda fold: fold_base(args.fold_bases, f"fold:{fold}/{args.folds}"), range(args.folds)))
+        metrics = list(pool.map(lambda rf: run_recipe(args, *rf, work / f"{rf[0]}-{rf[1]}"), runs))
     table: dict[str, Any] = {}
     for recipe in args.recipes.split(","):
         prefix, weight, _ = OBJECTIVES[recipe]

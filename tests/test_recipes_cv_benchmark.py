@@ -45,3 +45,22 @@ def test_every_fold_runs_the_recipe_on_its_own_split(recipes_cv, capsys):
     assert "fold:1/2" in capsys.readouterr().out
     assert json.loads(json.dumps(table))["setup"]["folds"] == 2
     assert "| dpo | `eval_reward_accuracy` | 16 |" in recipes_cv.markdown(table)
+
+
+def test_a_work_dir_reuses_a_run_only_for_the_same_command(recipes_cv, tmp_path, monkeypatch):
+    """``--work_dir``: a finished run of the very same command is read back, not run again; another
+    setting runs afresh."""
+    calls = []
+
+    def fake_run(cmd, **_):
+        calls.append(cmd)
+        out = tmp_path / "dpo-0"
+        out.mkdir(exist_ok=True)
+        (out / "summary.json").write_text(json.dumps({"metrics": {"eval_pairs": len(calls)}}))
+
+    monkeypatch.setattr(recipes_cv.subprocess, "run", fake_run)
+    args = recipes_cv.parse_args(["--model", "m", "--work_dir", str(tmp_path)])
+    assert recipes_cv.run_recipe(args, "dpo", 0, tmp_path / "dpo-0") == {"eval_pairs": 1}
+    assert recipes_cv.run_recipe(args, "dpo", 0, tmp_path / "dpo-0") == {"eval_pairs": 1} and len(calls) == 1
+    args = recipes_cv.parse_args(["--model", "m", "--work_dir", str(tmp_path), "--set", "beta=0.1"])
+    assert recipes_cv.run_recipe(args, "dpo", 0, tmp_path / "dpo-0") == {"eval_pairs": 2}
