@@ -151,7 +151,8 @@ def feedback_documents(train: list[FeedbackRow], test: list[FeedbackRow]) -> tup
     Contexts nest (each rated turn of a dialog repeats the turns before it), so a text that is a
     prefix of another adds nothing and is dropped. A train text that contains a held-out context
     comes from a held-out dialog (rated at a later turn under another id) and is dropped as well:
-    it would show the model held-out contexts and often their rated completions.
+    it would show the model held-out contexts and often their rated completions. An empty context
+    (a row rated at the dialog's first turn) shows nothing and would match every text: skipped.
     """
     texts = sorted({r.prompt + r.completion for r in train})
     # In sorted order a string that is a prefix of any other is a prefix of the next one.
@@ -159,7 +160,7 @@ def feedback_documents(train: list[FeedbackRow], test: list[FeedbackRow]) -> tup
     blob = "\0".join(maximal)
     starts = list(itertools.accumulate((len(t) + 1 for t in maximal[:-1]), initial=0))
     touched = set()
-    for context in {r.prompt.removesuffix("Agent:") for r in test}:
+    for context in {r.prompt.removesuffix("Agent:") for r in test} - {""}:
         i = blob.find(context)
         while i != -1:
             touched.add(bisect.bisect_right(starts, i) - 1)

@@ -22,6 +22,7 @@ from perl_plugins.data.defaults import heldout_rows
 from perl_plugins.data.taskmaster import (
     DEFAULT_DIALOGS_FILE,
     DEFAULT_REWARD_FILE,
+    FeedbackRow,
     count_leaks,
     load_dialog_texts,
     load_splits,
@@ -182,14 +183,31 @@ def test_a_validation_base_has_read_neither_the_validation_nor_the_test_rows(car
 
 def test_a_fold_base_has_read_no_row_of_its_fold(card):
     """``heldout: fold:I/K`` (``benchmarks/quality.py --folds``): the fold's contexts are nowhere in
-    the corpus, the other folds' are, and the card names the fold."""
-    fold = heldout_rows(heldout="fold:2/5")
-    contexts = lambda rows: {r.prompt.removesuffix("Agent:") for r in rows}  # noqa: E731
-    docs, _, stats = P.build_corpus(P.PretrainConfig(**{**card["config"], "heldout": "fold:2/5"}))
+    the corpus, the other folds' are, and the card names the fold. Fold 1 holds rows rated at their
+    dialog's first turn (empty context): the other folds' texts are kept all the same."""
+    fold = heldout_rows(heldout="fold:1/5")
+    contexts = lambda rows: {r.prompt.removesuffix("Agent:") for r in rows} - {""}  # noqa: E731
+    docs, _, stats = P.build_corpus(P.PretrainConfig(**{**card["config"], "heldout": "fold:1/5"}))
     blob = "\0".join(docs)
-    assert stats["heldout"] == "fold:2/5" and not [c for c in contexts(fold["test"]) if c in blob]
+    assert stats["heldout"] == "fold:1/5" and not [c for c in contexts(fold["test"]) if c in blob]
     assert [c for c in contexts(fold["train"]) if c in blob]
-    assert "fold 2/5" in P.heldout_note("fold:2/5") and P.heldout_note("test") == "The train split"
+    assert stats["feedback"]["documents"] > 0.8 * card["data"]["feedback"]["documents"]
+    assert "fold 1/5" in P.heldout_note("fold:1/5") and P.heldout_note("test") == "The train split"
+
+
+def test_feedback_documents_drop_texts_of_held_out_dialogs_only():
+    """A train text is dropped when it contains a held-out context; an empty held-out context (a
+    first-turn rating) matches every text and is no evidence of a shared dialog."""
+    row = lambda prompt, completion: FeedbackRow("c", prompt, completion, 1)  # noqa: E731
+    train = [
+        row("User: hi\nAgent:", " Hello, what can I get you?"),
+        row("User: a latte\nAgent:", " Sure, what size?"),
+        row("User: a latte\nAgent: Sure, what size?\nUser: large\nAgent:", " Done."),
+    ]
+    held = [row("Agent:", " Welcome."), row("User: a latte\nAgent: Sure, what size?\nUser: large\nAgent:", " Ok.")]
+    docs, stats = P.feedback_documents(train, held)
+    assert docs == ["User: hi\nAgent: Hello, what can I get you?"]
+    assert stats["after_prefix_dedup"] == 2 and stats["dropped_held_out_overlap"] == 1
 
 
 TINY_RUN = [
