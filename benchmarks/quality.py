@@ -120,7 +120,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override any recipe YAML key.")
     p.add_argument(
-        "--folds", type=int, default=0, help="K-fold cross-validation of the whole file instead of the test split."
+        "--folds",
+        type=int,
+        default=0,
+        help="K-fold cross-validation of the whole file instead of the test split; trains with the first of "
+        "--seeds only (another seed: --seeds N --no_write).",
     )
     p.add_argument(
         "--fold_bases",
